@@ -1,0 +1,3 @@
+"""bioproxy: a KV-cache-warming reverse proxy for llama.cpp's llama-server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""
+The admin site: health and metrics for operators, kept off the proxy port so
+clients of the model never see it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from . import __version__
+from .errors import errorBody
+from .metrics import Metrics, MetricsResource
+from .monitor import BackendMonitor
+
+
+def jsonBody(request: Request, value: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, monitor: BackendMonitor, clock: IReactorTime, backendURL: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.clock = clock
+        self.startedAt = clock.seconds()
+        self.backendURL = backendURL
+
+    def render_GET(self, request: Request) -> bytes:
+        monitor = self.monitor
+        return jsonBody(
+            request,
+            {
+                # The proxy itself is up whenever it answers; the backend's
+                # state is reported beside it rather than failing the check.
+                "status": "ok" if monitor.reachable else "degraded",
+                "uptime_seconds": round(self.clock.seconds() - self.startedAt, 3),
+                "version": __version__,
+                "backend": {
+                    "url": self.backendURL,
+                    "reachable": monitor.reachable,
+                    "last_checked_ago_seconds": (
+                        None if monitor.lastChecked is None
+                        else round(self.clock.seconds() - monitor.lastChecked, 3)
+                    ),
+                    "last_error": monitor.lastError,
+                },
+            },
+        )
+
+
+class TokenGuard(Resource):
+    """Requires `Authorization: Bearer <token>` before anything below it."""
+
+    def __init__(self, wrapped: Resource, token: str) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.token = token.encode()
+
+    def _allowed(self, request: Request) -> bool:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if not self._allowed(request):
+            return _Unauthorized()
+        return self.wrapped.getChildWithDefault(path, request)
+
+    def render(self, request: Request) -> bytes:
+        if not self._allowed(request):
+            return _Unauthorized().render(request)
+        result: bytes = self.wrapped.render(request)
+        return result
+
+
+class _Unauthorized(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(401)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"www-authenticate", b'Bearer realm="bioproxy-admin"')
+        return errorBody(401, "This admin endpoint needs a bearer token.")
+
+
+def adminRoot(
+    metrics: Metrics,
+    monitor: BackendMonitor,
+    clock: IReactorTime,
+    backendURL: str,
+    token: str | None = None,
+) -> Resource:
+    root = Resource()
+    root.putChild(b"health", HealthResource(monitor, clock, backendURL))
+    root.putChild(b"metrics", MetricsResource(metrics.registry))
+    return TokenGuard(root, token) if token else root

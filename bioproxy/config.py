@@ -1,0 +1,257 @@
+"""
+Configuration: code defaults, then the config file, then command-line flags.
+
+The original's ``config.json`` must load unchanged, so every key it knew keeps
+its name and meaning; keys added here have defaults that keep old files valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from twisted.internet.endpoints import serverFromString
+
+MiB = 1024 * 1024
+
+DEFAULT_DIR = Path("~/.config/bioproxy")
+DEFAULT_NAMES = ("config.json", "config.yaml", "config.yml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    proxy_host: str = "localhost"
+    proxy_port: int = 8088
+    admin_host: str = "localhost"
+    admin_port: int = 8089
+    backend_url: str = "http://localhost:8081"
+    warmup_check_interval: float = 30.0
+    prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    listen: str | None = None
+    admin_listen: str | None = None
+    backend_timeout: float = 600.0
+    max_body_bytes: int = 32 * MiB
+    health_check_interval: float = 2.0
+    shutdown_grace: float = 30.0
+    admin_token: str | None = None
+    # Where the config was read from; not a key, but includes resolve against it.
+    source: str | None = None
+
+    @property
+    def proxy_endpoint(self) -> str:
+        return self.listen or tcpEndpoint(self.proxy_host, self.proxy_port)
+
+    @property
+    def admin_endpoint(self) -> str:
+        return self.admin_listen or tcpEndpoint(self.admin_host, self.admin_port)
+
+
+KEYS = frozenset(f.name for f in dataclasses.fields(Config)) - {"source"}
+
+# What each layer's host/port shortcut replaces: setting either one in a layer
+# means that layer asked for TCP, so a `listen` from a lower layer must yield.
+_SHORTCUTS = {
+    "listen": ("proxy_host", "proxy_port"),
+    "admin_listen": ("admin_host", "admin_port"),
+}
+
+
+def tcpEndpoint(host: str, port: int) -> str:
+    """A Twisted endpoint string for host:port, localhost meaning loopback."""
+    if host == "localhost":
+        host = "127.0.0.1"
+    if ":" in host:
+        return f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}"
+    return f"tcp:{port}:interface={host}"
+
+
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Merge layers, later ones winning key by key.
+
+    A host/port shortcut in a layer overrides an endpoint string from an
+    earlier layer, because the later layer is the one the user meant.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for endpointKey, shortcutKeys in _SHORTCUTS.items():
+            if endpointKey not in layer and any(k in layer for k in shortcutKeys):
+                merged.pop(endpointKey, None)
+        merged.update(layer)
+    return merged
+
+
+def defaultPath(home: Path | None = None) -> Path | None:
+    """The first default config file that exists, or None."""
+    directory = (home / ".config/bioproxy") if home else DEFAULT_DIR.expanduser()
+    for name in DEFAULT_NAMES:
+        candidate = directory / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def readFile(path: Path) -> dict[str, Any]:
+    """Parse a YAML or JSON config file (YAML is a superset of JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    return data
+
+
+def load(
+    path: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    home: Path | None = None,
+) -> Config:
+    """
+    Build the effective Config.
+
+    An explicitly named file must exist; the default one may be absent.
+    """
+    filePath: Path | None
+    if path is not None:
+        filePath = Path(path).expanduser()
+        fileLayer = readFile(filePath)
+    else:
+        filePath = defaultPath(home)
+        fileLayer = readFile(filePath) if filePath else {}
+    merged = merge(fileLayer, dict(flags or {}))
+    source = str(filePath.resolve()) if filePath else None
+    return validate(merged, source)
+
+
+def validate(raw: Mapping[str, Any], source: str | None = None) -> Config:
+    """Check every key and value, naming the key in any error."""
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(KEYS))}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        check = _CHECKS[key]
+        values[key] = check(key, value)
+    config = Config(source=source, **values)
+    _checkEndpoint("listen", config.proxy_endpoint)
+    _checkEndpoint("admin_listen", config.admin_endpoint)
+    return config
+
+
+def _host(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ConfigError(f"config key {key!r}: expected a host name or address, got {value!r}")
+    return value
+
+
+def _port(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(f"config key {key!r}: expected a port number 0-65535, got {value!r}")
+    return value
+
+
+def _positive(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"config key {key!r}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _bytes(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"config key {key!r}: expected a positive whole number of bytes, got {value!r}")
+    return value
+
+
+def _url(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"config key {key!r}: expected a URL string, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"config key {key!r}: expected an http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"config key {key!r}: the URL may not carry a query or fragment: {value!r}")
+    del port  # parsed only so that a bad port is reported here
+    return value.rstrip("/")
+
+
+def _optionalString(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config key {key!r}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _prefixes(key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r}: expected a mapping of prefix to template path")
+    for prefix, path in value.items():
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ConfigError(f"config key {key!r}: prefix {prefix!r} must be a non-empty string without spaces")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"config key {key!r}: template path for {prefix!r} must be a non-empty string")
+    return dict(value)
+
+
+_CHECKS = {
+    "proxy_host": _host,
+    "proxy_port": _port,
+    "admin_host": _host,
+    "admin_port": _port,
+    "backend_url": _url,
+    "warmup_check_interval": _positive,
+    "prefixes": _prefixes,
+    "listen": _optionalString,
+    "admin_listen": _optionalString,
+    "backend_timeout": _positive,
+    "max_body_bytes": _bytes,
+    "health_check_interval": _positive,
+    "shutdown_grace": _positive,
+    "admin_token": _optionalString,
+}
+assert set(_CHECKS) == KEYS, "every config key needs a check"
+
+
+class _ParseOnlyReactor:
+    """Stands in for a reactor so endpoint strings are parsed, never bound."""
+
+
+def _checkEndpoint(key: str, description: str) -> None:
+    try:
+        serverFromString(_ParseOnlyReactor(), description)
+    except (IndexError, KeyError) as e:
+        if description.startswith("systemd:"):
+            raise ConfigError(
+                f"config key {key!r}: endpoint {description!r} needs a socket handed over by "
+                f"systemd, and none named or numbered {e} was (LISTEN_FDS="
+                f"{os.environ.get('LISTEN_FDS', 'unset')})"
+            ) from None
+        raise ConfigError(f"config key {key!r}: bad endpoint {description!r}: {e!r}") from None
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's input
+        raise ConfigError(f"config key {key!r}: bad endpoint {description!r}: {e}") from None

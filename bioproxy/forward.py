@@ -1,0 +1,295 @@
+"""
+One client request sent to the backend, its answer streamed back.
+
+Streaming is the point: SSE events are written as they arrive, the backend's
+connection is paused while the client is slow (so a response is never held in
+memory), and a client that leaves closes the backend connection at once,
+which is how llama-server learns to stop generating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from io import BytesIO
+from typing import IO
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import (
+    FileBodyProducer,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.server import Request
+
+from .errors import writeError
+from .headers import appendForwarded, endToEnd
+from .metrics import Metrics
+
+log = Logger()
+
+# Failures that mean "no usable answer from the backend": a 502.
+_UNREACHABLE = (
+    error.ConnectError,
+    error.DNSLookupError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    RequestGenerationFailed,
+)
+
+# Headers the proxy sets itself rather than copies from the client.
+_DROP_FROM_CLIENT = frozenset({b"host", b"content-length"})
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How an exchange ended; the scheduler learns from it later."""
+
+    status: int | None = None
+    complete: bool = False
+    error: str | None = None
+    bytesSent: int = 0
+
+
+BodyObserver = Callable[[bytes], None]
+
+
+class Forwarder:
+    """Sends requests to one backend through a shared persistent Agent."""
+
+    def __init__(
+        self,
+        agent: IAgent,
+        backendURL: str,
+        clock: IReactorTime,
+        metrics: Metrics,
+        timeout: float,
+    ) -> None:
+        self.agent = agent
+        self.backend = backendURL.rstrip("/").encode("ascii")
+        self.clock = clock
+        self.metrics = metrics
+        self.timeout = timeout
+        self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
+
+    def forward(
+        self,
+        request: Request,
+        body: bytes | IO[bytes] | None = None,
+        observer: BodyObserver | None = None,
+    ) -> defer.Deferred[Outcome]:
+        """
+        Relay request (with body, if given, instead of the client's) and stream
+        the answer back. The Deferred fires when the client's response ends.
+        """
+        return _Exchange(self, request, body, observer).start()
+
+    def url(self, request: Request) -> bytes:
+        uri: bytes = request.uri
+        return self.backend + (uri if uri.startswith(b"/") else b"/" + uri)
+
+    def headers(self, request: Request) -> Headers:
+        headers = endToEnd(request.requestHeaders, drop=_DROP_FROM_CLIENT)
+        peer = request.getClientAddress()
+        address = getattr(peer, "host", None) or "unix"
+        appendForwarded(headers, address, b"https" if request.isSecure() else b"http")
+        return headers
+
+
+def _hasBody(request: Request) -> bool:
+    headers = request.requestHeaders
+    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+
+
+class _Exchange:
+    """The state of one request/response pair; lives as long as the exchange."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        request: Request,
+        body: bytes | IO[bytes] | None,
+        observer: BodyObserver | None,
+    ) -> None:
+        self.forwarder = forwarder
+        self.request = request
+        self.observer = observer
+        self.outcome = Outcome()
+        self.done: defer.Deferred[Outcome] = defer.Deferred()
+        self.clientGone = False
+        self.pending: defer.Deferred[IResponse] | None = None
+        self.pump: _BodyPump | None = None
+        if isinstance(body, bytes):
+            self.body: IO[bytes] | None = BytesIO(body)
+        elif body is None and _hasBody(request):
+            self.body = request.content
+        else:
+            self.body = body
+        request.notifyFinish().addErrback(self._clientLost)
+
+    def start(self, retry: bool = True) -> defer.Deferred[Outcome]:
+        forwarder = self.forwarder
+        producer = None
+        if self.body is not None:
+            self.body.seek(0)
+            producer = FileBodyProducer(self.body, cooperator=forwarder.cooperator)
+        d = forwarder.agent.request(
+            self.request.method, forwarder.url(self.request), forwarder.headers(self.request), producer
+        )
+        self.pending = d
+        self.timedOut = False
+        timer = forwarder.clock.callLater(forwarder.timeout, self._timeout)
+        d.addBoth(_passThrough(lambda: timer.active() and timer.cancel()))
+        d.addCallbacks(self._gotResponse, self._noResponse, errbackArgs=(retry,))
+        d.addErrback(self._bug)
+        return self.done
+
+    def _timeout(self) -> None:
+        # Agent reports a cancel as ResponseNeverReceived, so remember why.
+        self.timedOut = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _noResponse(self, reason: Failure, retry: bool) -> None:
+        self.pending = None
+        if self.clientGone:
+            return
+        if retry and not self.timedOut and reason.check(ResponseNeverReceived):
+            # A pooled connection the backend had just closed: try once more on
+            # a fresh one. The backend never answered, so it did no work.
+            log.info("backend closed a reused connection; retrying once")
+            self.start(retry=False)
+            return
+        if self.timedOut:
+            kind, status = "timeout", 504
+            message = f"The backend sent no response within {self.forwarder.timeout:g} s."
+        elif reason.check(*_UNREACHABLE):
+            kind, status = "connect", 502
+            message = "The backend is unreachable: " + _describe(reason)
+        else:
+            reason.raiseException()
+        self.forwarder.metrics.backendErrors.labels(kind=kind).inc()
+        log.warn("backend {kind} error for {method} {path}: {why}",
+                 kind=kind, method=self.request.method.decode(), path=self.request.path.decode(),
+                 why=_describe(reason))
+        self.outcome.status, self.outcome.error = status, kind
+        writeError(self.request, status, message)
+        self._end()
+
+    def _gotResponse(self, response: IResponse) -> None:
+        self.pending = None
+        request = self.request
+        self.outcome.status = response.code
+        if self.clientGone:
+            response.deliverBody(_Discard())
+            return
+        request.setResponseCode(response.code, response.phrase)
+        # The client gets exactly the backend's headers, no invented ones.
+        request.defaultContentType = None
+        for name, values in endToEnd(response.headers).getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, list(values))
+        # Agent keeps Content-Length out of the headers; restore it so the
+        # client gets a sized response, not a re-chunked one.
+        if isinstance(response.length, int):
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+        self.pump = _BodyPump(self)
+        response.deliverBody(self.pump)
+
+    def _bodyEnded(self, reason: Failure) -> None:
+        self.pump = None
+        if self.clientGone:
+            return
+        if reason.check(ResponseDone, http.PotentialDataLoss):
+            self.outcome.complete = True
+            self.request.finish()
+        else:
+            # Never end the client's response cleanly: that would hide the
+            # truncation. Aborting makes every HTTP client report an error.
+            self.forwarder.metrics.backendErrors.labels(kind="midstream").inc()
+            log.warn("backend connection failed mid-response: {why}", why=_describe(reason))
+            self.outcome.error = "midstream"
+            transport = self.request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
+        self._end()
+
+    def _clientLost(self, reason: Failure) -> None:
+        """The client went away: stop the backend's work at once."""
+        self.clientGone = True
+        self.outcome.error = self.outcome.error or "client_disconnect"
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.loseConnection()
+        self._end()
+
+    def _end(self) -> None:
+        if not self.done.called:
+            self.done.callback(self.outcome)
+
+    def _bug(self, reason: Failure) -> None:
+        log.failure("unexpected error while forwarding", reason)
+        if not self.clientGone and not self.request.finished and not self.request.startedWriting:
+            writeError(self.request, 502, "The proxy failed to relay the backend's answer.")
+        self._end()
+
+
+class _BodyPump(Protocol):
+    """Writes the backend's body to the client, with backpressure both ways."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+
+    def connectionMade(self) -> None:
+        # The client's transport pauses and resumes the backend connection.
+        self.exchange.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange.clientGone:
+            return
+        exchange.outcome.bytesSent += len(data)
+        if exchange.observer is not None:
+            exchange.observer(data)
+        exchange.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if not self.exchange.clientGone:
+            self.exchange.request.unregisterProducer()
+        self.exchange._bodyEnded(reason)
+
+
+class _Discard(Protocol):
+    """Drains and closes a response nobody is waiting for any more."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _passThrough(action: Callable[[], object]) -> Callable[[object], object]:
+    def run(result: object) -> object:
+        action()
+        return result
+
+    return run
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    inner = getattr(value, "reasons", None)
+    if inner:
+        return "; ".join(_describe(r) for r in inner)
+    return f"{type(value).__name__}: {value}" if str(value) else type(value).__name__

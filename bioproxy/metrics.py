@@ -1,0 +1,100 @@
+"""
+Every metric bioproxy exports, on one CollectorRegistry per service so that
+two services in one process (or two tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+# llama-server's routes; anything else is counted as "other" so a client
+# cannot blow up the label cardinality with made-up paths.
+KNOWN_PATHS = frozenset(
+    {
+        "/", "/health", "/v1/health", "/props", "/slots", "/metrics",
+        "/models", "/v1/models", "/chat/completions", "/v1/chat/completions",
+        "/completions", "/v1/completions", "/completion", "/infill",
+        "/tokenize", "/detokenize", "/apply-template", "/embedding",
+        "/embeddings", "/v1/embeddings", "/rerank", "/reranking",
+        "/v1/rerank", "/v1/reranking", "/lora-adapters", "/v1/messages",
+        "/v1/messages/count_tokens", "/v1/responses",
+    }
+)
+_SLOT_PATH = re.compile(r"^/slots/\d+$")
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+
+
+def pathLabel(path: str) -> str:
+    if path in KNOWN_PATHS:
+        return path
+    if _SLOT_PATH.match(path):
+        return "/slots/{id}"
+    return "other"
+
+
+class Metrics:
+    """The service's metrics; pieces get this object passed in."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "bioproxy_requests", "Requests answered, by route, method, status and template prefix.",
+            ["path", "method", "status", "prefix"], registry=r,
+        )
+        self.duration = Histogram(
+            "bioproxy_request_duration_seconds", "Time from request received to response end.",
+            ["path"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttfb = Histogram(
+            "bioproxy_time_to_first_byte_seconds",
+            "Time from request received to the first response body byte sent to the client.",
+            ["path"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inFlight = Gauge(
+            "bioproxy_requests_in_flight", "Requests being proxied right now.", registry=r,
+        )
+        self.backendErrors = Counter(
+            "bioproxy_backend_errors",
+            "Failed exchanges with the backend, by kind "
+            "(connect, timeout, midstream, client_disconnect).",
+            ["kind"], registry=r,
+        )
+        self.backendUp = Gauge(
+            "bioproxy_backend_up", "1 when the last backend health check succeeded.", registry=r,
+        )
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+
+class MetricsResource(Resource):
+    """Prometheus text exposition, rendered in-line: it is cheap and needs no thread."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)

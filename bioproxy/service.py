@@ -1,0 +1,125 @@
+"""
+makeService wires every piece together; it is the embedding API, and the
+twistd plugin only parses options and calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from . import __version__
+from .admin import adminRoot
+from .config import Config
+from .forward import Forwarder
+from .llamacpp import LlamaClient
+from .metrics import Metrics
+from .monitor import BackendMonitor
+from .proxy import ProxyResource
+from .site import ProxySite
+
+log = Logger()
+
+# llama-server (cpp-httplib) drops idle keep-alive connections after 5 s; we
+# drop ours first so a request never lands on a connection being closed.
+IDLE_CONNECTION_TIMEOUT = 2.0
+
+
+class _CallOnStop(Service):
+    """Runs one cleanup when the service stops."""
+
+    def __init__(self, name: str, stop: Any) -> None:
+        self.setName(name)
+        self._stop = stop
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._stop()
+
+
+class _Drain(Service):
+    """On stop, waits up to `grace` seconds for in-flight requests to end."""
+
+    def __init__(self, site: ProxySite, reactor: Any, grace: float) -> None:
+        self.setName("drain")
+        self.site = site
+        self.reactor = reactor
+        self.grace = grace
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self.site.active:
+            log.info("waiting up to {grace} s for {n} in-flight request(s)",
+                     grace=self.grace, n=len(self.site.active))
+        d = self.site.whenIdle()
+        d.addTimeout(self.grace, self.reactor)
+        d.addErrback(lambda _: log.warn("grace period over; closing {n} request(s)",
+                                        n=len(self.site.active)))
+        return d
+
+
+class _Announce(Service):
+    """Logs the start-up summary once everything is listening."""
+
+    def __init__(self, config: Config) -> None:
+        self.setName("announce")
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        c = self.config
+        log.info(
+            "bioproxy {version} started\n"
+            "  proxy:     {proxy}\n"
+            "  admin:     {admin}\n"
+            "  backend:   {backend}\n"
+            "  templates: {templates}\n"
+            "  config:    {source}",
+            version=__version__, proxy=c.proxy_endpoint, admin=c.admin_endpoint,
+            backend=c.backend_url, templates=len(c.prefixes), source=c.source or "(defaults)",
+        )
+
+
+def _listen(reactor: Any, description: str, factory: Any, name: str) -> StreamServerEndpointService:
+    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    # Fail start-up loudly when the port cannot be bound, not log and carry on.
+    service._raiseSynchronously = True
+    service.setName(name)
+    return service
+
+
+def makeService(config: Config, reactor: Any) -> MultiService:
+    top = MultiService()
+    metrics = Metrics()
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 64
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    agent = Agent(reactor, pool=pool, connectTimeout=10)
+
+    forwarder = Forwarder(agent, config.backend_url, reactor, metrics, config.backend_timeout)
+    proxySite = ProxySite(ProxyResource(forwarder), metrics, reactor, config.max_body_bytes)
+
+    llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor)
+    monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
+    monitor.setName("monitor")
+    adminSite = Site(adminRoot(metrics, monitor, reactor, config.backend_url, config.admin_token))
+
+    for child in (
+        _CallOnStop("pool", pool.closeCachedConnections),
+        monitor,
+        _Drain(proxySite, reactor, config.shutdown_grace),
+        _listen(reactor, config.admin_endpoint, adminSite, "admin"),
+        _listen(reactor, config.proxy_endpoint, proxySite, "proxy"),
+        _Announce(config),
+    ):
+        child.setServiceParent(top)
+    return top

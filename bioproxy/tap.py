@@ -1,0 +1,74 @@
+"""twistd glue: command-line options on top of the config file."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from . import config as configModule
+from .config import Config, ConfigError
+
+# flag name -> config key
+_FLAG_KEYS = {
+    "host": "proxy_host",
+    "port": "proxy_port",
+    "admin-host": "admin_host",
+    "admin-port": "admin_port",
+    "backend": "backend_url",
+    "listen": "listen",
+    "admin-listen": "admin_listen",
+}
+
+
+def _portFlag(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        flag = next(f for f, k in _FLAG_KEYS.items() if k == key)
+        raise ConfigError(f"flag --{flag}: expected a port number, got {value!r}") from None
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [options]"
+    longdesc = (
+        "bioproxy: a reverse proxy for llama.cpp's llama-server that expands prompt "
+        "templates and keeps their KV cache warm. Settings come from code defaults, "
+        "then the config file, then these flags."
+    )
+    optParameters = [
+        ["config", "c", None, "Config file (YAML or JSON). Default: ~/.config/bioproxy/config.json or config.yaml."],
+        ["host", None, None, "Proxy listen host (default localhost). Shortcut for --listen."],
+        ["port", "p", None, "Proxy listen port (default 8088). Shortcut for --listen."],
+        ["admin-host", None, None, "Admin listen host (default localhost)."],
+        ["admin-port", None, None, "Admin listen port (default 8089)."],
+        ["backend", "b", None, "llama-server base URL (default http://localhost:8081)."],
+        ["listen", None, None, "Proxy endpoint string, e.g. tcp:8088:interface=127.0.0.1, "
+                               "unix:/run/bioproxy.sock, systemd:domain=INET:index=0."],
+        ["admin-listen", None, None, "Admin endpoint string."],
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        flags = {key: self[flag] for flag, key in _FLAG_KEYS.items() if self[flag] is not None}
+        try:
+            for key in ("proxy_port", "admin_port"):
+                if key in flags:
+                    flags[key] = _portFlag(key, flags[key])
+            self.config = configModule.load(self["config"], flags)
+        except ConfigError as e:
+            # One clear line, not the usage text and not a traceback.
+            sys.stderr.write(f"bioproxy: {e}\n")
+            raise SystemExit(2) from None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from .service import makeService as build
+
+    reactorAny: Any = reactor
+    return build(options.config, reactorAny)

@@ -1,0 +1,359 @@
+"""
+A stand-in for llama-server, for fast tests, benchmarks and the demo.
+
+It models what bioproxy depends on: slots with per-slot prompt-prefix reuse
+on byte tokens, `id_slot` pinning, `timings.cache_n` / `prompt_n`, SSE
+streaming, a cost per token on an injected clock, and fault switches. It is
+not a substitute for the real server in the integration tests.
+
+Run it alone: ``python -m bioproxy.testing.fakellama --port 8081``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+MODEL = "fake-llama"
+REPLY = "This is a reply from the fake llama server. "
+
+
+def chatPrompt(messages: list[dict[str, Any]]) -> str:
+    """chatml, the template the tiny test model carries too."""
+    out = []
+    for message in messages:
+        content = message.get("content", "")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append(f"<|im_start|>{message.get('role', 'user')}\n{content}<|im_end|>\n")
+    out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def tokenize(text: str) -> bytes:
+    """Byte tokens: one token per UTF-8 byte keeps the counts easy to predict."""
+    return text.encode("utf-8")
+
+
+def commonPrefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclasses.dataclass
+class Faults:
+    """Switches a test flips to make the server misbehave."""
+
+    down: bool = False  # drop every connection without answering
+    slowHeaders: float = 0.0  # seconds before any response
+    dieAfterTokens: int | None = None  # abort the stream after this many tokens
+
+
+@dataclasses.dataclass
+class Slot:
+    id: int
+    tokens: bytes = b""
+    busy: bool = False
+    lastUsed: float = 0.0
+    waiting: list[defer.Deferred[None]] = dataclasses.field(default_factory=list)
+
+
+class FakeLlama:
+    """The server's state, separate from its HTTP face."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        slots: int = 4,
+        msPerPromptToken: float = 0.0,
+        msPerGeneratedToken: float = 0.0,
+        nCtx: int = 8192,
+        model: str = MODEL,
+    ) -> None:
+        self.clock = clock
+        self.slots = [Slot(i) for i in range(slots)]
+        self.msPerPromptToken = msPerPromptToken
+        self.msPerGeneratedToken = msPerGeneratedToken
+        self.nCtx = nCtx
+        self.model = model
+        self.faults = Faults()
+        self.log: list[dict[str, Any]] = []  # one record per completion, for tests
+
+    def props(self) -> dict[str, Any]:
+        return {
+            "total_slots": len(self.slots),
+            "model_path": f"/models/{self.model}.gguf",
+            "build_info": "fake-0",
+            "default_generation_settings": {"n_ctx": self.nCtx},
+            "chat_template": "chatml",
+        }
+
+    def pickSlot(self, prompt: bytes, pinned: int | None) -> Slot:
+        """llama-server's rule: the pinned slot, else the idle slot sharing the most prompt, else LRU."""
+        if pinned is not None and pinned >= 0:
+            return self.slots[pinned]
+        idle = [s for s in self.slots if not s.busy] or self.slots
+        best = max(idle, key=lambda s: (commonPrefix(s.tokens, prompt), -s.lastUsed))
+        if commonPrefix(best.tokens, prompt) * 10 > len(prompt):
+            return best
+        return min(idle, key=lambda s: s.lastUsed)
+
+    async def acquire(self, slot: Slot) -> None:
+        while slot.busy:
+            d: defer.Deferred[None] = defer.Deferred()
+            slot.waiting.append(d)
+            await d
+        slot.busy = True
+
+    def release(self, slot: Slot) -> None:
+        slot.busy = False
+        slot.lastUsed = self.clock.seconds()
+        if slot.waiting:
+            slot.waiting.pop(0).callback(None)
+
+
+class _Generation:
+    """One completion in progress on a slot; cancellable by a disconnect."""
+
+    def __init__(self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: str, chat: bool) -> None:
+        self.server = server
+        self.request = request
+        self.body = body
+        self.prompt = tokenize(prompt)
+        self.chat = chat
+        self.stream = bool(body.get("stream"))
+        self.maxTokens = int(body.get("max_tokens", body.get("n_predict", 16)) or 16)
+        self.cancelled = False
+        self.pendingCall: IDelayedCall | None = None
+        self.slot: Slot | None = None
+        self.sent: list[str] = []
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, _: Failure) -> None:
+        self.cancelled = True
+        if self.pendingCall is not None and self.pendingCall.active():
+            self.pendingCall.cancel()
+            self.pendingCall = None
+            self._resume.callback(None)
+
+    def _sleep(self, seconds: float) -> defer.Deferred[None]:
+        self._resume: defer.Deferred[None] = defer.Deferred()
+        if seconds <= 0:
+            self._resume.callback(None)
+        else:
+            self.pendingCall = self.server.clock.callLater(seconds, self._resume.callback, None)
+        return self._resume
+
+    async def run(self) -> None:
+        server = self.server
+        pinned = self.body.get("id_slot")
+        slot = server.pickSlot(self.prompt, pinned if isinstance(pinned, int) else None)
+        await server.acquire(slot)
+        self.slot = slot
+        try:
+            await self._generate(slot)
+        finally:
+            server.release(slot)
+
+    async def _generate(self, slot: Slot) -> None:
+        server = self.server
+        started = server.clock.seconds()
+        reuse = commonPrefix(slot.tokens, self.prompt)
+        cacheN = min(reuse, len(self.prompt) - 1) if self.prompt else 0
+        promptN = len(self.prompt) - cacheN
+        slot.tokens = self.prompt[:cacheN]
+        await self._sleep(promptN * server.msPerPromptToken / 1000)
+        if self.cancelled:
+            return
+        slot.tokens = self.prompt
+        promptDone = server.clock.seconds()
+        if self.stream:
+            self.request.setHeader(b"content-type", b"text/event-stream")
+            self.request.setHeader(b"cache-control", b"no-cache")
+        for i in range(self.maxTokens):
+            if i:
+                await self._sleep(server.msPerGeneratedToken / 1000)
+            if self.cancelled:
+                return
+            faults = server.faults
+            if faults.dieAfterTokens is not None and i >= faults.dieAfterTokens:
+                self.request.channel.transport.abortConnection()
+                return
+            piece = REPLY[i % len(REPLY)]
+            self.sent.append(piece)
+            slot.tokens += tokenize(piece)
+            if self.stream:
+                self._event(self._chunk(piece, None))
+        timings = {
+            "cache_n": cacheN,
+            "prompt_n": promptN,
+            "prompt_ms": (promptDone - started) * 1000,
+            "predicted_n": len(self.sent),
+            "predicted_ms": (server.clock.seconds() - promptDone) * 1000,
+        }
+        server.log.append({"slot": slot.id, "cache_n": cacheN, "prompt_n": promptN, "prompt": self.prompt})
+        if self.stream:
+            final = self._chunk("", "length")
+            final["timings"] = timings
+            self._event(final)
+            self.request.write(b"data: [DONE]\n\n")
+        else:
+            self.request.setHeader(b"content-type", b"application/json")
+            self.request.write(json.dumps(self._whole(timings)).encode())
+        self.request.finish()
+
+    def _event(self, payload: dict[str, Any]) -> None:
+        self.request.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _chunk(self, piece: str, finish: str | None) -> dict[str, Any]:
+        if self.chat:
+            delta = {"content": piece} if piece else {}
+            return {"object": "chat.completion.chunk", "model": self.server.model, "id_slot": self._slotId(),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {"content": piece, "stop": finish is not None, "id_slot": self._slotId()}
+
+    def _whole(self, timings: dict[str, Any]) -> dict[str, Any]:
+        text = "".join(self.sent)
+        usage = {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.sent),
+                 "total_tokens": len(self.prompt) + len(self.sent)}
+        if self.chat:
+            return {"object": "chat.completion", "model": self.server.model, "id_slot": self._slotId(),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "length"}],
+                    "usage": usage, "timings": timings}
+        return {"content": text, "id_slot": self._slotId(), "stop": True, "timings": timings,
+                "tokens_evaluated": len(self.prompt)}
+
+    def _slotId(self) -> int:
+        return self.slot.id if self.slot else -1
+
+
+def _error(request: Request, status: int, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps({"error": {"code": status, "message": message, "type": kind}}).encode()
+
+
+class FakeLlamaResource(Resource):
+    """llama-server's HTTP API over a FakeLlama."""
+
+    isLeaf = True
+
+    def __init__(self, server: FakeLlama) -> None:
+        super().__init__()
+        self.server = server
+        self.routes: dict[tuple[bytes, bytes], Callable[[Request], bytes | int]] = {
+            (b"GET", b"/health"): lambda r: self._json(r, {"status": "ok"}),
+            (b"GET", b"/v1/health"): lambda r: self._json(r, {"status": "ok"}),
+            (b"GET", b"/props"): lambda r: self._json(r, server.props()),
+            (b"GET", b"/v1/models"): self._models,
+            (b"GET", b"/models"): self._models,
+            (b"GET", b"/slots"): self._slots,
+            (b"POST", b"/v1/chat/completions"): self._chat,
+            (b"POST", b"/chat/completions"): self._chat,
+            (b"POST", b"/completion"): self._completion,
+            (b"POST", b"/completions"): self._completion,
+            (b"POST", b"/v1/completions"): self._completion,
+        }
+
+    def render(self, request: Request) -> bytes | int:
+        faults = self.server.faults
+        if faults.down:
+            request.channel.transport.abortConnection()
+            return NOT_DONE_YET
+        route = self.routes.get((request.method, request.path))
+        if route is None:
+            return _error(request, 404, "File Not Found")
+        if faults.slowHeaders > 0:
+            self.server.clock.callLater(faults.slowHeaders, self._finishLater, request, route)
+            return NOT_DONE_YET
+        return route(request)
+
+    def _finishLater(self, request: Request, route: Callable[[Request], bytes | int]) -> None:
+        if request.channel is None:
+            return
+        result = route(request)
+        if isinstance(result, bytes):
+            request.write(result)
+            request.finish()
+
+    def _json(self, request: Request, value: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value).encode()
+
+    def _models(self, request: Request) -> bytes:
+        return self._json(request, {"object": "list", "data": [
+            {"id": self.server.model, "object": "model", "owned_by": "llamacpp"}]})
+
+    def _slots(self, request: Request) -> bytes:
+        return self._json(request, [
+            {"id": s.id, "is_processing": s.busy, "n_ctx": self.server.nCtx} for s in self.server.slots])
+
+    def _body(self, request: Request) -> dict[str, Any] | None:
+        try:
+            body = json.loads(request.content.read())
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _chat(self, request: Request) -> bytes | int:
+        body = self._body(request)
+        if body is None or not isinstance(body.get("messages"), list):
+            return _error(request, 400, "invalid chat request")
+        return self._start(request, body, chatPrompt(body["messages"]), chat=True)
+
+    def _completion(self, request: Request) -> bytes | int:
+        body = self._body(request)
+        if body is None or not isinstance(body.get("prompt"), str):
+            return _error(request, 400, "invalid completion request")
+        return self._start(request, body, body["prompt"], chat=False)
+
+    def _start(self, request: Request, body: dict[str, Any], prompt: str, chat: bool) -> int:
+        pinned = body.get("id_slot")
+        if pinned is not None and (not isinstance(pinned, int) or pinned >= len(self.server.slots)):
+            request.write(_error(request, 400, "Invalid id_slot"))
+            request.finish()
+            return NOT_DONE_YET
+        generation = _Generation(self.server, request, body, prompt, chat)
+        defer.ensureDeferred(generation.run()).addErrback(
+            lambda f: f.printTraceback() if not generation.cancelled else None
+        )
+        return NOT_DONE_YET
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fake llama-server for tests and demos.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--ms-per-prompt-token", type=float, default=0.2)
+    parser.add_argument("--ms-per-generated-token", type=float, default=20.0)
+    args = parser.parse_args(argv)
+
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.python import log
+
+    log.startLogging(sys.stdout)
+    server = FakeLlama(reactor, slots=args.slots, msPerPromptToken=args.ms_per_prompt_token,
+                       msPerGeneratedToken=args.ms_per_generated_token)
+    reactor.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()

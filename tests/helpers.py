@@ -1,0 +1,144 @@
+"""Shared pieces for the test suite: async tests, backends, running services."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+T = TypeVar("T")
+
+
+def asyncTest(f: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., defer.Deferred[T]]:
+    """Lets trial run an `async def` test method."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        return defer.ensureDeferred(f(*args, **kwargs))
+
+    return wrapper
+
+
+def sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class Recorder(Resource):
+    """
+    A backend that records what reached it and answers as told.
+
+    Behaviour is chosen by the request path:
+      /echo...      JSON of what arrived (method, path, headers, body length)
+      /multi        two Set-Cookie headers and a fixed Content-Length
+      /hang         never answers
+      /sse?n=N&gap=S  N events, S seconds apart
+      /big?mb=N     N MiB, written as fast as the consumer allows
+      /die          half a response, then the connection drops
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.seen: list[dict[str, Any]] = []
+        self.closed: list[str] = []  # paths whose client went away first
+        self.produced = 0
+
+    def render(self, request: Request) -> bytes | int:
+        body = request.content.read()
+        record = {
+            "method": request.method.decode(),
+            "uri": request.uri.decode(),
+            "headers": {k.decode().lower(): [v.decode() for v in vs]
+                        for k, vs in request.requestHeaders.getAllRawHeaders()},
+            "body": body,
+        }
+        self.seen.append(record)
+        path = request.path.decode()
+        request.notifyFinish().addErrback(lambda _: self.closed.append(path))
+        if path == "/multi":
+            request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1", b"b=2"])
+            request.setHeader(b"content-length", b"5")
+            request.setHeader(b"content-type", b"text/plain")
+            return b"hello"
+        if path == "/hang":
+            return NOT_DONE_YET
+        if path == "/sse":
+            n = int(request.args.get(b"n", [b"5"])[0])
+            gap = float(request.args.get(b"gap", [b"0.1"])[0])
+            request.setHeader(b"content-type", b"text/event-stream")
+            self._sse(request, 0, n, gap)
+            return NOT_DONE_YET
+        if path == "/big":
+            mb = int(request.args.get(b"mb", [b"64"])[0])
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.registerProducer(_Firehose(self, request, mb * 1024 * 1024), True)
+            return NOT_DONE_YET
+        if path == "/die":
+            request.setHeader(b"content-length", b"1000")
+            request.write(b"x" * 100)
+            self.reactor.callLater(0.05, request.channel.transport.abortConnection)
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({**record, "body": len(body)}).encode()
+
+    def _sse(self, request: Request, i: int, n: int, gap: float) -> None:
+        if request.finished or request.channel is None:
+            return
+        if i == n:
+            request.write(b"data: [DONE]\n\n")
+            request.finish()
+            return
+        request.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+        self.reactor.callLater(gap, self._sse, request, i + 1, n, gap)
+
+
+class _Firehose:
+    """Writes as fast as the transport lets it: a push producer."""
+
+    def __init__(self, recorder: Recorder, request: Request, total: int) -> None:
+        self.recorder = recorder
+        self.request = request
+        self.left = total
+        self.paused = False
+        recorder.reactor.callLater(0, self.resumeProducing)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        chunk = b"z" * 65536
+        while not self.paused and self.left > 0 and self.request.channel is not None:
+            self.request.write(chunk)
+            self.left -= len(chunk)
+            self.recorder.produced += len(chunk)
+        if self.left <= 0 and not self.request.finished and self.request.channel is not None:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+def listen(reactor: Any, resource: Resource, testCase: Any) -> str:
+    """Serve resource on an ephemeral loopback port; return its base URL."""
+    port: IListeningPort = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    testCase.addCleanup(port.stopListening)
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
+def boundPort(service: Any, name: str) -> int:
+    """The port a makeService listener got (tests listen on port 0)."""
+    listener = service.getServiceNamed(name)
+    port: IListeningPort = listener._waitingForPort.result
+    return int(port.getHost().port)

@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+bioproxy = ServiceMaker("bioproxy", "bioproxy.tap", "KV-cache-warming reverse proxy for llama-server", "bioproxy")
