@@ -49,7 +49,8 @@ class HealthResource(Resource):
                     "url": self.backendURL,
                     "reachable": monitor.reachable,
                     "last_checked_ago_seconds": (
-                        None if monitor.lastChecked is None
+                        None
+                        if monitor.lastChecked is None
                         else round(self.clock.seconds() - monitor.lastChecked, 3)
                     ),
                     "last_error": monitor.lastError,
@@ -74,7 +75,8 @@ class TokenGuard(Resource):
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if not self._allowed(request):
             return _Unauthorized()
-        return self.wrapped.getChildWithDefault(path, request)
+        child: Resource = self.wrapped.getChildWithDefault(path, request)
+        return child
 
     def render(self, request: Request) -> bytes:
         if not self._allowed(request):

@@ -111,7 +111,8 @@ def readFile(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {e}") from None
+        where = " ".join(str(e).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -145,9 +146,7 @@ def validate(raw: Mapping[str, Any], source: str | None = None) -> Config:
     """Check every key and value, naming the key in any error."""
     unknown = sorted(set(raw) - KEYS)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(KEYS))}"
-        )
+        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(KEYS))}")
     values: dict[str, Any] = {}
     for key, value in raw.items():
         check = _CHECKS[key]
@@ -213,7 +212,9 @@ def _prefixes(key: str, value: Any) -> dict[str, str]:
         raise ConfigError(f"config key {key!r}: expected a mapping of prefix to template path")
     for prefix, path in value.items():
         if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
-            raise ConfigError(f"config key {key!r}: prefix {prefix!r} must be a non-empty string without spaces")
+            raise ConfigError(
+                f"config key {key!r}: prefix {prefix!r} must be a non-empty string without spaces"
+            )
         if not isinstance(path, str) or not path:
             raise ConfigError(f"config key {key!r}: template path for {prefix!r} must be a non-empty string")
     return dict(value)

@@ -24,9 +24,9 @@ _KINDS = {
 
 def errorBody(status: int, message: str, code: str | None = None) -> bytes:
     kind, defaultCode = _KINDS.get(status, ("server_error", "internal_error"))
-    return json.dumps(
-        {"error": {"message": message, "type": kind, "code": code or defaultCode}}
-    ).encode("utf-8")
+    return json.dumps({"error": {"message": message, "type": kind, "code": code or defaultCode}}).encode(
+        "utf-8"
+    )
 
 
 def writeError(

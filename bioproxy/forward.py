@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from io import BytesIO
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from .headers import appendForwarded, endToEnd
 from .metrics import Metrics
 
 log = Logger()
+_T = TypeVar("_T")
 
 # Failures that mean "no usable answer from the backend": a 502.
 _UNREACHABLE = (
@@ -152,7 +153,7 @@ class _Exchange:
         self.pending = d
         self.timedOut = False
         timer = forwarder.clock.callLater(forwarder.timeout, self._timeout)
-        d.addBoth(_passThrough(lambda: timer.active() and timer.cancel()))
+        d.addBoth(_passThrough(lambda: _cancelTimer(timer)))
         d.addCallbacks(self._gotResponse, self._noResponse, errbackArgs=(retry,))
         d.addErrback(self._bug)
         return self.done
@@ -182,9 +183,13 @@ class _Exchange:
         else:
             reason.raiseException()
         self.forwarder.metrics.backendErrors.labels(kind=kind).inc()
-        log.warn("backend {kind} error for {method} {path}: {why}",
-                 kind=kind, method=self.request.method.decode(), path=self.request.path.decode(),
-                 why=_describe(reason))
+        log.warn(
+            "backend {kind} error for {method} {path}: {why}",
+            kind=kind,
+            method=self.request.method.decode(),
+            path=self.request.path.decode(),
+            why=_describe(reason),
+        )
         self.outcome.status, self.outcome.error = status, kind
         writeError(self.request, status, message)
         self._end()
@@ -221,7 +226,7 @@ class _Exchange:
             self.forwarder.metrics.backendErrors.labels(kind="midstream").inc()
             log.warn("backend connection failed mid-response: {why}", why=_describe(reason))
             self.outcome.error = "midstream"
-            transport = self.request.channel.transport
+            transport: Any = self.request.channel.transport
             if transport is not None:
                 transport.abortConnection()
         self._end()
@@ -247,6 +252,9 @@ class _Exchange:
         self._end()
 
 
+_DONE = Failure(ResponseDone())
+
+
 class _BodyPump(Protocol):
     """Writes the backend's body to the client, with backpressure both ways."""
 
@@ -266,7 +274,7 @@ class _BodyPump(Protocol):
             exchange.observer(data)
         exchange.request.write(data)
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         if not self.exchange.clientGone:
             self.exchange.request.unregisterProducer()
         self.exchange._bodyEnded(reason)
@@ -279,8 +287,13 @@ class _Discard(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
-def _passThrough(action: Callable[[], object]) -> Callable[[object], object]:
-    def run(result: object) -> object:
+def _cancelTimer(timer: IDelayedCall) -> None:
+    if timer.active():
+        timer.cancel()
+
+
+def _passThrough(action: Callable[[], None]) -> Callable[[_T], _T]:
+    def run(result: _T) -> _T:
         action()
         return result
 

@@ -43,8 +43,10 @@ def endToEnd(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
 
 def appendForwarded(headers: Headers, clientAddress: str, proto: bytes) -> None:
     """Append this hop to X-Forwarded-For and X-Forwarded-Proto."""
-    for name, value in ((b"x-forwarded-for", clientAddress.encode("ascii", "replace")),
-                        (b"x-forwarded-proto", proto)):
+    for name, value in (
+        (b"x-forwarded-for", clientAddress.encode("ascii", "replace")),
+        (b"x-forwarded-proto", proto),
+    ):
         previous = headers.getRawHeaders(name, [])
         joined = b", ".join([*previous, value]) if previous else value
         headers.setRawHeaders(name, [joined])

@@ -25,20 +25,57 @@ from twisted.web.server import Request
 # cannot blow up the label cardinality with made-up paths.
 KNOWN_PATHS = frozenset(
     {
-        "/", "/health", "/v1/health", "/props", "/slots", "/metrics",
-        "/models", "/v1/models", "/chat/completions", "/v1/chat/completions",
-        "/completions", "/v1/completions", "/completion", "/infill",
-        "/tokenize", "/detokenize", "/apply-template", "/embedding",
-        "/embeddings", "/v1/embeddings", "/rerank", "/reranking",
-        "/v1/rerank", "/v1/reranking", "/lora-adapters", "/v1/messages",
-        "/v1/messages/count_tokens", "/v1/responses",
+        "/",
+        "/health",
+        "/v1/health",
+        "/props",
+        "/slots",
+        "/metrics",
+        "/models",
+        "/v1/models",
+        "/chat/completions",
+        "/v1/chat/completions",
+        "/completions",
+        "/v1/completions",
+        "/completion",
+        "/infill",
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
+        "/embedding",
+        "/embeddings",
+        "/v1/embeddings",
+        "/rerank",
+        "/reranking",
+        "/v1/rerank",
+        "/v1/reranking",
+        "/lora-adapters",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
     }
 )
 _SLOT_PATH = re.compile(r"^/slots/\d+$")
 
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
 )
 
 
@@ -57,29 +94,40 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "bioproxy_requests", "Requests answered, by route, method, status and template prefix.",
-            ["path", "method", "status", "prefix"], registry=r,
+            "bioproxy_requests",
+            "Requests answered, by route, method, status and template prefix.",
+            ["path", "method", "status", "prefix"],
+            registry=r,
         )
         self.duration = Histogram(
-            "bioproxy_request_duration_seconds", "Time from request received to response end.",
-            ["path"], buckets=LATENCY_BUCKETS, registry=r,
+            "bioproxy_request_duration_seconds",
+            "Time from request received to response end.",
+            ["path"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttfb = Histogram(
             "bioproxy_time_to_first_byte_seconds",
             "Time from request received to the first response body byte sent to the client.",
-            ["path"], buckets=LATENCY_BUCKETS, registry=r,
+            ["path"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inFlight = Gauge(
-            "bioproxy_requests_in_flight", "Requests being proxied right now.", registry=r,
+            "bioproxy_requests_in_flight",
+            "Requests being proxied right now.",
+            registry=r,
         )
         self.backendErrors = Counter(
             "bioproxy_backend_errors",
-            "Failed exchanges with the backend, by kind "
-            "(connect, timeout, midstream, client_disconnect).",
-            ["kind"], registry=r,
+            "Failed exchanges with the backend, by kind (connect, timeout, midstream, client_disconnect).",
+            ["kind"],
+            registry=r,
         )
         self.backendUp = Gauge(
-            "bioproxy_backend_up", "1 when the last backend health check succeeded.", registry=r,
+            "bioproxy_backend_up",
+            "1 when the last backend health check succeeded.",
+            registry=r,
         )
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)

@@ -30,7 +30,7 @@ log = Logger()
 
 # llama-server (cpp-httplib) drops idle keep-alive connections after 5 s; we
 # drop ours first so a request never lands on a connection being closed.
-IDLE_CONNECTION_TIMEOUT = 2.0
+IDLE_CONNECTION_TIMEOUT = 2
 
 
 class _CallOnStop(Service):
@@ -48,22 +48,20 @@ class _CallOnStop(Service):
 class _Drain(Service):
     """On stop, waits up to `grace` seconds for in-flight requests to end."""
 
-    def __init__(self, site: ProxySite, reactor: Any, grace: float) -> None:
+    def __init__(self, site: ProxySite, grace: float) -> None:
         self.setName("drain")
         self.site = site
-        self.reactor = reactor
         self.grace = grace
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         if self.site.active:
-            log.info("waiting up to {grace} s for {n} in-flight request(s)",
-                     grace=self.grace, n=len(self.site.active))
-        d = self.site.whenIdle()
-        d.addTimeout(self.grace, self.reactor)
-        d.addErrback(lambda _: log.warn("grace period over; closing {n} request(s)",
-                                        n=len(self.site.active)))
-        return d
+            log.info(
+                "waiting up to {grace} s for {n} in-flight request(s)",
+                grace=self.grace,
+                n=len(self.site.active),
+            )
+        return defer.ensureDeferred(self.site.drain(self.grace))
 
 
 class _Announce(Service):
@@ -83,8 +81,12 @@ class _Announce(Service):
             "  backend:   {backend}\n"
             "  templates: {templates}\n"
             "  config:    {source}",
-            version=__version__, proxy=c.proxy_endpoint, admin=c.admin_endpoint,
-            backend=c.backend_url, templates=len(c.prefixes), source=c.source or "(defaults)",
+            version=__version__,
+            proxy=c.proxy_endpoint,
+            admin=c.admin_endpoint,
+            backend=c.backend_url,
+            templates=len(c.prefixes),
+            source=c.source or "(defaults)",
         )
 
 
@@ -116,7 +118,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     for child in (
         _CallOnStop("pool", pool.closeCachedConnections),
         monitor,
-        _Drain(proxySite, reactor, config.shutdown_grace),
+        _Drain(proxySite, config.shutdown_grace),
         _listen(reactor, config.admin_endpoint, adminSite, "admin"),
         _listen(reactor, config.proxy_endpoint, proxySite, "proxy"),
         _Announce(config),

@@ -8,14 +8,17 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .errors import writeError
 from .metrics import Metrics, pathLabel
+
+log = Logger()
 
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
@@ -31,7 +34,8 @@ class ProxyRequest(Request):
     site: ProxySite
 
     def _site(self) -> ProxySite:
-        site: ProxySite = self.channel.site
+        channel: Any = self.channel
+        site: ProxySite = channel.site
         return site
 
     def gotLength(self, length: int | None) -> None:
@@ -45,7 +49,8 @@ class ProxyRequest(Request):
             return
         self._received += len(data)
         if self._received > self._site().maxBodyBytes:
-            self.content.close()
+            if self.content is not None:
+                self.content.close()
             self._refuseBody()
         else:
             super().handleContentChunk(data)
@@ -69,9 +74,7 @@ class ProxyRequest(Request):
         if data and not self._wroteBody:
             self._wroteBody = True
             site: ProxySite = self.site
-            site.metrics.ttfb.labels(path=self.routeLabel()).observe(
-                site.clock.seconds() - self.startedAt
-            )
+            site.metrics.ttfb.labels(path=self.routeLabel()).observe(site.clock.seconds() - self.startedAt)
         super().write(data)
 
     def routeLabel(self) -> str:
@@ -97,18 +100,28 @@ class ProxySite(Site):
         self.maxBodyBytes = maxBodyBytes
         self.active: set[ProxyRequest] = set()
         self._idleWaiters: list[defer.Deferred[None]] = []
+        self.draining = False
+        self._closing: list[Any] = []  # transports told to flush and close
 
     def track(self, request: ProxyRequest) -> None:
         self.active.add(request)
         self.metrics.inFlight.inc()
+        transport = request.channel.transport
 
         def ended(result: None | Failure) -> None:
+            if self.draining and transport is not None:
+                # Close after the last bytes are written, so shutdown does
+                # not cut the tail of a response that did finish.
+                transport.loseConnection()
+                self._closing.append(transport)
             self.active.discard(request)
             self.metrics.inFlight.dec()
             status = CLIENT_CLOSED if isinstance(result, Failure) else request.code
             path = request.routeLabel()
             self.metrics.requests.labels(
-                path=path, method=request.method.decode("latin-1"), status=str(status),
+                path=path,
+                method=request.method.decode("latin-1"),
+                status=str(status),
                 prefix=request.prefix,
             ).inc()
             self.metrics.duration.labels(path=path).observe(self.clock.seconds() - request.startedAt)
@@ -118,6 +131,23 @@ class ProxySite(Site):
                     waiter.callback(None)
 
         request.notifyFinish().addBoth(ended)
+
+    async def drain(self, grace: float) -> None:
+        """
+        Stop starting work and let what is in flight finish, for up to grace
+        seconds, including flushing each response's last bytes.
+        """
+        self.draining = True
+        deadline = self.clock.seconds() + grace
+        idle = self.whenIdle()
+        idle.addTimeout(grace, self.clock)
+        try:
+            await idle
+        except defer.TimeoutError:
+            log.warn("grace period over; {n} request(s) cut short", n=len(self.active))
+            return
+        while any(t.connected for t in self._closing) and self.clock.seconds() < deadline:
+            await task.deferLater(self.clock, 0.02)
 
     def whenIdle(self) -> defer.Deferred[None]:
         """Fires once no request is in flight."""

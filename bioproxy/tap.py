@@ -39,14 +39,24 @@ class Options(usage.Options):
         "then the config file, then these flags."
     )
     optParameters = [
-        ["config", "c", None, "Config file (YAML or JSON). Default: ~/.config/bioproxy/config.json or config.yaml."],
+        [
+            "config",
+            "c",
+            None,
+            "Config file (YAML or JSON). Default: ~/.config/bioproxy/config.json or config.yaml.",
+        ],
         ["host", None, None, "Proxy listen host (default localhost). Shortcut for --listen."],
         ["port", "p", None, "Proxy listen port (default 8088). Shortcut for --listen."],
         ["admin-host", None, None, "Admin listen host (default localhost)."],
         ["admin-port", None, None, "Admin listen port (default 8089)."],
         ["backend", "b", None, "llama-server base URL (default http://localhost:8081)."],
-        ["listen", None, None, "Proxy endpoint string, e.g. tcp:8088:interface=127.0.0.1, "
-                               "unix:/run/bioproxy.sock, systemd:domain=INET:index=0."],
+        [
+            "listen",
+            None,
+            None,
+            "Proxy endpoint string, e.g. tcp:8088:interface=127.0.0.1, "
+            "unix:/run/bioproxy.sock, systemd:domain=INET:index=0.",
+        ],
         ["admin-listen", None, None, "Admin endpoint string."],
     ]
 

@@ -7,8 +7,10 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet import defer
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IListeningPort
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -58,8 +60,10 @@ class Recorder(Resource):
         record = {
             "method": request.method.decode(),
             "uri": request.uri.decode(),
-            "headers": {k.decode().lower(): [v.decode() for v in vs]
-                        for k, vs in request.requestHeaders.getAllRawHeaders()},
+            "headers": {
+                k.decode().lower(): [v.decode() for v in vs]
+                for k, vs in request.requestHeaders.getAllRawHeaders()
+            },
             "body": body,
         }
         self.seen.append(record)
@@ -135,6 +139,13 @@ def listen(reactor: Any, resource: Resource, testCase: Any) -> str:
     port: IListeningPort = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
     testCase.addCleanup(port.stopListening)
     return f"http://127.0.0.1:{port.getHost().port}"
+
+
+def client(testCase: Any) -> HTTPClient:
+    """A treq client whose connections end with the test."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    testCase.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
 
 
 def boundPort(service: Any, name: str) -> int:

@@ -127,7 +127,9 @@ class FakeLlama:
 class _Generation:
     """One completion in progress on a slot; cancellable by a disconnect."""
 
-    def __init__(self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: str, chat: bool) -> None:
+    def __init__(
+        self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: str, chat: bool
+    ) -> None:
         self.server = server
         self.request = request
         self.body = body
@@ -189,7 +191,7 @@ class _Generation:
                 return
             faults = server.faults
             if faults.dieAfterTokens is not None and i >= faults.dieAfterTokens:
-                self.request.channel.transport.abortConnection()
+                _abort(self.request)
                 return
             piece = REPLY[i % len(REPLY)]
             self.sent.append(piece)
@@ -220,24 +222,48 @@ class _Generation:
     def _chunk(self, piece: str, finish: str | None) -> dict[str, Any]:
         if self.chat:
             delta = {"content": piece} if piece else {}
-            return {"object": "chat.completion.chunk", "model": self.server.model, "id_slot": self._slotId(),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return {
+                "object": "chat.completion.chunk",
+                "model": self.server.model,
+                "id_slot": self._slotId(),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
         return {"content": piece, "stop": finish is not None, "id_slot": self._slotId()}
 
     def _whole(self, timings: dict[str, Any]) -> dict[str, Any]:
         text = "".join(self.sent)
-        usage = {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.sent),
-                 "total_tokens": len(self.prompt) + len(self.sent)}
+        usage = {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": len(self.sent),
+            "total_tokens": len(self.prompt) + len(self.sent),
+        }
         if self.chat:
-            return {"object": "chat.completion", "model": self.server.model, "id_slot": self._slotId(),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "length"}],
-                    "usage": usage, "timings": timings}
-        return {"content": text, "id_slot": self._slotId(), "stop": True, "timings": timings,
-                "tokens_evaluated": len(self.prompt)}
+            return {
+                "object": "chat.completion",
+                "model": self.server.model,
+                "id_slot": self._slotId(),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                ],
+                "usage": usage,
+                "timings": timings,
+            }
+        return {
+            "content": text,
+            "id_slot": self._slotId(),
+            "stop": True,
+            "timings": timings,
+            "tokens_evaluated": len(self.prompt),
+        }
 
     def _slotId(self) -> int:
         return self.slot.id if self.slot else -1
+
+
+def _abort(request: Request) -> None:
+    """Drop the connection the way a crashing server would."""
+    transport: Any = request.channel.transport
+    transport.abortConnection()
 
 
 def _error(request: Request, status: int, message: str) -> bytes:
@@ -254,7 +280,7 @@ class FakeLlamaResource(Resource):
 
     def __init__(self, server: FakeLlama) -> None:
         super().__init__()
-        self.server = server
+        self.llama = server
         self.routes: dict[tuple[bytes, bytes], Callable[[Request], bytes | int]] = {
             (b"GET", b"/health"): lambda r: self._json(r, {"status": "ok"}),
             (b"GET", b"/v1/health"): lambda r: self._json(r, {"status": "ok"}),
@@ -270,15 +296,15 @@ class FakeLlamaResource(Resource):
         }
 
     def render(self, request: Request) -> bytes | int:
-        faults = self.server.faults
+        faults = self.llama.faults
         if faults.down:
-            request.channel.transport.abortConnection()
+            _abort(request)
             return NOT_DONE_YET
         route = self.routes.get((request.method, request.path))
         if route is None:
             return _error(request, 404, "File Not Found")
         if faults.slowHeaders > 0:
-            self.server.clock.callLater(faults.slowHeaders, self._finishLater, request, route)
+            self.llama.clock.callLater(faults.slowHeaders, self._finishLater, request, route)
             return NOT_DONE_YET
         return route(request)
 
@@ -295,16 +321,21 @@ class FakeLlamaResource(Resource):
         return json.dumps(value).encode()
 
     def _models(self, request: Request) -> bytes:
-        return self._json(request, {"object": "list", "data": [
-            {"id": self.server.model, "object": "model", "owned_by": "llamacpp"}]})
+        return self._json(
+            request,
+            {"object": "list", "data": [{"id": self.llama.model, "object": "model", "owned_by": "llamacpp"}]},
+        )
 
     def _slots(self, request: Request) -> bytes:
-        return self._json(request, [
-            {"id": s.id, "is_processing": s.busy, "n_ctx": self.server.nCtx} for s in self.server.slots])
+        return self._json(
+            request,
+            [{"id": s.id, "is_processing": s.busy, "n_ctx": self.llama.nCtx} for s in self.llama.slots],
+        )
 
     def _body(self, request: Request) -> dict[str, Any] | None:
         try:
-            body = json.loads(request.content.read())
+            content: Any = request.content
+            body = json.loads(content.read())
         except ValueError:
             return None
         return body if isinstance(body, dict) else None
@@ -323,11 +354,11 @@ class FakeLlamaResource(Resource):
 
     def _start(self, request: Request, body: dict[str, Any], prompt: str, chat: bool) -> int:
         pinned = body.get("id_slot")
-        if pinned is not None and (not isinstance(pinned, int) or pinned >= len(self.server.slots)):
+        if pinned is not None and (not isinstance(pinned, int) or pinned >= len(self.llama.slots)):
             request.write(_error(request, 400, "Invalid id_slot"))
             request.finish()
             return NOT_DONE_YET
-        generation = _Generation(self.server, request, body, prompt, chat)
+        generation = _Generation(self.llama, request, body, prompt, chat)
         defer.ensureDeferred(generation.run()).addErrback(
             lambda f: f.printTraceback() if not generation.cancelled else None
         )
@@ -349,10 +380,15 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.python import log
 
     log.startLogging(sys.stdout)
-    server = FakeLlama(reactor, slots=args.slots, msPerPromptToken=args.ms_per_prompt_token,
-                       msPerGeneratedToken=args.ms_per_generated_token)
-    reactor.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    server = FakeLlama(
+        reactor,
+        slots=args.slots,
+        msPerPromptToken=args.ms_per_prompt_token,
+        msPerGeneratedToken=args.ms_per_generated_token,
+    )
+    running: Any = reactor
+    running.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)
+    running.run()
 
 
 if __name__ == "__main__":

@@ -11,42 +11,37 @@ from io import BytesIO
 from typing import Any
 
 import treq
-from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from bioproxy.config import validate
 from bioproxy.service import makeService
 
-from ..helpers import Recorder, asyncTest, boundPort, listen, sleep
+from ..helpers import Recorder, asyncTest, boundPort, client, listen, sleep
 
 R: Any = reactor
 
 
 def startProxy(testCase: TestCase, backendURL: str, **overrides: Any) -> str:
     """Start bioproxy on ephemeral ports; return the proxy's base URL."""
-    config = validate({
-        "backend_url": backendURL,
-        "listen": "tcp:0:interface=127.0.0.1",
-        "admin_listen": "tcp:0:interface=127.0.0.1",
-        "health_check_interval": 60,
-        **overrides,
-    })
+    config = validate(
+        {
+            "backend_url": backendURL,
+            "listen": "tcp:0:interface=127.0.0.1",
+            "admin_listen": "tcp:0:interface=127.0.0.1",
+            "health_check_interval": 60,
+            **overrides,
+        }
+    )
     service = makeService(config, R)
     service.startService()
     testCase.addCleanup(service.stopService)
     testCase.service = service  # type: ignore[attr-defined]
     return f"http://127.0.0.1:{boundPort(service, 'proxy')}"
-
-
-def client(testCase: TestCase) -> HTTPClient:
-    pool = HTTPConnectionPool(R, persistent=False)
-    testCase.addCleanup(pool.closeCachedConnections)
-    return HTTPClient(Agent(R, pool=pool))
 
 
 @implementer(IBodyProducer)
@@ -108,14 +103,17 @@ class ForwardingTests(TestCase):
 
     @asyncTest
     async def test_headersBothWays(self) -> None:
-        response = await self.http.get(self.proxy + "/multi", headers={
-            "X-Multi": ["one", "two"],
-            "Connection": "X-Secret",
-            "X-Secret": "hop-only",
-            "Keep-Alive": "timeout=5",
-            "Proxy-Authorization": "Basic abc",
-            "X-Forwarded-For": "10.0.0.1",
-        })
+        response = await self.http.get(
+            self.proxy + "/multi",
+            headers={
+                "X-Multi": ["one", "two"],
+                "Connection": "X-Secret",
+                "X-Secret": "hop-only",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authorization": "Basic abc",
+                "X-Forwarded-For": "10.0.0.1",
+            },
+        )
         self.assertEqual(await treq.content(response), b"hello")
         self.assertEqual(response.headers.getRawHeaders("set-cookie"), ["a=1", "b=2"])
         self.assertEqual(response.length, 5)  # Agent reports Content-Length here
@@ -183,7 +181,7 @@ class ForwardingTests(TestCase):
         await timed.done
         events = [(t, c) for t, c in timed.chunks if c.startswith(b"data: {")]
         self.assertEqual(len(events), 5, timed.chunks)
-        gaps = [b[0] - a[0] for a, b in zip(events, events[1:])]
+        gaps = [b[0] - a[0] for a, b in zip(events, events[1:], strict=False)]
         # Each event is passed on when it is made, 0.2 s apart, not bunched.
         self.assertTrue(all(g > 0.1 for g in gaps), gaps)
 

@@ -1,3 +1,5 @@
 from twisted.application.service import ServiceMaker
 
-bioproxy = ServiceMaker("bioproxy", "bioproxy.tap", "KV-cache-warming reverse proxy for llama-server", "bioproxy")
+bioproxy = ServiceMaker(
+    "bioproxy", "bioproxy.tap", "KV-cache-warming reverse proxy for llama-server", "bioproxy"
+)
