@@ -94,7 +94,7 @@ class ProxySite(Site):
         maxBodyBytes: int,
         **kwargs: Any,
     ) -> None:
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, reactor=clock, **kwargs)
         self.metrics = metrics
         self.clock = clock
         self.maxBodyBytes = maxBodyBytes

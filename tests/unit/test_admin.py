@@ -1,0 +1,127 @@
+"""The admin site and the backend monitor, in memory on a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from bioproxy import __version__
+from bioproxy.admin import adminRoot
+from bioproxy.metrics import Metrics
+from bioproxy.monitor import BackendMonitor
+
+from ..helpers import asyncTest
+
+
+class ScriptedLlama:
+    """A LlamaClient stand-in whose health answers come from a list."""
+
+    def __init__(self, answers: list[bool]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def health(self) -> Any:
+        up = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        if not up:
+            raise ConnectionRefusedError("connection refused")
+        return {"status": "ok"}
+
+
+class MonitorTests(TestCase):
+    def test_pollsAndRecords(self) -> None:
+        clock, metrics = Clock(), Metrics()
+        llama = ScriptedLlama([False, True])
+        monitor = BackendMonitor(llama, clock, metrics, interval=2)  # type: ignore[arg-type]
+        monitor.startService()
+        self.assertEqual((llama.calls, monitor.reachable), (1, False))
+        self.assertIn("refused", monitor.lastError or "")
+        self.assertEqual(metrics.registry.get_sample_value("bioproxy_backend_up"), 0.0)
+        clock.advance(2)
+        self.assertEqual((llama.calls, monitor.reachable, monitor.lastError), (2, True, None))
+        self.assertEqual(metrics.registry.get_sample_value("bioproxy_backend_up"), 1.0)
+        monitor.stopService()
+        clock.advance(10)
+        self.assertEqual(llama.calls, 2)
+
+    def test_keepsPollingAfterErrors(self) -> None:
+        clock = Clock()
+
+        class Broken:
+            calls = 0
+
+            async def health(self) -> Any:
+                self.calls += 1
+                raise RuntimeError("surprise")
+
+        broken = Broken()
+        monitor = BackendMonitor(broken, clock, Metrics(), interval=1)  # type: ignore[arg-type]
+        monitor.startService()
+        clock.pump([1, 1, 1])
+        self.assertEqual(broken.calls, 4)
+        monitor.stopService()
+
+
+class AdminTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.metrics = Metrics()
+        self.monitor = BackendMonitor(ScriptedLlama([True]), self.clock, self.metrics, 2)  # type: ignore[arg-type]
+
+    def client(self, token: str | None = None) -> StubTreq:
+        return StubTreq(adminRoot(self.metrics, self.monitor, self.clock, "http://b:1", token))
+
+    @asyncTest
+    async def test_health(self) -> None:
+        http = self.client()
+        self.clock.advance(5)
+        body = await (await http.get("http://admin/health")).json()
+        self.assertEqual(body["status"], "degraded")  # not checked yet
+        self.monitor.startService()
+        self.addCleanup(self.monitor.stopService)
+        self.clock.advance(2.5)
+        body = await (await http.get("http://admin/health")).json()
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(body["version"], __version__)
+        self.assertEqual(body["uptime_seconds"], 7.5)
+        self.assertEqual(body["backend"]["reachable"], True)
+        self.assertEqual(body["backend"]["url"], "http://b:1")
+
+    @asyncTest
+    async def test_metricsFromThisRegistryOnly(self) -> None:
+        self.metrics.requests.labels(path="/x", method="GET", status="200", prefix="").inc()
+        other = Metrics()
+        other.requests.labels(path="/y", method="GET", status="200", prefix="").inc()
+        response = await self.client().get("http://admin/metrics")
+        self.assertIn(b"text/plain", response.headers.getRawHeaders("content-type")[0].encode())
+        text = await response.text()
+        self.assertIn('bioproxy_requests_total{method="GET",path="/x",prefix="",status="200"} 1.0', text)
+        self.assertNotIn('path="/y"', text)
+        for family in (
+            "bioproxy_time_to_first_byte_seconds",
+            "bioproxy_request_duration_seconds",
+            "bioproxy_requests_in_flight",
+            "bioproxy_backend_errors_total",
+            "process_",
+        ):
+            self.assertIn(family, text)
+
+    @asyncTest
+    async def test_tokenRequired(self) -> None:
+        http = self.client(token="s3cret")
+        for path in ("/health", "/metrics", "/"):
+            self.assertEqual((await http.get("http://admin" + path)).code, 401)
+            bad = await http.get("http://admin" + path, headers={"Authorization": "Bearer nope"})
+            self.assertEqual(bad.code, 401)
+        ok = await http.get("http://admin/health", headers={"Authorization": "Bearer s3cret"})
+        self.assertEqual(ok.code, 200)
+        denied = await (await http.get("http://admin/metrics")).json()
+        self.assertEqual(denied["error"]["type"], "authentication_error")
+
+    @asyncTest
+    async def test_unknownPathIs404(self) -> None:
+        self.assertEqual((await self.client().get("http://admin/nope")).code, 404)

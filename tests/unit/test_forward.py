@@ -1,0 +1,190 @@
+"""
+The proxy Site and Forwarder in memory: a StringTransport for the client,
+treq's RequestTraversalAgent for the backend, a Clock for time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from bioproxy.forward import Forwarder
+from bioproxy.metrics import Metrics
+from bioproxy.proxy import ProxyResource
+from bioproxy.site import ProxySite
+
+
+class Backend(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+        self.gone: list[bytes] = []
+
+    def render(self, request: Request) -> bytes | int:
+        self.requests.append(request)
+        request.notifyFinish().addErrback(lambda _: self.gone.append(request.path))
+        if request.path == b"/hang":
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"got": len(request.content.read())}).encode()
+
+
+class _Refusing:
+    def request(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.fail(ConnectionRefusedError("nobody home"))
+
+
+class Harness:
+    def __init__(self, agent: Any = None, maxBody: int = 1000, timeout: float = 5.0) -> None:
+        self.clock = Clock()
+        self.backend = Backend()
+        self.agent = agent or RequestTraversalAgent(self.backend)
+        self.metrics = Metrics()
+        forwarder = Forwarder(self.agent, "http://backend:8081", self.clock, self.metrics, timeout)
+        self.site = ProxySite(ProxyResource(forwarder), self.metrics, self.clock, maxBody)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def send(self, raw: bytes) -> tuple[Any, StringTransport]:
+        channel, transport = self.connect()
+        channel.dataReceived(raw)
+        self.flush()
+        return channel, transport
+
+    def flush(self) -> None:
+        if isinstance(self.agent, RequestTraversalAgent):
+            self.agent.flush()
+        self.clock.advance(0)
+        if isinstance(self.agent, RequestTraversalAgent):
+            self.agent.flush()
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return value
+
+
+def status(transport: StringTransport) -> int:
+    return int(transport.value().split(b" ", 2)[1])
+
+
+def body(transport: StringTransport) -> Any:
+    raw = transport.value().split(b"\r\n\r\n", 1)[1]
+    if b"transfer-encoding: chunked" in transport.value().lower():
+        raw = raw.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    return json.loads(raw)
+
+
+class ForwardTests(TestCase):
+    def test_forwardsAndCounts(self) -> None:
+        h = Harness()
+        _, transport = h.send(b"POST /v1/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(status(transport), 200)
+        self.assertEqual(body(transport), {"got": 5})
+        labels = {"path": "/v1/completions", "method": "POST", "status": "200", "prefix": ""}
+        self.assertEqual(h.sample("bioproxy_requests_total", **labels), 1.0)
+        self.assertEqual(h.sample("bioproxy_requests_in_flight"), 0.0)
+        self.assertEqual(h.sample("bioproxy_request_duration_seconds_count", path="/v1/completions"), 1.0)
+
+    def test_unknownPathsShareOneLabel(self) -> None:
+        h = Harness()
+        h.send(b"GET /made/up/1 HTTP/1.1\r\nHost: p\r\n\r\n")
+        h.send(b"GET /made/up/2 HTTP/1.1\r\nHost: p\r\n\r\n")
+        labels = {"path": "other", "method": "GET", "status": "200", "prefix": ""}
+        self.assertEqual(h.sample("bioproxy_requests_total", **labels), 2.0)
+
+    def test_declaredBodyTooLarge(self) -> None:
+        h = Harness(maxBody=10)
+        _, transport = h.send(
+            b"POST /v1/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 11\r\n\r\n" + b"x" * 11
+        )
+        self.assertEqual(status(transport), 413)
+        self.assertEqual(body(transport)["error"]["type"], "invalid_request_error")
+        self.assertEqual(h.backend.requests, [])
+
+    def test_chunkedBodyTooLarge(self) -> None:
+        h = Harness(maxBody=10)
+        chunks = b"6\r\nxxxxxx\r\n6\r\nyyyyyy\r\n0\r\n\r\n"
+        _, transport = h.send(
+            b"POST /completion HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+        )
+        self.assertEqual(status(transport), 413)
+        self.assertEqual(h.backend.requests, [])
+
+    def test_bodyAtTheLimitPasses(self) -> None:
+        h = Harness(maxBody=10)
+        _, transport = h.send(
+            b"POST /completion HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\n" + b"x" * 10
+        )
+        self.assertEqual(body(transport), {"got": 10})
+
+    def test_timeoutIs504AndClosesBackend(self) -> None:
+        h = Harness(timeout=5)
+        _, transport = h.send(b"GET /hang HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(5)
+        h.flush()
+        self.assertEqual(status(transport), 504)
+        self.assertEqual(body(transport)["error"]["code"], "backend_timeout")
+        self.assertEqual(h.backend.gone, [b"/hang"])
+        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="timeout"), 1.0)
+
+    def test_unreachableIs502(self) -> None:
+        h = Harness(agent=_Refusing())
+        _, transport = h.send(b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertEqual(status(transport), 502)
+        self.assertIn("unreachable", body(transport)["error"]["message"])
+        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="connect"), 1.0)
+
+    def test_clientGoneBeforeHeadersCancelsBackend(self) -> None:
+        h = Harness()
+        channel, _ = h.send(b"GET /hang HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertEqual(len(h.backend.requests), 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        h.flush()
+        self.assertEqual(h.backend.gone, [b"/hang"])
+        labels = {"path": "other", "method": "GET", "status": "499", "prefix": ""}
+        self.assertEqual(h.sample("bioproxy_requests_total", **labels), 1.0)
+        self.assertEqual(h.sample("bioproxy_requests_in_flight"), 0.0)
+
+    def test_drainWaitsForInFlight(self) -> None:
+        h = Harness(timeout=100)
+        _, transport = h.send(b"GET /hang HTTP/1.1\r\nHost: p\r\n\r\n")
+        drained = defer.ensureDeferred(h.site.drain(grace=30))
+        h.clock.advance(10)
+        self.assertNoResult(drained)
+        request = h.backend.requests[0]
+        request.write(b"{}")
+        request.finish()
+        h.flush()
+        h.clock.advance(0.1)
+        self.successResultOf(drained)
+        # The response went out whole, then the connection was closed.
+        self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
+        self.assertFalse(transport.connected)
+
+    def test_drainGivesUpAfterGrace(self) -> None:
+        h = Harness(timeout=100)
+        h.send(b"GET /hang HTTP/1.1\r\nHost: p\r\n\r\n")
+        drained = defer.ensureDeferred(h.site.drain(grace=30))
+        h.clock.advance(29)
+        self.assertNoResult(drained)
+        h.clock.advance(1)
+        self.successResultOf(drained)
