@@ -104,7 +104,9 @@ def nginxBinary() -> str | None:
 
 
 def ensureTools() -> None:
-    missing = [pkg for pkg, found in (("wrk", shutil.which("wrk")), ("nginx-light", nginxBinary())) if not found]
+    missing = [
+        pkg for pkg, found in (("wrk", shutil.which("wrk")), ("nginx-light", nginxBinary())) if not found
+    ]
     if missing and os.geteuid() == 0:
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
@@ -113,9 +115,24 @@ def startBioproxy(work: Path, name: str, backend: int, port: int, admin: int) ->
     config = work / "bench.yaml"
     config.write_text("health_check_interval: 60\n")
     return subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         "-l", str(work / f"{name}.log"), "bioproxy", "--config", str(config),
-         "--backend", f"http://127.0.0.1:{backend}", "--port", str(port), "--admin-port", str(admin)],
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "-l",
+            str(work / f"{name}.log"),
+            "bioproxy",
+            "--config",
+            str(config),
+            "--backend",
+            f"http://127.0.0.1:{backend}",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin),
+        ],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
@@ -124,12 +141,19 @@ def wrk(url: str, connections: int, duration: int) -> dict[str, float]:
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = {p: _ms(re.search(rf"^\s+{p}%\s+(\S+)", out, re.M).group(1)) for p in ("50", "99")}  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "errors": float(errors.group(1)) if errors else 0.0}
+    return {
+        "rps": rps,
+        "p50": lat["50"],
+        "p99": lat["99"],
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 def _ms(text: str) -> float:
@@ -162,7 +186,9 @@ def main() -> None:
     ensureTools()
 
     work = Path(tempfile.mkdtemp(prefix="bioproxy-bench-"))
-    ports = {name: freePort() for name in ("backend", "proxy", "sse", "bio", "bioadmin", "biosse", "biosseadmin")}
+    ports = {
+        name: freePort() for name in ("backend", "proxy", "sse", "bio", "bioadmin", "biosse", "biosseadmin")
+    }
     (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, **ports))
     procs = [
         subprocess.Popen([nginxBinary() or "nginx", "-c", str(work / "nginx.conf")]),
@@ -178,8 +204,10 @@ def main() -> None:
             "bioproxy": f"http://127.0.0.1:{ports['bio']}/v1/models",
             "nginx": f"http://127.0.0.1:{ports['proxy']}/v1/models",
         }
-        print(f"# python {sys.version.split()[0]} ({sys.implementation.name}), {os.cpu_count()} cores, "
-              f"wrk {args.duration}s per cell\n")
+        print(
+            f"# python {sys.version.split()[0]} ({sys.implementation.name}), {os.cpu_count()} cores, "
+            f"wrk {args.duration}s per cell\n"
+        )
         print("| connections | target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
         print("|---|---|---|---|---|---|---|---|")
         for c in (int(x) for x in args.connections.split(",")):
@@ -189,8 +217,10 @@ def main() -> None:
             for name, row in rows.items():
                 added50 = row["p50"] - rows["direct"]["p50"]
                 added99 = row["p99"] - rows["direct"]["p99"]
-                print(f"| {c} | {name} | {row['rps']:.0f} | {row['p50']:.3f} | {row['p99']:.3f} | "
-                      f"{added50:+.3f} | {added99:+.3f} | {row['errors']:.0f} |")
+                print(
+                    f"| {c} | {name} | {row['rps']:.0f} | {row['p50']:.3f} | {row['p99']:.3f} | "
+                    f"{added50:+.3f} | {added99:+.3f} | {row['errors']:.0f} |"
+                )
         print("\n| SSE path | events | median delay ms | p90 delay ms | added median ms |")
         print("|---|---|---|---|---|")
         sse = {name: [] for name in ("direct", "bioproxy", "nginx")}

@@ -17,6 +17,8 @@ from . import __version__
 from .errors import errorBody
 from .metrics import Metrics, MetricsResource
 from .monitor import BackendMonitor
+from .templates import describe
+from .watcher import TemplateWatcher
 
 
 def jsonBody(request: Request, value: Any, status: int = 200) -> bytes:
@@ -59,6 +61,26 @@ class HealthResource(Resource):
         )
 
 
+class TemplatesResource(Resource):
+    isLeaf = True
+
+    def __init__(self, watcher: TemplateWatcher) -> None:
+        super().__init__()
+        self.watcher = watcher
+
+    def render_GET(self, request: Request) -> bytes:
+        out = []
+        for prefix, status in sorted(self.watcher.status.items()):
+            template = self.watcher.library.templates.get(prefix)
+            entry: dict[str, Any] = (
+                describe(template) if template else {"prefix": prefix, "path": str(status.path)}
+            )
+            entry["last_change"] = status.lastChange
+            entry["last_error"] = status.lastError
+            out.append(entry)
+        return jsonBody(request, {"templates": out})
+
+
 class TokenGuard(Resource):
     """Requires `Authorization: Bearer <token>` before anything below it."""
 
@@ -98,6 +120,7 @@ class _Unauthorized(Resource):
 def adminRoot(
     metrics: Metrics,
     monitor: BackendMonitor,
+    watcher: TemplateWatcher,
     clock: IReactorTime,
     backendURL: str,
     token: str | None = None,
@@ -105,4 +128,5 @@ def adminRoot(
     root = Resource()
     root.putChild(b"health", HealthResource(monitor, clock, backendURL))
     root.putChild(b"metrics", MetricsResource(metrics.registry))
+    root.putChild(b"templates", TemplatesResource(watcher))
     return TokenGuard(root, token) if token else root

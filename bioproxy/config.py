@@ -43,6 +43,8 @@ class Config:
     health_check_interval: float = 2.0
     shutdown_grace: float = 30.0
     admin_token: str | None = None
+    template_roots: tuple[str, ...] = ()
+    max_template_bytes: int = 4 * MiB
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -205,6 +207,14 @@ def _optionalString(key: str, value: Any) -> str | None:
     return value
 
 
+def _roots(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"config key {key!r}: expected a list of directory paths, got {value!r}")
+    return tuple(value)
+
+
 def _prefixes(key: str, value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -235,6 +245,8 @@ _CHECKS = {
     "health_check_interval": _positive,
     "shutdown_grace": _positive,
     "admin_token": _optionalString,
+    "template_roots": _roots,
+    "max_template_bytes": _bytes,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

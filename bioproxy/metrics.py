@@ -129,6 +129,18 @@ class Metrics:
             "1 when the last backend health check succeeded.",
             registry=r,
         )
+        self.templateErrors = Counter(
+            "bioproxy_template_errors",
+            "Template loads that failed, by prefix and kind; the last good version stays in use.",
+            ["prefix", "kind"],
+            registry=r,
+        )
+        self.templateSize = Gauge(
+            "bioproxy_template_size_bytes",
+            "Size of each template rendered with an empty message.",
+            ["prefix"],
+            registry=r,
+        )
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)

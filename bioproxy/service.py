@@ -5,12 +5,13 @@ twistd plugin only parses options and calls it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -25,6 +26,8 @@ from .metrics import Metrics
 from .monitor import BackendMonitor
 from .proxy import ProxyResource
 from .site import ProxySite
+from .templates import Sources, TemplateLibrary
+from .watcher import TemplateWatcher
 
 log = Logger()
 
@@ -98,9 +101,33 @@ def _listen(reactor: Any, description: str, factory: Any, name: str) -> StreamSe
     return service
 
 
+def templateSources(config: Config) -> Sources:
+    """Where config's templates and includes are looked for, and may live."""
+    configDir = Path(config.source).parent if config.source else Path.cwd()
+    return Sources.build(configDir, config.prefixes.values(), [configDir / r for r in config.template_roots])
+
+
 def makeService(config: Config, reactor: Any) -> MultiService:
+    """
+    Build bioproxy. Templates are loaded here, blocking, so that a missing or
+    broken one stops start-up with a TemplateError that names it.
+    """
     top = MultiService()
     metrics = Metrics()
+
+    library = TemplateLibrary()
+    watcher = TemplateWatcher(
+        library,
+        config.prefixes,
+        templateSources(config),
+        reactor,
+        config.warmup_check_interval,
+        metrics,
+        lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args),
+        config.max_template_bytes,
+    )
+    watcher.setName("templates")
+    watcher.loadAll()
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
@@ -108,16 +135,17 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     agent = Agent(reactor, pool=pool, connectTimeout=10)
 
     forwarder = Forwarder(agent, config.backend_url, reactor, metrics, config.backend_timeout)
-    proxySite = ProxySite(ProxyResource(forwarder), metrics, reactor, config.max_body_bytes)
+    proxySite = ProxySite(ProxyResource(forwarder, library), metrics, reactor, config.max_body_bytes)
 
     llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor)
     monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
     monitor.setName("monitor")
-    adminSite = Site(adminRoot(metrics, monitor, reactor, config.backend_url, config.admin_token))
+    adminSite = Site(adminRoot(metrics, monitor, watcher, reactor, config.backend_url, config.admin_token))
 
     for child in (
         _CallOnStop("pool", pool.closeCachedConnections),
         monitor,
+        watcher,
         _Drain(proxySite, config.shutdown_grace),
         _listen(reactor, config.admin_endpoint, adminSite, "admin"),
         _listen(reactor, config.proxy_endpoint, proxySite, "proxy"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -63,22 +63,37 @@ class Options(usage.Options):
     config: Config
 
     def postOptions(self) -> None:
-        flags = {key: self[flag] for flag, key in _FLAG_KEYS.items() if self[flag] is not None}
         try:
+            self.flags = {key: self[flag] for flag, key in _FLAG_KEYS.items() if self[flag] is not None}
             for key in ("proxy_port", "admin_port"):
-                if key in flags:
-                    flags[key] = _portFlag(key, flags[key])
-            self.config = configModule.load(self["config"], flags)
+                if key in self.flags:
+                    self.flags[key] = _portFlag(key, self.flags[key])
+            self.config = self.reread()
         except ConfigError as e:
-            # One clear line, not the usage text and not a traceback.
-            sys.stderr.write(f"bioproxy: {e}\n")
-            raise SystemExit(2) from None
+            _fail(e)
+
+    def reread(self) -> Config:
+        """The config as these options make it; SIGHUP calls this again."""
+        return configModule.load(self["config"], self.flags)
+
+
+def _fail(error: Exception) -> NoReturn:
+    # One clear line, not the usage text and not a traceback.
+    sys.stderr.write(f"bioproxy: {error}\n")
+    raise SystemExit(2)
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from .reload import HangupReloader
     from .service import makeService as build
+    from .templates import TemplateError
 
     reactorAny: Any = reactor
-    return build(options.config, reactorAny)
+    try:
+        service = build(options.config, reactorAny)
+    except TemplateError as e:
+        _fail(e)
+    HangupReloader(options.reread, service.getServiceNamed("templates"), reactorAny).setServiceParent(service)
+    return service

@@ -159,7 +159,7 @@ class ForwardingTests(TestCase):
         deadURL = f"http://127.0.0.1:{port.getHost().port}"
         await port.stopListening()
         proxy = startProxy(self, deadURL)
-        response = await self.http.post(proxy + "/v1/chat/completions", data=b"{}")
+        response = await self.http.post(proxy + "/v1/chat/completions", json={"messages": []})
         self.assertEqual(response.code, 502)
         error = json.loads(await treq.content(response))["error"]
         self.assertEqual((error["type"], error["code"]), ("server_error", "backend_unavailable"))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -114,7 +115,9 @@ class _Watch(ProcessProtocol):
         self.ended.callback(reason.value.exitCode if reason.value.signal is None else -reason.value.signal)
 
 
-class DaemonTests(TestCase):
+class DaemonHarness(TestCase):
+    """Starts `twistd -n bioproxy` and stops it with the test."""
+
     async def start(self, backendURL: str, *extra: str) -> tuple[str, _Watch]:
         port, admin = freePort(), freePort()
         watch = _Watch()
@@ -147,6 +150,8 @@ class DaemonTests(TestCase):
             process.signalProcess("KILL")
         return watch.ended
 
+
+class DaemonTests(DaemonHarness):
     @asyncTest
     async def test_servesThenDrainsOnSigterm(self) -> None:
         backend = Recorder(R)
@@ -180,3 +185,42 @@ class DaemonTests(TestCase):
         self.process.signalProcess("TERM")
         self.assertEqual(await watch.ended, -signal.SIGTERM)
         self.assertIn(b"Server Shut Down.", watch.output)
+
+
+class TemplateDaemonTests(DaemonHarness):
+    @asyncTest
+    async def test_missingTemplateAtStartup(self) -> None:
+        config = Path(self.mktemp()).absolute()
+        config.write_text('prefixes: {"@code": "nowhere/code.txt"}\n')
+        out, err, code = await twistd("--config", str(config))
+        self.assertEqual(code, 2, out + err)
+        self.assertIn("nowhere/code.txt", err)
+        self.assertNotIn("Traceback", out + err)
+
+    @asyncTest
+    async def test_sighupReloadsPrefixes(self) -> None:
+        work = Path(self.mktemp()).absolute()
+        work.mkdir()
+        (work / "a.txt").write_text("A <{message}>")
+        (work / "b.txt").write_text("B <{message}>")
+        config = work / "config.yaml"
+        config.write_text('prefixes: {"@a": a.txt}\n')
+        backend = Recorder(R)
+        proxy, watch = await self.start(listen(R, backend, self), "--config", str(config))
+        http = client(self)
+
+        async def sent(text: str) -> str:
+            await treq.content(await http.post(proxy + "/completion", json={"prompt": text}))
+            return str(json.loads(backend.seen[-1]["body"])["prompt"])
+
+        self.assertEqual(await sent("@b hi"), "@b hi")
+        config.write_text('prefixes: {"@a": a.txt, "@b": b.txt}\n')
+        self.process.signalProcess("HUP")
+        await sleep(R, 0.5)
+        self.assertEqual(await sent("@b hi"), "B hi")
+        # A broken config is refused and the running one stays.
+        config.write_text("prefixes: [broken\n")
+        self.process.signalProcess("HUP")
+        await sleep(R, 0.5)
+        self.assertIn(b"config not reloaded", watch.output)
+        self.assertEqual(await sent("@b hi"), "B hi")

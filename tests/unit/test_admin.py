@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -12,6 +14,8 @@ from bioproxy import __version__
 from bioproxy.admin import adminRoot
 from bioproxy.metrics import Metrics
 from bioproxy.monitor import BackendMonitor
+from bioproxy.templates import Sources, TemplateLibrary
+from bioproxy.watcher import TemplateWatcher
 
 from ..helpers import asyncTest
 
@@ -71,9 +75,12 @@ class AdminTests(TestCase):
         self.clock.advance(1000)
         self.metrics = Metrics()
         self.monitor = BackendMonitor(ScriptedLlama([True]), self.clock, self.metrics, 2)  # type: ignore[arg-type]
+        self.watcher = TemplateWatcher(
+            TemplateLibrary(), {}, Sources.build(Path(".")), self.clock, 30, self.metrics, defer.maybeDeferred
+        )
 
     def client(self, token: str | None = None) -> StubTreq:
-        return StubTreq(adminRoot(self.metrics, self.monitor, self.clock, "http://b:1", token))
+        return StubTreq(adminRoot(self.metrics, self.monitor, self.watcher, self.clock, "http://b:1", token))
 
     @asyncTest
     async def test_health(self) -> None:

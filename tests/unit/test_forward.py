@@ -95,13 +95,13 @@ def body(transport: StringTransport) -> Any:
 class ForwardTests(TestCase):
     def test_forwardsAndCounts(self) -> None:
         h = Harness()
-        _, transport = h.send(b"POST /v1/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello")
+        _, transport = h.send(b"POST /tokenize HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello")
         self.assertEqual(status(transport), 200)
         self.assertEqual(body(transport), {"got": 5})
-        labels = {"path": "/v1/completions", "method": "POST", "status": "200", "prefix": ""}
+        labels = {"path": "/tokenize", "method": "POST", "status": "200", "prefix": ""}
         self.assertEqual(h.sample("bioproxy_requests_total", **labels), 1.0)
         self.assertEqual(h.sample("bioproxy_requests_in_flight"), 0.0)
-        self.assertEqual(h.sample("bioproxy_request_duration_seconds_count", path="/v1/completions"), 1.0)
+        self.assertEqual(h.sample("bioproxy_request_duration_seconds_count", path="/tokenize"), 1.0)
 
     def test_unknownPathsShareOneLabel(self) -> None:
         h = Harness()
@@ -131,7 +131,7 @@ class ForwardTests(TestCase):
     def test_bodyAtTheLimitPasses(self) -> None:
         h = Harness(maxBody=10)
         _, transport = h.send(
-            b"POST /completion HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\n" + b"x" * 10
+            b"POST /embeddings HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\n" + b"x" * 10
         )
         self.assertEqual(body(transport), {"got": 10})
 

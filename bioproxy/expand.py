@@ -1,0 +1,95 @@
+"""
+Template expansion inside request bodies: chat messages and completion
+prompts. Pure functions on parsed JSON; everything not expanded is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .templates import TemplateLibrary
+
+CHAT_PATHS = frozenset({b"/v1/chat/completions", b"/chat/completions"})
+PROMPT_PATHS = frozenset({b"/v1/completions", b"/completions", b"/completion"})
+
+
+class BadRequest(Exception):
+    """The body is not a request the backend could take; answered with 400."""
+
+
+def parseBody(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"The request body is not valid UTF-8 (byte {e.start}).") from None
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def expandChat(body: dict[str, Any], library: TemplateLibrary) -> str | None:
+    """
+    Expand every user message that starts with a prefix, in place.
+
+    Every turn is expanded, not just the last, so a conversation's history
+    matches what the model saw on the turn it was sent. Returns the prefix of
+    the last expanded message.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be a list.")
+    used = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object.")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            pass
+        elif isinstance(content, list):
+            if not all(isinstance(part, dict) for part in content):
+                raise BadRequest(f"messages[{i}].content parts must be objects.")
+        else:
+            raise BadRequest(f"messages[{i}].content must be a string, a list of parts or null.")
+        if message.get("role") != "user":
+            continue
+        if isinstance(content, str):
+            expanded = _expand(content, library)
+            if expanded:
+                message["content"], used = expanded
+        elif isinstance(content, list):
+            part = next((p for p in content if p.get("type") == "text"), None)
+            if part is not None:
+                if not isinstance(part.get("text"), str):
+                    raise BadRequest(f"messages[{i}].content text part must have a string 'text'.")
+                expanded = _expand(part["text"], library)
+                if expanded:
+                    part["text"], used = expanded
+    return used
+
+
+def expandPrompt(body: dict[str, Any], library: TemplateLibrary) -> str | None:
+    """Expand a string `prompt` that starts with a prefix, in place."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        expanded = _expand(prompt, library)
+        if expanded:
+            body["prompt"], used = expanded
+            return used
+    return None
+
+
+def _expand(text: str, library: TemplateLibrary) -> tuple[str, str] | None:
+    found = library.match(text)
+    if found is None:
+        return None
+    template, message = found
+    return template.render(message), template.prefix
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
