@@ -133,6 +133,7 @@ class _Exchange:
         self.clientGone = False
         self.pending: defer.Deferred[IResponse] | None = None
         self.pump: _BodyPump | None = None
+        self.timedOut = False
         if isinstance(body, bytes):
             self.body: IO[bytes] | None = BytesIO(body)
         elif body is None and _hasBody(request):
@@ -151,7 +152,6 @@ class _Exchange:
             self.request.method, forwarder.url(self.request), forwarder.headers(self.request), producer
         )
         self.pending = d
-        self.timedOut = False
         timer = forwarder.clock.callLater(forwarder.timeout, self._timeout)
         d.addBoth(_passThrough(lambda: _cancelTimer(timer)))
         d.addCallbacks(self._gotResponse, self._noResponse, errbackArgs=(retry,))

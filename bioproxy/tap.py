@@ -61,6 +61,7 @@ class Options(usage.Options):
     ]
 
     config: Config
+    flags: dict[str, Any]
 
     def postOptions(self) -> None:
         try:
