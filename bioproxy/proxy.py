@@ -17,6 +17,7 @@ from .forward import Forwarder
 from .templates import TemplateLibrary
 
 log = Logger()
+_TEMPLATED = CHAT_PATHS | PROMPT_PATHS
 
 
 class ProxyResource(Resource):
@@ -31,7 +32,7 @@ class ProxyResource(Resource):
 
     def render(self, request: Request) -> int:
         body = None
-        if request.method == b"POST" and request.path in CHAT_PATHS | PROMPT_PATHS:
+        if request.method == b"POST" and request.path in _TEMPLATED:
             try:
                 body = self._expand(request)
             except BadRequest as e:
