@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
@@ -15,9 +16,12 @@ from twisted.web.server import Request
 
 from . import __version__
 from .errors import errorBody
+from .kvcache import KVCache
 from .metrics import Metrics, MetricsResource
 from .monitor import BackendMonitor
+from .scheduler import SlotScheduler
 from .templates import describe
+from .warmup import Warmer
 from .watcher import TemplateWatcher
 
 
@@ -62,13 +66,19 @@ class HealthResource(Resource):
 
 
 class TemplatesResource(Resource):
+    """GET /templates; POST /templates/<prefix>/warmup queues a warmup."""
+
     isLeaf = True
 
-    def __init__(self, watcher: TemplateWatcher) -> None:
+    def __init__(self, watcher: TemplateWatcher, cache: KVCache | None, warmer: Warmer | None) -> None:
         super().__init__()
         self.watcher = watcher
+        self.cache = cache
+        self.warmer = warmer
 
     def render_GET(self, request: Request) -> bytes:
+        if request.postpath and request.postpath != [b""]:
+            return jsonError(request, 404, "No such admin resource.")
         out = []
         for prefix, status in sorted(self.watcher.status.items()):
             template = self.watcher.library.templates.get(prefix)
@@ -77,8 +87,62 @@ class TemplatesResource(Resource):
             )
             entry["last_change"] = status.lastChange
             entry["last_error"] = status.lastError
+            if template is not None and self.cache is not None:
+                entry.update(self.cache.state(template).view())
+                entry["cache_file"] = self.cache.filename(template)
             out.append(entry)
         return jsonBody(request, {"templates": out})
+
+    def render_POST(self, request: Request) -> bytes:
+        path = request.postpath or []
+        if len(path) != 2 or path[1] != b"warmup" or self.warmer is None:
+            return jsonError(request, 404, "POST /templates/<prefix>/warmup is the only action here.")
+        prefix = unquote(path[0].decode("utf-8", "replace"))
+        if not self.warmer.request(prefix, force=True):
+            return jsonError(request, 404, f"No template has the prefix {prefix!r}.")
+        return jsonBody(request, {"queued": prefix, "backend_ready": self.warmer.ready}, status=202)
+
+
+class SlotsResource(Resource):
+    """bioproxy's view of each backend slot, which is what placement decides on."""
+
+    isLeaf = True
+
+    def __init__(self, scheduler: SlotScheduler, clock: IReactorTime) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+        self.clock = clock
+
+    def render_GET(self, request: Request) -> bytes:
+        now = self.clock.seconds()
+        slots = []
+        for slot in self.scheduler.slots:
+            lease = slot.lease
+            slots.append(
+                {
+                    "id": slot.id,
+                    "state": slot.contents.kind,
+                    "template": slot.contents.key,
+                    "busy": lease is not None,
+                    "holder": lease.priority if lease is not None else None,
+                    "idle_seconds": None
+                    if lease is not None or not slot.lastUsed
+                    else round(now - slot.lastUsed, 3),
+                }
+            )
+        return jsonBody(
+            request,
+            {
+                "slots": slots,
+                "waiting": {priority: len(queue) for priority, queue in self.scheduler.queues.items()},
+            },
+        )
+
+
+def jsonError(request: Request, status: int, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return errorBody(status, message)
 
 
 class TokenGuard(Resource):
@@ -124,9 +188,14 @@ def adminRoot(
     clock: IReactorTime,
     backendURL: str,
     token: str | None = None,
+    scheduler: SlotScheduler | None = None,
+    cache: KVCache | None = None,
+    warmer: Warmer | None = None,
 ) -> Resource:
     root = Resource()
     root.putChild(b"health", HealthResource(monitor, clock, backendURL))
     root.putChild(b"metrics", MetricsResource(metrics.registry))
-    root.putChild(b"templates", TemplatesResource(watcher))
+    root.putChild(b"templates", TemplatesResource(watcher, cache, warmer))
+    if scheduler is not None:
+        root.putChild(b"slots", SlotsResource(scheduler, clock))
     return TokenGuard(root, token) if token else root

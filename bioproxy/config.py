@@ -45,6 +45,9 @@ class Config:
     admin_token: str | None = None
     template_roots: tuple[str, ...] = ()
     max_template_bytes: int = 4 * MiB
+    slots: int | None = None  # None: ask the backend's /props
+    max_queue: int = 256
+    max_queue_wait: float = 300.0
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -183,6 +186,21 @@ def _bytes(key: str, value: Any) -> int:
     return value
 
 
+def _optionalCount(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"config key {key!r}: expected a positive whole number, got {value!r}")
+    return value
+
+
+def _count(key: str, value: Any) -> int:
+    counted = _optionalCount(key, value)
+    if counted is None:
+        raise ConfigError(f"config key {key!r}: expected a positive whole number, got None")
+    return counted
+
+
 def _url(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"config key {key!r}: expected a URL string, got {value!r}")
@@ -247,6 +265,9 @@ _CHECKS = {
     "admin_token": _optionalString,
     "template_roots": _roots,
     "max_template_bytes": _bytes,
+    "slots": _optionalCount,
+    "max_queue": _count,
+    "max_queue_wait": _positive,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

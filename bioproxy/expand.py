@@ -5,10 +5,11 @@ prompts. Pure functions on parsed JSON; everything not expanded is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from .templates import TemplateLibrary
+from .templates import Template, TemplateLibrary
 
 CHAT_PATHS = frozenset({b"/v1/chat/completions", b"/chat/completions"})
 PROMPT_PATHS = frozenset({b"/v1/completions", b"/completions", b"/completion"})
@@ -72,6 +73,23 @@ def expandChat(body: dict[str, Any], library: TemplateLibrary) -> str | None:
     return used
 
 
+def leading(body: dict[str, Any], library: TemplateLibrary) -> Template | None:
+    """
+    The template the chat's first message starts with: only then does the
+    prompt begin the way a warmed slot does, so only then can it reuse one.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
+        return None
+    first = messages[0]
+    content = first.get("content")
+    # Warmups send string content; a list of parts may be rendered otherwise.
+    if first.get("role") != "user" or not isinstance(content, str):
+        return None
+    found = library.match(content)
+    return found[0] if found else None
+
+
 def expandPrompt(body: dict[str, Any], library: TemplateLibrary) -> str | None:
     """Expand a string `prompt` that starts with a prefix, in place."""
     prompt = body.get("prompt")
@@ -91,5 +109,32 @@ def _expand(text: str, library: TemplateLibrary) -> tuple[str, str] | None:
     return template.render(message), template.prefix
 
 
+def withSlot(raw: bytes, slot: int) -> bytes:
+    """
+    raw (a JSON object) with `"id_slot"` added as its first member: the
+    client's own bytes are kept as they came, only the pin is new.
+    """
+    start = raw.index(b"{") + 1
+    empty = raw[start:].lstrip().startswith(b"}")
+    return raw[:start] + b'"id_slot":%d' % slot + (b"" if empty else b",") + raw[start:]
+
+
 def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclasses.dataclass
+class Body:
+    """A request body as it came, parsed, and whether expansion changed it."""
+
+    raw: bytes
+    parsed: dict[str, Any]
+    expanded: bool = False
+
+    def pinned(self, slot: int) -> bytes:
+        """The body to forward on slot; a client's own id_slot is left as it is."""
+        if "id_slot" in self.parsed:
+            return encode(self.parsed) if self.expanded else self.raw
+        if self.expanded:
+            return encode({"id_slot": slot, **self.parsed})
+        return withSlot(self.raw, slot)

@@ -1,12 +1,13 @@
 """
 A small client for llama-server's own API, on the service's shared Agent.
 
-The proxy path never uses this: it is for bioproxy's own calls (health now;
-slots, save and restore with the scheduler).
+The proxy path never uses this: it is for bioproxy's own calls: health,
+props, the slot actions and warmup completions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -30,15 +31,15 @@ class LlamaClient:
         self.reactor = reactor
         self.timeout = timeout
 
-    async def _json(self, method: str, path: str, body: Any = None) -> Any:
-        kwargs: dict[str, Any] = {"reactor": self.reactor, "timeout": self.timeout}
+    async def _json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {"reactor": self.reactor, "timeout": timeout or self.timeout}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
             kwargs["headers"] = {b"content-type": [b"application/json"]}
         response = await self.http.request(method, self.base + path, **kwargs)
         content = await treq.content(response)
         if response.code >= 400:
-            raise BackendError(response.code, content.decode("utf-8", "replace")[:500])
+            raise BackendError(response.code, _message(content))
         return json.loads(content) if content else None
 
     async def health(self) -> Any:
@@ -46,3 +47,51 @@ class LlamaClient:
 
     async def props(self) -> Any:
         return await self._json("GET", "/props")
+
+    async def slots(self) -> Any:
+        return await self._json("GET", "/slots")
+
+    async def save(self, slot: int, filename: str) -> Any:
+        return await self._json("POST", f"/slots/{slot}?action=save", {"filename": filename})
+
+    async def restore(self, slot: int, filename: str) -> Any:
+        return await self._json("POST", f"/slots/{slot}?action=restore", {"filename": filename})
+
+    async def erase(self, slot: int) -> Any:
+        return await self._json("POST", f"/slots/{slot}?action=erase")
+
+    async def chat(self, body: dict[str, Any], timeout: float) -> Any:
+        """A non-streaming chat completion; cancelling closes the connection, which cancels the task."""
+        return await self._json("POST", "/v1/chat/completions", body, timeout)
+
+    async def applyTemplate(self, messages: list[dict[str, Any]]) -> str:
+        result = await self._json("POST", "/apply-template", {"messages": messages})
+        prompt: str = result["prompt"]
+        return prompt
+
+    async def countTokens(self, text: str) -> int:
+        result = await self._json("POST", "/tokenize", {"content": text, "add_special": True})
+        return len(result["tokens"])
+
+
+def fingerprint(props: dict[str, Any]) -> str:
+    """
+    Names what a saved slot is only valid for: the model file, the context
+    size and the build. A file saved under another fingerprint is never loaded.
+    """
+    settings = props.get("default_generation_settings") or {}
+    parts = [
+        str(props.get("model_path", "")),
+        str(settings.get("n_ctx", "")),
+        str(props.get("build_info", "")),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+def _message(content: bytes) -> str:
+    """The message of llama-server's JSON error, else the start of the body."""
+    text = content.decode("utf-8", "replace")
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return text[:500]

@@ -141,6 +141,74 @@ class Metrics:
             ["prefix"],
             registry=r,
         )
+        self.queueDepth = Gauge(
+            "bioproxy_queue_depth",
+            "Requests waiting for a slot, by priority (user, warmup).",
+            ["priority"],
+            registry=r,
+        )
+        self.queueWait = Histogram(
+            "bioproxy_queue_wait_seconds",
+            "Time from asking for a slot to getting one, by priority.",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.slotState = Gauge(
+            "bioproxy_slots",
+            "Backend slots by what bioproxy knows of them (busy, template, other, empty, unknown).",
+            ["state"],
+            registry=r,
+        )
+        # The next four keep the original's names.
+        self.warmups = Counter(
+            "bioproxy_warmup",
+            "Warmups finished, by prefix and how (restore, prefill, resident).",
+            ["prefix", "how"],
+            registry=r,
+        )
+        self.warmupCancellations = Counter(
+            "bioproxy_warmup_cancellations",
+            "Warmups cancelled because a user request needed their slot.",
+            ["prefix"],
+            registry=r,
+        )
+        self.kvSaves = Counter(
+            "bioproxy_kv_cache_saves",
+            "Slot saves to disk, by prefix.",
+            ["prefix"],
+            registry=r,
+        )
+        self.kvRestores = Counter(
+            "bioproxy_kv_cache_restores",
+            "Slot restores from disk, by prefix and status (ok, missing, empty, error).",
+            ["prefix", "status"],
+            registry=r,
+        )
+        self.promptTokens = Counter(
+            "bioproxy_prompt_tokens",
+            "Prompt tokens the backend reused from cache or computed, from its timings.",
+            ["prefix", "kind"],
+            registry=r,
+        )
+        self.warmupDuration = Histogram(
+            "bioproxy_warmup_duration_seconds",
+            "Time a warmup held its slot, by how it warmed.",
+            ["how"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cacheMisses = Counter(
+            "bioproxy_cache_misses",
+            "Templated requests whose cache_n fell short of the template's warm size.",
+            ["prefix"],
+            registry=r,
+        )
+        self.backendRestarts = Counter(
+            "bioproxy_backend_restarts",
+            "Times the backend came back after being unreachable, or changed model or build.",
+            registry=r,
+        )
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)

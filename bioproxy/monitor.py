@@ -1,11 +1,16 @@
 """
-Backend health polling: what /health reports, and (with the scheduler) the
-signal that llama-server restarted and lost every slot.
+Backend health polling: what /health reports, and the signal that
+llama-server was found, or restarted and lost every slot.
+
+A restart is seen as unreachable-then-reachable, or as /props naming another
+model, context size or build. The proxy also reports connection failures it
+meets, so a restart quicker than one poll is still caught when a request
+notices it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -13,10 +18,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .llamacpp import LlamaClient
+from .llamacpp import BackendError, LlamaClient, fingerprint
 from .metrics import Metrics
 
 log = Logger()
+
+
+class BackendListener(Protocol):
+    def backendReady(self, props: dict[str, Any], restarted: bool) -> None: ...
+
+    def backendLost(self) -> None: ...
 
 
 class BackendMonitor(Service):
@@ -30,6 +41,8 @@ class BackendMonitor(Service):
         self.reachable: bool | None = None  # None: not checked yet
         self.lastChecked: float | None = None
         self.lastError: str | None = None
+        self.props: dict[str, Any] | None = None
+        self.listeners: list[BackendListener] = []
         self._current: defer.Deferred[None] | None = None
         self._loop = LoopingCall(self.check)
         self._loop.clock = clock
@@ -62,8 +75,39 @@ class BackendMonitor(Service):
             return
         except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
             self._record(False, f"{type(e).__name__}: {e}")
-        else:
+            return
+        if self.reachable:
             self._record(True, None)
+            return
+        try:
+            props = await self.client.props()
+        except defer.CancelledError:
+            return
+        except BackendError as e:
+            # Not llama-server, or an old one: run without its facts.
+            log.warn("backend has no usable /props: {why}", why=str(e))
+            props = {}
+        except Exception as e:  # noqa: BLE001 - it went away again
+            self._record(False, f"{type(e).__name__}: {e}")
+            return
+        self._found(props if isinstance(props, dict) else {})
+
+    def _found(self, props: dict[str, Any]) -> None:
+        restarted = self.props is not None and (
+            self.reachable is False or fingerprint(props) != fingerprint(self.props)
+        )
+        if restarted:
+            self.metrics.backendRestarts.inc()
+            log.info("backend restarted; its slots are unknown now")
+        self.props = props
+        self._record(True, None)
+        for listener in self.listeners:
+            listener.backendReady(props, restarted)
+
+    def noteUnreachable(self, problem: str) -> None:
+        """A request could not connect: treat it like a failed poll."""
+        if self.reachable:
+            self._record(False, problem)
 
     def _record(self, reachable: bool, problem: str | None) -> None:
         if reachable != self.reachable:
@@ -71,6 +115,9 @@ class BackendMonitor(Service):
                 log.info("backend is reachable")
             else:
                 log.warn("backend is unreachable: {problem}", problem=problem)
+        if self.reachable and not reachable:
+            for listener in self.listeners:
+                listener.backendLost()
         self.reachable = reachable
         self.lastError = problem
         self.lastChecked = self.clock.seconds()

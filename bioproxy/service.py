@@ -20,13 +20,17 @@ from twisted.web.server import Site
 from . import __version__
 from .admin import adminRoot
 from .config import Config
+from .dispatch import Dispatcher
 from .forward import Forwarder
+from .kvcache import KVCache
 from .llamacpp import LlamaClient
 from .metrics import Metrics
 from .monitor import BackendMonitor
 from .proxy import ProxyResource
+from .scheduler import SlotScheduler
 from .site import ProxySite
 from .templates import Sources, TemplateLibrary
+from .warmup import Warmer
 from .watcher import TemplateWatcher
 
 log = Logger()
@@ -135,15 +139,39 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     agent = Agent(reactor, pool=pool, connectTimeout=10)
 
     forwarder = Forwarder(agent, config.backend_url, reactor, metrics, config.backend_timeout)
-    proxySite = ProxySite(ProxyResource(forwarder, library), metrics, reactor, config.max_body_bytes)
-
     llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor)
     monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
     monitor.setName("monitor")
-    adminSite = Site(adminRoot(metrics, monitor, watcher, reactor, config.backend_url, config.admin_token))
+
+    # Until the backend's /props is read, one slot is the only safe guess.
+    scheduler = SlotScheduler(reactor, config.slots or 1, metrics, config.max_queue, config.max_queue_wait)
+    cache = KVCache(llama, metrics)
+    warmer = Warmer(library, scheduler, cache, llama, reactor, metrics, config.backend_timeout, config.slots)
+    warmer.setName("warmup")
+    watcher.listeners.append(warmer.templateChanged)
+    monitor.listeners.append(warmer)
+
+    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor)
+    proxySite = ProxySite(
+        ProxyResource(forwarder, library, dispatcher), metrics, reactor, config.max_body_bytes
+    )
+    adminSite = Site(
+        adminRoot(
+            metrics,
+            monitor,
+            watcher,
+            reactor,
+            config.backend_url,
+            config.admin_token,
+            scheduler,
+            cache,
+            warmer,
+        )
+    )
 
     for child in (
         _CallOnStop("pool", pool.closeCachedConnections),
+        warmer,
         monitor,
         watcher,
         _Drain(proxySite, config.shutdown_grace),

@@ -72,6 +72,11 @@ class Template:
     def render(self, message: str) -> str:
         return render(self.text, message, self.includes)
 
+    @property
+    def key(self) -> str:
+        """Names this version of the template: what a slot holds, and its cache file."""
+        return f"{self.prefix}@{self.hash[:12]}"
+
     def changedOnDisk(self) -> bool:
         """True when any file the template was built from looks different."""
         for path, signature in self.signatures.items():

@@ -56,6 +56,10 @@ class Recorder(Resource):
         self.produced = 0
 
     def render(self, request: Request) -> bytes | int:
+        if request.method == b"GET" and request.path in (b"/health", b"/props"):
+            # bioproxy's own polling: answered as a server without /props, not recorded.
+            request.setResponseCode(200 if request.path == b"/health" else 404)
+            return b"{}"
         body = request.content.read()
         record = {
             "method": request.method.decode(),
@@ -153,3 +157,12 @@ def boundPort(service: Any, name: str) -> int:
     listener = service.getServiceNamed(name)
     port: IListeningPort = listener._waitingForPort.result
     return int(port.getHost().port)
+
+
+async def until(reactor: Any, predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> None:
+    """Wait, on the real reactor, for predicate to hold; fail the test if it never does."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await sleep(reactor, 0.02)

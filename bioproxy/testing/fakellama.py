@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -59,6 +61,7 @@ class Faults:
     down: bool = False  # drop every connection without answering
     slowHeaders: float = 0.0  # seconds before any response
     dieAfterTokens: int | None = None  # abort the stream after this many tokens
+    lossyRestore: bool = False  # restores report success but leave the slot empty
 
 
 @dataclasses.dataclass
@@ -81,6 +84,7 @@ class FakeLlama:
         msPerGeneratedToken: float = 0.0,
         nCtx: int = 8192,
         model: str = MODEL,
+        saveDir: Path | None = None,
     ) -> None:
         self.clock = clock
         self.slots = [Slot(i) for i in range(slots)]
@@ -88,14 +92,22 @@ class FakeLlama:
         self.msPerGeneratedToken = msPerGeneratedToken
         self.nCtx = nCtx
         self.model = model
+        self.saveDir = saveDir
+        self.build = "fake-0"
         self.faults = Faults()
         self.log: list[dict[str, Any]] = []  # one record per completion, for tests
+        self.actions: list[tuple[str, int, str]] = []  # (action, slot, filename), for tests
+
+    def restart(self) -> None:
+        """What a real restart does to the cache: every slot empty; saved files stay."""
+        for slot in self.slots:
+            slot.tokens = b""
 
     def props(self) -> dict[str, Any]:
         return {
             "total_slots": len(self.slots),
             "model_path": f"/models/{self.model}.gguf",
-            "build_info": "fake-0",
+            "build_info": self.build,
             "default_generation_settings": {"n_ctx": self.nCtx},
             "chat_template": "chatml",
         }
@@ -122,6 +134,57 @@ class FakeLlama:
         slot.lastUsed = self.clock.seconds()
         if slot.waiting:
             slot.waiting.pop(0).callback(None)
+
+
+_FILENAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SlotAction:
+    """save, restore and erase, answered the way llama-server answers them."""
+
+    def __init__(self, server: FakeLlama) -> None:
+        self.server = server
+
+    async def run(self, slot: Slot, action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        server = self.server
+        if action == "erase":
+            await server.acquire(slot)
+            n, slot.tokens = len(slot.tokens), b""
+            server.release(slot)
+            server.actions.append(("erase", slot.id, ""))
+            return 200, {"id_slot": slot.id, "n_erased": n}
+        if server.saveDir is None:
+            return 501, {
+                "message": "This server does not support slots action. Start it with `--slot-save-path`"
+            }
+        filename = body.get("filename")
+        if not isinstance(filename, str) or not _FILENAME.match(filename) or ".." in filename:
+            return 400, {"message": "Invalid filename"}
+        path = server.saveDir / filename
+        server.actions.append((action, slot.id, filename))
+        await server.acquire(slot)
+        try:
+            if action == "save":
+                path.write_bytes(server.model.encode() + b"\n" + slot.tokens)
+                n = len(slot.tokens)
+                return 200, {"id_slot": slot.id, "filename": filename, "n_saved": n, "n_written": n + 64}
+            try:
+                model, _, tokens = path.read_bytes().partition(b"\n")
+            except OSError:
+                tokens, model = b"", b""
+            if model != server.model.encode() or not tokens:
+                return 400, {
+                    "message": "Unable to restore slot, no available space in KV cache or invalid slot save file"
+                }
+            slot.tokens = b"" if server.faults.lossyRestore else tokens
+            return 200, {
+                "id_slot": slot.id,
+                "filename": filename,
+                "n_restored": len(tokens),
+                "n_read": len(tokens),
+            }
+        finally:
+            server.release(slot)
 
 
 class _Generation:
@@ -205,7 +268,16 @@ class _Generation:
             "predicted_n": len(self.sent),
             "predicted_ms": (server.clock.seconds() - promptDone) * 1000,
         }
-        server.log.append({"slot": slot.id, "cache_n": cacheN, "prompt_n": promptN, "prompt": self.prompt})
+        server.log.append(
+            {
+                "slot": slot.id,
+                "cache_n": cacheN,
+                "prompt_n": promptN,
+                "prompt": self.prompt,
+                "started": started,
+                "finished": server.clock.seconds(),
+            }
+        )
         if self.stream:
             final = self._chunk("", "length")
             final["timings"] = timings
@@ -288,6 +360,8 @@ class FakeLlamaResource(Resource):
             (b"GET", b"/v1/models"): self._models,
             (b"GET", b"/models"): self._models,
             (b"GET", b"/slots"): self._slots,
+            (b"POST", b"/apply-template"): self._applyTemplate,
+            (b"POST", b"/tokenize"): self._tokenize,
             (b"POST", b"/v1/chat/completions"): self._chat,
             (b"POST", b"/chat/completions"): self._chat,
             (b"POST", b"/completion"): self._completion,
@@ -301,6 +375,8 @@ class FakeLlamaResource(Resource):
             _abort(request)
             return NOT_DONE_YET
         route = self.routes.get((request.method, request.path))
+        if route is None and request.method == b"POST" and request.path.startswith(b"/slots/"):
+            route = self._slotAction
         if route is None:
             return _error(request, 404, "File Not Found")
         if faults.slowHeaders > 0:
@@ -331,6 +407,41 @@ class FakeLlamaResource(Resource):
             request,
             [{"id": s.id, "is_processing": s.busy, "n_ctx": self.llama.nCtx} for s in self.llama.slots],
         )
+
+    def _slotAction(self, request: Request) -> bytes | int:
+        action = (request.args.get(b"action") or [b""])[0].decode()
+        try:
+            slot = self.llama.slots[int(request.path.rsplit(b"/", 1)[1])]
+        except (ValueError, IndexError):
+            return _error(request, 400, "Invalid slot ID")
+        if action not in ("save", "restore", "erase"):
+            return _error(request, 400, "Invalid action")
+
+        def answer(result: tuple[int, dict[str, Any]]) -> None:
+            status, value = result
+            if request.channel is None:
+                return
+            if status == 200:
+                request.write(self._json(request, value))
+            else:
+                request.write(_error(request, status, value["message"]))
+            request.finish()
+
+        d = defer.ensureDeferred(SlotAction(self.llama).run(slot, action, self._body(request) or {}))
+        d.addCallback(answer)
+        return NOT_DONE_YET
+
+    def _applyTemplate(self, request: Request) -> bytes:
+        body = self._body(request)
+        if body is None or not isinstance(body.get("messages"), list):
+            return _error(request, 400, "invalid request")
+        return self._json(request, {"prompt": chatPrompt(body["messages"])})
+
+    def _tokenize(self, request: Request) -> bytes:
+        body = self._body(request)
+        if body is None or not isinstance(body.get("content"), str):
+            return _error(request, 400, "invalid request")
+        return self._json(request, {"tokens": list(tokenize(body["content"]))})
 
     def _body(self, request: Request) -> dict[str, Any] | None:
         try:
@@ -372,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--ms-per-prompt-token", type=float, default=0.2)
     parser.add_argument("--ms-per-generated-token", type=float, default=20.0)
+    parser.add_argument("--slot-save-path", type=Path, default=None)
     args = parser.parse_args(argv)
 
     import sys
@@ -385,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         slots=args.slots,
         msPerPromptToken=args.ms_per_prompt_token,
         msPerGeneratedToken=args.ms_per_generated_token,
+        saveDir=args.slot_save_path,
     )
     running: Any = reactor
     running.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)

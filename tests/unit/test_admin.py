@@ -34,6 +34,9 @@ class ScriptedLlama:
             raise ConnectionRefusedError("connection refused")
         return {"status": "ok"}
 
+    async def props(self) -> Any:
+        return {"total_slots": 2, "model_path": "/m.gguf"}
+
 
 class MonitorTests(TestCase):
     def test_pollsAndRecords(self) -> None:

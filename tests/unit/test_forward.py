@@ -130,9 +130,7 @@ class ForwardTests(TestCase):
 
     def test_bodyAtTheLimitPasses(self) -> None:
         h = Harness(maxBody=10)
-        _, transport = h.send(
-            b"POST /embeddings HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\n" + b"x" * 10
-        )
+        _, transport = h.send(b"POST /upload HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\n" + b"x" * 10)
         self.assertEqual(body(transport), {"got": 10})
 
     def test_timeoutIs504AndClosesBackend(self) -> None:

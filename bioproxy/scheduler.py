@@ -1,0 +1,276 @@
+"""
+Who runs on which llama-server slot, and in what order.
+
+Bookkeeping only, with no I/O, so that its rules can be checked on a Clock:
+at most one lease per slot; users before warmups, FIFO among users; a warmup
+gives way the moment a user would otherwise wait; a slot that already holds
+a request's template is preferred, and otherwise the slot cheapest to lose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterator
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from .metrics import Metrics
+
+USER = "user"
+WARMUP = "warmup"
+
+
+@dataclasses.dataclass(frozen=True)
+class Contents:
+    """What bioproxy believes a slot's KV cache starts with."""
+
+    kind: str  # "unknown" | "empty" | "template" | "other"
+    key: str | None = None  # the template version, for kind "template"
+
+
+UNKNOWN = Contents("unknown")
+EMPTY = Contents("empty")
+OTHER = Contents("other")
+KEEP = Contents("keep")  # release without changing what the slot holds
+
+
+def holding(key: str) -> Contents:
+    return Contents("template", key)
+
+
+class Overloaded(Exception):
+    """The queue cannot take or keep this request; answered with 503."""
+
+    retryAfter = 5
+
+
+class QueueFull(Overloaded):
+    pass
+
+
+class QueueTimeout(Overloaded):
+    pass
+
+
+class BadSlot(ValueError):
+    """A client pinned a slot the backend does not have."""
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    id: int
+    contents: Contents = UNKNOWN
+    lease: Lease | None = None
+    lastUsed: float = 0.0
+
+
+class Lease:
+    """The right to send one request to one slot, until released."""
+
+    slot: Slot | None = None
+    warm = False  # the slot already held `key` when granted
+    released = False
+    _timer: IDelayedCall | None = None
+
+    def __init__(
+        self, scheduler: SlotScheduler, priority: str, key: str | None, pin: int | None, seq: int
+    ) -> None:
+        self.scheduler = scheduler
+        self.priority = priority
+        self.key = key
+        self.pin = pin
+        self.seq = seq
+        self.requestedAt = scheduler.clock.seconds()
+        self.granted: defer.Deferred[Lease] = defer.Deferred(lambda d: scheduler._withdraw(self))
+        # Fires when a user needs this warmup's slot; the holder must stop and release.
+        self.preempted: defer.Deferred[None] = defer.Deferred()
+
+    def accepts(self, slot: Slot) -> bool:
+        return self.pin is None or self.pin == slot.id
+
+    def release(self, contents: Contents = KEEP) -> None:
+        self.scheduler._release(self, contents)
+
+    def __repr__(self) -> str:
+        where = self.slot.id if self.slot else None
+        return f"<Lease {self.priority} #{self.seq} key={self.key} slot={where}>"
+
+
+class SlotScheduler:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        slots: int,
+        metrics: Metrics,
+        maxQueue: int = 256,
+        maxWait: float = 300.0,
+    ) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.maxQueue = maxQueue
+        self.maxWait = maxWait
+        self.slots = [Slot(i) for i in range(slots)]
+        self.queues: dict[str, deque[Lease]] = {USER: deque(), WARMUP: deque()}
+        self._seq = 0
+        self._dispatching = False
+        self._again = False
+        self._report()
+
+    def lease(
+        self, key: str | None = None, priority: str = USER, pin: int | None = None
+    ) -> defer.Deferred[Lease]:
+        """
+        A Deferred that fires with a Lease once a slot is free for this request.
+        Cancelling it (the client left) takes the request out of the queue.
+        """
+        if pin is not None and not 0 <= pin < len(self.slots):
+            return defer.fail(
+                BadSlot(f"id_slot {pin} is out of range; the backend has {len(self.slots)} slots")
+            )
+        if priority == USER and len(self.queues[USER]) >= self.maxQueue:
+            return defer.fail(QueueFull(f"{len(self.queues[USER])} requests are already waiting for a slot"))
+        self._seq += 1
+        lease = Lease(self, priority, key, pin, self._seq)
+        self.queues[priority].append(lease)
+        if priority == USER:
+            lease._timer = self.clock.callLater(self.maxWait, self._expire, lease)
+        self._dispatch()
+        return lease.granted
+
+    def reset(self, count: int) -> None:
+        """The backend restarted (or was found): nothing it holds is known any more."""
+        old = {slot.id: slot for slot in self.slots}
+        self.slots = [Slot(i) for i in range(count)]
+        for slot in self.slots:
+            previous = old.get(slot.id)
+            if previous is not None and previous.lease is not None:
+                # Still in flight; its release must land on the new slot.
+                slot.lease = previous.lease
+                previous.lease.slot = slot
+        self._dispatch()
+
+    def forget(self, slotId: int) -> None:
+        """A slot's contents turned out not to be what we thought."""
+        if slotId < len(self.slots):
+            self.slots[slotId].contents = UNKNOWN
+            self._report()
+
+    def holders(self, key: str) -> list[Slot]:
+        return [s for s in self.slots if s.contents.key == key]
+
+    def waiting(self, priority: str) -> int:
+        return len(self.queues[priority])
+
+    # -- internals
+
+    def _release(self, lease: Lease, contents: Contents) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        slot = lease.slot
+        if slot is not None and slot.lease is lease:
+            slot.lease = None
+            slot.lastUsed = self.clock.seconds()
+            if contents is not KEEP:
+                slot.contents = contents
+        self._dispatch()
+
+    def _withdraw(self, lease: Lease) -> None:
+        self._unqueue(lease)
+        self._dispatch()
+
+    def _expire(self, lease: Lease) -> None:
+        lease._timer = None
+        self._unqueue(lease)
+        lease.granted.errback(QueueTimeout(f"no slot became free within {self.maxWait:g} s"))
+        self._dispatch()
+
+    def _unqueue(self, lease: Lease) -> None:
+        queue = self.queues[lease.priority]
+        if lease in queue:
+            queue.remove(lease)
+        if lease._timer is not None and lease._timer.active():
+            lease._timer.cancel()
+        lease._timer = None
+
+    def _dispatch(self) -> None:
+        # Granting runs the holder's code, which may release or ask again:
+        # loop here instead of recursing.
+        if self._dispatching:
+            self._again = True
+            return
+        self._dispatching = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                for lease in self._assign():
+                    self.metrics.queueWait.labels(priority=lease.priority).observe(
+                        self.clock.seconds() - lease.requestedAt
+                    )
+                    lease.granted.callback(lease)
+                self._preempt()
+                self._report()
+        finally:
+            self._dispatching = False
+
+    def _assign(self) -> list[Lease]:
+        """Give free slots to users in order, then to warmups; returns the new leases."""
+        granted = []
+        for priority in (USER, WARMUP):
+            for lease in list(self.queues[priority]):
+                slot = self._place(lease)
+                if slot is None:
+                    continue
+                self._unqueue(lease)
+                slot.lease = lease
+                lease.slot = slot
+                lease.warm = lease.key is not None and slot.contents.key == lease.key
+                granted.append(lease)
+        return granted
+
+    def _place(self, lease: Lease) -> Slot | None:
+        free = [s for s in self.slots if s.lease is None and lease.accepts(s)]
+        if not free:
+            return None
+        if lease.key is not None:
+            for slot in free:
+                if slot.contents.key == lease.key:
+                    return slot
+        return min(free, key=_costToLose)
+
+    def _preempt(self) -> None:
+        """Every waiting user gets a warmup slot to wait for, preempting one if needed."""
+        yielding = [s for s in self._warmupSlots() if s.lease is not None and s.lease.preempted.called]
+        running = [s for s in self._warmupSlots() if s.lease is not None and not s.lease.preempted.called]
+        for user in self.queues[USER]:
+            claimed = next((s for s in yielding if user.accepts(s)), None)
+            if claimed is not None:
+                yielding.remove(claimed)
+                continue
+            victim = next((s for s in running if user.accepts(s)), None)
+            if victim is None:
+                continue
+            running.remove(victim)
+            assert victim.lease is not None
+            victim.lease.preempted.callback(None)
+
+    def _warmupSlots(self) -> Iterator[Slot]:
+        return (s for s in self.slots if s.lease is not None and s.lease.priority == WARMUP)
+
+    def _report(self) -> None:
+        metrics = self.metrics
+        for priority, queue in self.queues.items():
+            metrics.queueDepth.labels(priority=priority).set(len(queue))
+        counts = dict.fromkeys(("unknown", "empty", "template", "other", "busy"), 0)
+        for slot in self.slots:
+            counts["busy" if slot.lease else slot.contents.kind] += 1
+        for state, n in counts.items():
+            metrics.slotState.labels(state=state).set(n)
+
+
+def _costToLose(slot: Slot) -> tuple[int, float]:
+    """Empty or unknown slots cost nothing to reuse; otherwise the least recently used."""
+    return (0 if slot.contents.kind in ("empty", "unknown") else 1, slot.lastUsed)

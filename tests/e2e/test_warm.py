@@ -1,0 +1,217 @@
+"""
+The scheduler issue's acceptance workloads, end to end through real sockets
+against fakellama, asserted on its deterministic token counts (one token per
+byte). "The bound": computed prompt tokens are at most 1.1 times the message
+plus what follows it in the prompt, which is all a fully warm slot computes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from bioproxy.config import load
+from bioproxy.service import makeService
+from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
+
+from ..helpers import asyncTest, boundPort, client, listen, until
+
+R: Any = reactor
+
+
+def templateText(i: int, version: str = "v1") -> str:
+    # Long enough that a cold request is far outside the bound.
+    body = "".join(
+        f"Rule {n} of template {i} ({version}): answer precisely and cite lines.\n" for n in range(12)
+    )
+    return f"You are reviewer {i}.\n{body}Here is the input:\n<{{message}}>"
+
+
+class Stack:
+    """fakellama and bioproxy, wired as a user runs them."""
+
+    def __init__(self, test: TestCase, templates: int, slots: int = 4, msPerPromptToken: float = 0.0) -> None:
+        self.test = test
+        self.dir = Path(test.mktemp()).absolute()
+        (self.dir / "slots").mkdir(parents=True)
+        self.llama = FakeLlama(R, slots=slots, msPerPromptToken=msPerPromptToken, saveDir=self.dir / "slots")
+        self.prefixes = {f"@t{i}": f"t{i}.txt" for i in range(templates)}
+        for i in range(templates):
+            (self.dir / f"t{i}.txt").write_text(templateText(i))
+        (self.dir / "config.yaml").write_text(
+            json.dumps(
+                {
+                    "prefixes": self.prefixes,
+                    "listen": "tcp:0:interface=127.0.0.1",
+                    "admin_listen": "tcp:0:interface=127.0.0.1",
+                    "health_check_interval": 0.1,
+                    "warmup_check_interval": 0.1,
+                }
+            )
+        )
+        backend = listen(R, FakeLlamaResource(self.llama), test)
+        self.service = makeService(load(str(self.dir / "config.yaml"), {"backend_url": backend}), R)
+        self.service.startService()
+        test.addCleanup(self.service.stopService)
+        self.proxy = f"http://127.0.0.1:{boundPort(self.service, 'proxy')}"
+        self.admin = f"http://127.0.0.1:{boundPort(self.service, 'admin')}"
+        self.http = client(test)
+
+    def metric(self, name: str, **labels: str) -> float:
+        registry = self.service.getServiceNamed("warmup").metrics.registry
+        return registry.get_sample_value(name, labels) or 0.0
+
+    async def templates(self) -> dict[str, Any]:
+        response = await self.http.get(self.admin + "/templates")
+        return {t["prefix"]: t for t in (await response.json())["templates"]}
+
+    async def allWarm(self, count: float | None = None) -> None:
+        """Wait until every template has warmed `count` times in all (default: once each)."""
+        want = count if count is not None else len(self.prefixes)
+
+        def done() -> bool:
+            warmer = self.service.getServiceNamed("warmup")
+            total = sum(
+                self.metric("bioproxy_warmup_total", prefix=p, how=h) for p in self.prefixes for h in HOWS
+            )
+            return total >= want and not warmer.jobs and not warmer.wanted
+
+        await until(R, done, what=f"{want} warmups")
+
+    async def ask(self, prefix: str, message: str, stream: bool = False) -> dict[str, Any]:
+        """One chat request; returns fakellama's record of the prompt it computed."""
+        response = await self.http.post(
+            self.proxy + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": f"{prefix} {message}"}], "stream": stream},
+        )
+        self.test.assertEqual(response.code, 200, await treq.content(response))
+        await treq.content(response)
+        [record] = [r for r in self.llama.log if message.encode() in r["prompt"]][-1:]
+        return record
+
+    def assertBound(self, record: dict[str, Any], message: str) -> None:
+        prompt: bytes = record["prompt"]
+        after = len(prompt) - prompt.index(message.encode())  # the message and what follows it
+        self.test.assertLessEqual(record["prompt_n"], 1.1 * after, record)
+
+
+HOWS = ("prefill", "restore", "resident")
+
+
+class WorkloadTests(TestCase):
+    @asyncTest
+    async def test_a_cold(self) -> None:
+        stack = Stack(self, templates=3)
+        await stack.allWarm()
+        for prefix in stack.prefixes:
+            stack.assertBound(
+                await stack.ask(prefix, f"first question for {prefix}"), f"first question for {prefix}"
+            )
+        self.assertEqual(sorted(p.name for p in (stack.dir / "slots").iterdir()).__len__(), 3)
+        self.assertEqual(stack.metric("bioproxy_cache_misses_total", prefix="@t0"), 0)
+
+    @asyncTest
+    async def test_b_switch(self) -> None:
+        stack = Stack(self, templates=6)
+        await stack.allWarm()
+        for round in range(5):
+            for prefix in stack.prefixes:
+                message = f"round {round} for {prefix}"
+                stack.assertBound(await stack.ask(prefix, message, stream=round % 2 == 1), message)
+        saves = sum(stack.metric("bioproxy_kv_cache_saves_total", prefix=p) for p in stack.prefixes)
+        self.assertEqual(saves, 6, "each template is saved once, never on a switch")
+        templates = await stack.templates()
+        self.assertEqual({t["hit_ratio"] for t in templates.values()}, {1.0})
+
+    @asyncTest
+    async def test_c_restart(self) -> None:
+        stack = Stack(self, templates=3)
+        await stack.allWarm()
+        before = len(stack.llama.actions)
+        stack.llama.faults.down = True
+        stack.llama.restart()
+        await until(R, lambda: stack.metric("bioproxy_backend_up") == 0, what="the outage to be seen")
+        stack.llama.faults.down = False
+        await until(R, lambda: stack.metric("bioproxy_backend_restarts_total") == 1, what="the restart")
+        await stack.allWarm(6)
+        for prefix in stack.prefixes:
+            self.assertEqual(stack.metric("bioproxy_warmup_total", prefix=prefix, how="restore"), 1)
+            message = f"after the restart, {prefix}"
+            stack.assertBound(await stack.ask(prefix, message), message)
+        self.assertEqual([a[0] for a in stack.llama.actions[before:]], ["restore"] * 3)
+        saves = sum(stack.metric("bioproxy_kv_cache_saves_total", prefix=p) for p in stack.prefixes)
+        self.assertEqual(saves, 3, "a restart costs no new saves")
+
+    @asyncTest
+    async def test_d_edit(self) -> None:
+        stack = Stack(self, templates=2)
+        await stack.allWarm()
+        before = (await stack.templates())["@t1"]["hash"]
+        (stack.dir / "t1.txt").write_text(templateText(1, "v2"))
+        await until(
+            R, lambda: stack.metric("bioproxy_warmup_total", prefix="@t1", how="prefill") == 2, what="re-warm"
+        )
+        after = await stack.templates()
+        self.assertNotEqual(after["@t1"]["hash"], before)
+        self.assertTrue(after["@t1"]["warm"])
+        record = await stack.ask("@t1", "question after the edit")
+        self.assertIn(b"(v2)", record["prompt"])
+        stack.assertBound(record, "question after the edit")
+
+    @asyncTest
+    async def test_e_priority(self) -> None:
+        # 2 ms a prompt token: each warmup takes about 2 s of fake compute.
+        stack = Stack(self, templates=6, msPerPromptToken=2.0)
+        await until(R, lambda: sum(s.busy for s in stack.llama.slots) == 4, what="warmups to fill the slots")
+        user = await stack.ask("@t5", "a user who must not wait")
+        warmups = [r for r in stack.llama.log if r is not user]
+        self.assertTrue(warmups, "some warmups finished while the user's cold prefill ran")
+        self.assertLess(user["started"], min(r["finished"] for r in warmups), "the user waited for a warmup")
+        cancelled = sum(stack.metric("bioproxy_warmup_cancellations_total", prefix=p) for p in stack.prefixes)
+        self.assertEqual(cancelled, 1)
+        await stack.allWarm()
+        self.assertEqual(len({p.name for p in (stack.dir / "slots").iterdir()}), 6)
+
+
+class VerificationTests(TestCase):
+    @asyncTest
+    async def test_lossyRestoresSwitchToPrefill(self) -> None:
+        stack = Stack(self, templates=1)
+        await stack.allWarm()
+        stack.llama.faults.lossyRestore = True
+        for n in range(1, 4):
+            stack.llama.faults.down = True
+            stack.llama.restart()
+            await until(R, lambda: stack.metric("bioproxy_backend_up") == 0)
+            stack.llama.faults.down = False
+            await until(R, lambda n=n: stack.metric("bioproxy_backend_restarts_total") == n)
+            await stack.allWarm(1 + n)
+        self.assertEqual(stack.metric("bioproxy_cache_misses_total", prefix="@t0"), 2)
+        state = (await stack.templates())["@t0"]
+        self.assertEqual(state["warmup_mode"], "prefill")
+        # At start-up a file may exist already, so a restore is tried. Then
+        # two lossy restores, and the third warmup prefilled without trying one.
+        self.assertEqual([a[0] for a in stack.llama.actions], ["restore", "save", "restore", "restore"])
+        message = "still answered well"
+        stack.assertBound(await stack.ask("@t0", message), message)
+
+    @asyncTest
+    async def test_missingFileMeansPrefillAndSaveAgain(self) -> None:
+        stack = Stack(self, templates=1)
+        await stack.allWarm()
+        for file in (stack.dir / "slots").iterdir():
+            file.unlink()
+        stack.llama.faults.down = True
+        stack.llama.restart()
+        await until(R, lambda: stack.metric("bioproxy_backend_up") == 0)
+        stack.llama.faults.down = False
+        await stack.allWarm(2)
+        self.assertEqual([a[0] for a in stack.llama.actions], ["restore", "save", "restore", "save"])
+        self.assertEqual(stack.metric("bioproxy_kv_cache_restores_total", prefix="@t0", status="missing"), 2)
+        message = "cold but fine"
+        stack.assertBound(await stack.ask("@t0", message), message)

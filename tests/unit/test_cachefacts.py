@@ -1,0 +1,90 @@
+"""Pure pieces of the cache policy: file names, timings in streams, slot pins."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from bioproxy.expand import Body, withSlot
+from bioproxy.kvcache import sanitise
+from bioproxy.timings import TimingsReader
+
+jsonValues = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+
+
+class SanitiseTests(SynchronousTestCase):
+    @given(st.text())
+    def test_safeAndNonEmpty(self, prefix: str) -> None:
+        name = sanitise(prefix)
+        self.assertRegex(name, r"^[A-Za-z0-9_-]{1,64}$")
+
+    def test_readable(self) -> None:
+        self.assertEqual(sanitise("@code"), "_code")
+        self.assertEqual(sanitise("../../etc"), "______etc")
+
+
+class TimingsTests(SynchronousTestCase):
+    timings = {"cache_n": 812, "prompt_n": 9, "prompt_ms": 3.5}
+
+    @given(st.lists(st.integers(min_value=0), max_size=12), st.booleans())
+    def test_streamAnyChunking(self, cuts: list[int], crlf: bool) -> None:
+        events = [{"choices": [{"delta": {"content": "x"}}]}] * 3 + [{"choices": [], "timings": self.timings}]
+        sep = "\r\n\r\n" if crlf else "\n\n"
+        stream = "".join(f"data: {json.dumps(e)}{sep}" for e in events) + f"data: [DONE]{sep}"
+        reader = TimingsReader()
+        for piece in chunked(stream.encode(), cuts):
+            reader.feed(piece)
+        self.assertEqual(reader.timings, self.timings)
+
+    @given(st.lists(st.integers(min_value=0), max_size=8))
+    def test_jsonAnyChunking(self, cuts: list[int]) -> None:
+        body = json.dumps({"choices": [{"message": {"content": "hi"}}], "timings": self.timings}, indent=1)
+        reader = TimingsReader()
+        for piece in chunked(body.encode(), cuts):
+            reader.feed(piece)
+        self.assertEqual(reader.timings, self.timings)
+
+    def test_noTimings(self) -> None:
+        for body in (b'{"content": "x"}', b"data: {}\n\ndata: [DONE]\n\n", b"not json", b""):
+            reader = TimingsReader()
+            reader.feed(body)
+            self.assertIsNone(reader.timings)
+
+    def test_streamKeepsOnlyTheUnfinishedEvent(self) -> None:
+        reader = TimingsReader()
+        for _ in range(1000):
+            reader.feed(b'data: {"choices": [{"delta": {"content": "token"}}]}\n\n')
+        self.assertEqual(reader._buffer, b"")
+
+
+class PinTests(SynchronousTestCase):
+    @given(
+        st.dictionaries(st.text(max_size=8).filter(lambda k: k != "id_slot"), jsonValues, max_size=5),
+        st.integers(0, 64),
+        st.sampled_from(["", " ", "\n  "]),
+    )
+    def test_withSlotAddsOnlyThePin(self, body: dict[str, object], slot: int, space: str) -> None:
+        raw = (space + json.dumps(body, indent=1 if slot % 2 else None)).encode()
+        pinned = withSlot(raw, slot)
+        self.assertEqual(json.loads(pinned), {"id_slot": slot, **body})
+        self.assertEqual(re.sub(rb'"id_slot":\d+,?', b"", pinned, count=1), raw)
+
+    def test_clientPinIsKept(self) -> None:
+        raw = b'{"id_slot": 1, "prompt": "x"}'
+        self.assertEqual(Body(raw, json.loads(raw)).pinned(0), raw)
+        expanded = Body(raw, {"id_slot": 1, "prompt": "expanded"}, expanded=True)
+        self.assertEqual(json.loads(expanded.pinned(0)), {"id_slot": 1, "prompt": "expanded"})
