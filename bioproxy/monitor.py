@@ -3,9 +3,8 @@ Backend health polling: what /health reports, and the signal that
 llama-server was found, or restarted and lost every slot.
 
 A restart is seen as unreachable-then-reachable, or as /props naming another
-model, context size or build. The proxy also reports connection failures it
-meets, so a restart quicker than one poll is still caught when a request
-notices it.
+model, context size or build, or carrying another per-process media marker.
+The proxy also reports the connection failures it meets.
 """
 
 from __future__ import annotations
@@ -22,6 +21,15 @@ from .llamacpp import BackendError, LlamaClient, fingerprint
 from .metrics import Metrics
 
 log = Logger()
+
+
+def identity(props: dict[str, Any]) -> tuple[str, Any]:
+    """
+    What changes when the backend restarts: its fingerprint, and llama-server's
+    media marker, which is random per process, so that a restart quicker than
+    one poll is still seen.
+    """
+    return fingerprint(props), props.get("media_marker")
 
 
 class BackendListener(Protocol):
@@ -76,8 +84,8 @@ class BackendMonitor(Service):
         except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
             self._record(False, f"{type(e).__name__}: {e}")
             return
-        if self.reachable:
-            self._record(True, None)
+        if self.reachable and self.props == {}:
+            self._record(True, None)  # not llama-server: nothing more to learn
             return
         try:
             props = await self.client.props()
@@ -90,11 +98,17 @@ class BackendMonitor(Service):
         except Exception as e:  # noqa: BLE001 - it went away again
             self._record(False, f"{type(e).__name__}: {e}")
             return
-        self._found(props if isinstance(props, dict) else {})
+        props = props if isinstance(props, dict) else {}
+        if self.reachable and self.props is not None and identity(props) == identity(self.props):
+            self._record(True, None)
+            return
+        self._found(props)
 
     def _found(self, props: dict[str, Any]) -> None:
         restarted = self.props is not None and (
-            self.reachable is False or fingerprint(props) != fingerprint(self.props)
+            identity(props) != identity(self.props)
+            # Without a process marker, an outage is all there is to go on.
+            or (props.get("media_marker") is None and self.reachable is False)
         )
         if restarted:
             self.metrics.backendRestarts.inc()

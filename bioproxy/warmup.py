@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .kvcache import KVCache, WarmState, warmBody
-from .llamacpp import LlamaClient, fingerprint
+from .llamacpp import BackendError, LlamaClient, fingerprint
 from .metrics import Metrics
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, holding
 from .templates import Template, TemplateLibrary
@@ -57,9 +57,10 @@ class Warmer(Service):
     # -- what starts warmups
 
     def backendReady(self, props: dict[str, Any], restarted: bool) -> None:
-        """The backend was found, or came back: nothing in its slots is known."""
-        count = self.slots or props.get("total_slots") or 1
-        self.scheduler.reset(int(count))
+        """The backend was found, or came back; after a restart nothing in its slots is known."""
+        first = self.cache.fingerprint is None
+        if restarted or first:
+            self.scheduler.reset(int(self.slots or props.get("total_slots") or 1))
         if not props:
             log.warn("the backend has no /props, so it is not llama-server: no warmups or cache files")
             self.ready, self.cache.fingerprint = False, None
@@ -68,7 +69,7 @@ class Warmer(Service):
         self.ready = True
         log.info(
             "backend has {count} slot(s), fingerprint {fp}; warming {n} template(s)",
-            count=count,
+            count=len(self.scheduler.slots),
             fp=self.cache.fingerprint,
             n=len(self.library.templates),
         )
@@ -148,10 +149,16 @@ class Warmer(Service):
                 self.metrics.warmupCancellations.labels(prefix=prefix).inc()
                 log.info("warmup of {prefix} gave its slot to a user request", prefix=prefix)
                 self.wanted.add(prefix)
+            elif isinstance(e, BackendError) and 400 <= e.status < 500:
+                # The backend refuses this template (too long for a slot, say):
+                # retrying cannot help until the template or the backend changes.
+                state.error = str(e)
+                log.error("warmup of {prefix} refused by the backend: {why}", prefix=prefix, why=str(e))
             elif not isinstance(e, defer.CancelledError):
                 log.warn("warmup of {prefix} failed: {why}; retrying", prefix=prefix, why=str(e))
                 self._retryLater(prefix)
             return
+        state.error = None
         lease.release(holding(template.key))
         self.metrics.warmups.labels(prefix=prefix, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)

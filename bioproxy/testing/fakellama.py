@@ -94,12 +94,14 @@ class FakeLlama:
         self.model = model
         self.saveDir = saveDir
         self.build = "fake-0"
+        self.generation = 0
         self.faults = Faults()
         self.log: list[dict[str, Any]] = []  # one record per completion, for tests
         self.actions: list[tuple[str, int, str]] = []  # (action, slot, filename), for tests
 
     def restart(self) -> None:
-        """What a real restart does to the cache: every slot empty; saved files stay."""
+        """What a real restart does: every slot empty, a new process marker; saved files stay."""
+        self.generation += 1
         for slot in self.slots:
             slot.tokens = b""
 
@@ -110,6 +112,8 @@ class FakeLlama:
             "build_info": self.build,
             "default_generation_settings": {"n_ctx": self.nCtx},
             "chat_template": "chatml",
+            # llama-server's marker is random per process; this one counts restarts.
+            "media_marker": f"<__media_{self.generation}__>",
         }
 
     def pickSlot(self, prompt: bytes, pinned: int | None) -> Slot:

@@ -7,90 +7,33 @@ plus what follows it in the prompt, which is all a fully warm slot computes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from bioproxy.config import load
-from bioproxy.service import makeService
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 
-from ..helpers import asyncTest, boundPort, client, listen, until
+from ..helpers import asyncTest, listen, until
+from ..stack import Bioproxy, templateText
 
 R: Any = reactor
 
 
-def templateText(i: int, version: str = "v1") -> str:
-    # Long enough that a cold request is far outside the bound.
-    body = "".join(
-        f"Rule {n} of template {i} ({version}): answer precisely and cite lines.\n" for n in range(12)
-    )
-    return f"You are reviewer {i}.\n{body}Here is the input:\n<{{message}}>"
-
-
-class Stack:
+class Stack(Bioproxy):
     """fakellama and bioproxy, wired as a user runs them."""
 
     def __init__(self, test: TestCase, templates: int, slots: int = 4, msPerPromptToken: float = 0.0) -> None:
-        self.test = test
-        self.dir = Path(test.mktemp()).absolute()
-        (self.dir / "slots").mkdir(parents=True)
-        self.llama = FakeLlama(R, slots=slots, msPerPromptToken=msPerPromptToken, saveDir=self.dir / "slots")
-        self.prefixes = {f"@t{i}": f"t{i}.txt" for i in range(templates)}
-        for i in range(templates):
-            (self.dir / f"t{i}.txt").write_text(templateText(i))
-        (self.dir / "config.yaml").write_text(
-            json.dumps(
-                {
-                    "prefixes": self.prefixes,
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "admin_listen": "tcp:0:interface=127.0.0.1",
-                    "health_check_interval": 0.1,
-                    "warmup_check_interval": 0.1,
-                }
-            )
-        )
+        directory = Path(test.mktemp()).absolute()
+        (directory / "slots").mkdir(parents=True)
+        self.llama = FakeLlama(R, slots=slots, msPerPromptToken=msPerPromptToken, saveDir=directory / "slots")
         backend = listen(R, FakeLlamaResource(self.llama), test)
-        self.service = makeService(load(str(self.dir / "config.yaml"), {"backend_url": backend}), R)
-        self.service.startService()
-        test.addCleanup(self.service.stopService)
-        self.proxy = f"http://127.0.0.1:{boundPort(self.service, 'proxy')}"
-        self.admin = f"http://127.0.0.1:{boundPort(self.service, 'admin')}"
-        self.http = client(test)
-
-    def metric(self, name: str, **labels: str) -> float:
-        registry = self.service.getServiceNamed("warmup").metrics.registry
-        return registry.get_sample_value(name, labels) or 0.0
-
-    async def templates(self) -> dict[str, Any]:
-        response = await self.http.get(self.admin + "/templates")
-        return {t["prefix"]: t for t in (await response.json())["templates"]}
-
-    async def allWarm(self, count: float | None = None) -> None:
-        """Wait until every template has warmed `count` times in all (default: once each)."""
-        want = count if count is not None else len(self.prefixes)
-
-        def done() -> bool:
-            warmer = self.service.getServiceNamed("warmup")
-            total = sum(
-                self.metric("bioproxy_warmup_total", prefix=p, how=h) for p in self.prefixes for h in HOWS
-            )
-            return total >= want and not warmer.jobs and not warmer.wanted
-
-        await until(R, done, what=f"{want} warmups")
+        super().__init__(test, directory, backend, {f"@t{i}": templateText(i) for i in range(templates)})
 
     async def ask(self, prefix: str, message: str, stream: bool = False) -> dict[str, Any]:
         """One chat request; returns fakellama's record of the prompt it computed."""
-        response = await self.http.post(
-            self.proxy + "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": f"{prefix} {message}"}], "stream": stream},
-        )
-        self.test.assertEqual(response.code, 200, await treq.content(response))
-        await treq.content(response)
+        await self.chat(f"{prefix} {message}", stream)
         [record] = [r for r in self.llama.log if message.encode() in r["prompt"]][-1:]
         return record
 
@@ -98,9 +41,6 @@ class Stack:
         prompt: bytes = record["prompt"]
         after = len(prompt) - prompt.index(message.encode())  # the message and what follows it
         self.test.assertLessEqual(record["prompt_n"], 1.1 * after, record)
-
-
-HOWS = ("prefill", "restore", "resident")
 
 
 class WorkloadTests(TestCase):

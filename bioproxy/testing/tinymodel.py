@@ -1,0 +1,94 @@
+"""
+A tiny random-weight llama model, written as GGUF at test time, so that a
+real llama-server can run with nothing downloaded and no model committed.
+
+Its vocabulary is byte-fallback SPM: text that is not one of the few pieces
+becomes one token per byte, which keeps token counts close to byte counts.
+It carries a chatml chat template, like fakellama's.
+
+Run it alone: ``python -m bioproxy.testing.tinymodel out.gguf``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# llama.cpp's token types
+_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
+_PIECES = ["\u2581", "\u2581the", "\u2581a", "er", "in", "on", "\u2581you", "\u2581code", "ing", "ed"]
+
+DIM, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 4096
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    types = [_UNKNOWN, _CONTROL, _CONTROL, _CONTROL, _CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [_BYTE] * 256
+    tokens += _PIECES
+    types += [_NORMAL] * len(_PIECES)
+    scores = [0.0] * (len(tokens) - len(_PIECES)) + [-float(i + 1) for i in range(len(_PIECES))]
+    return tokens, scores, types
+
+
+def write(path: Path, seed: int = 1234) -> Path:
+    """Write the model to path; the same seed gives the same file."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = vocabulary()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("bioproxy-tiny")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(DIM)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(HEADS)
+    writer.add_rope_dimension_count(DIM // HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHATML)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    vocab = len(tokens)
+    writer.add_tensor("token_embd.weight", weight(vocab, DIM))
+    writer.add_tensor("output_norm.weight", np.ones(DIM, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(vocab, DIM))
+    for i in range(LAYERS):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(DIM, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"blk.{i}.{name}.weight", weight(DIM, DIM))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(DIM, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(FFN, DIM))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(FFN, DIM))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(DIM, FFN))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+if __name__ == "__main__":
+    print(write(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")))
