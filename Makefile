@@ -41,8 +41,9 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check bioproxy tests twisted
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(VENV)/.llama-server
 	$(BIN)/python bench/passthrough.py
+	$(BIN)/python bench/warm.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp
+	rm -rf $(VENV) build *.egg-info _trial_temp .demo-cache

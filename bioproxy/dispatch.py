@@ -94,16 +94,21 @@ class Dispatcher:
     ) -> Contents:
         assert lease.slot is not None
         slot = lease.slot.id
-        restored = False
-        if template is not None and not lease.warm and self.cache.mayRestore(template):
-            restored = await self.cache.restore(slot, template)
-            if not restored:
-                self.warmer.request(template.prefix)
+        restored = fromRam = False
+        if template is not None and not lease.warm:
+            if self.cache.inRam(template):
+                fromRam = True
+            elif self.cache.mayRestore(template):
+                restored = await self.cache.restore(slot, template, lease.slot.contents.key)
+                if not restored:
+                    self.warmer.request(template.prefix)
         if gone:
             return holding(template.key) if restored and template else KEEP
+        if not restored and lease.slot.contents.key != (template.key if template else None):
+            self.cache.displaced(lease.slot.contents.key)
         reader = TimingsReader()
         outcome = await self.forwarder.forward(request, body.pinned(slot), reader.feed)
-        return self._learn(outcome, reader, template, prefix, slot, restored)
+        return self._learn(outcome, reader, template, prefix, slot, restored, fromRam)
 
     def _learn(
         self,
@@ -113,6 +118,7 @@ class Dispatcher:
         prefix: str,
         slot: int,
         restored: bool,
+        fromRam: bool,
     ) -> Contents:
         """What the slot holds now, from how the exchange ended and its timings."""
         if outcome.error == "connect":
@@ -126,7 +132,7 @@ class Dispatcher:
             self.cache.count(prefix, timings)
         if template is None:
             return OTHER
-        if timings is not None and not self.cache.learn(template, slot, timings, restored):
+        if timings is not None and not self.cache.learn(template, slot, timings, restored, fromRam):
             self.warmer.request(template.prefix)
         # Whatever the reuse was, the slot has just computed the template.
         return holding(template.key)

@@ -62,6 +62,7 @@ class WarmState:
     hits: int = 0
     misses: int = 0
     warm: bool = False
+    inRam: bool = False  # llama-server has moved it to its RAM prompt cache
     lastWarmup: float | None = None
     error: str | None = None  # why the backend refused the last warmup
 
@@ -85,6 +86,9 @@ class KVCache:
         self.llama = llama
         self.metrics = metrics
         self.fingerprint: str | None = None  # None until the backend's /props is read
+        # Whether llama-server's in-RAM prompt cache gives a template that this
+        # process has seen to any slot; None until a probe has told.
+        self.ramCache: bool | None = None
         self.states: dict[str, WarmState] = {}
         self.saved: set[str] = set()  # files known to be on the backend's disk
         self.missing: set[str] = set()  # files known not to be
@@ -102,13 +106,52 @@ class KVCache:
         name = self.filename(template)
         return name is not None and name not in self.missing and not self.state(template).prefill
 
-    async def restore(self, slot: int, template: Template) -> bool:
-        """Load the template's file into slot; False (never an error) when that cannot be done."""
+    def inRam(self, template: Template) -> bool:
+        """
+        True when llama-server will find template in its RAM prompt cache,
+        which is quicker than a restore from disk.
+        """
+        return bool(self.ramCache) and self.state(template).inRam
+
+    async def preserve(self, slot: int, held: str | None) -> None:
+        """
+        A restore overwrites a slot, and what it held is lost; a completion
+        moves it into llama-server's RAM cache instead. So when that cache
+        works, a one-token completion goes first, and the template is kept.
+        """
+        state = next((s for s in self.states.values() if held is not None and s.key == held), None)
+        if not self.ramCache or state is None or state.inRam:
+            return
+        await self.displace(slot)
+        state.inRam = True
+
+    async def displace(self, slot: int) -> None:
+        """A one-token completion on slot: llama-server moves what the slot held into its RAM cache."""
+        await self.llama.chat(
+            {"messages": [{"role": "user", "content": "."}], "max_tokens": 1, "id_slot": slot}, 30
+        )
+
+    def displaced(self, key: str | None) -> None:
+        """
+        A slot holding key is given a completion for another prompt: that is
+        when llama-server moves the slot's prompt into its RAM cache. (A
+        restore does not; it overwrites the slot.)
+        """
+        for state in self.states.values():
+            if key is not None and state.key == key:
+                state.inRam = True
+
+    async def restore(self, slot: int, template: Template, held: str | None = None) -> bool:
+        """
+        Load the template's file into slot, which holds the template version
+        `held`; False (never an error) when that cannot be done.
+        """
         name = self.filename(template)
         if name is None:
             return False
         prefix = template.prefix
         try:
+            await self.preserve(slot, held)
             result = await self.llama.restore(slot, name)
         except BackendError as e:
             # llama-server says 400 for a file that is missing or unusable.
@@ -159,10 +202,13 @@ class KVCache:
             log.info("cannot measure {prefix}'s reusable tokens: {why}", prefix=template.prefix, why=str(e))
             return None
 
-    def learn(self, template: Template, slot: int, timings: dict[str, Any], restored: bool) -> bool:
+    def learn(
+        self, template: Template, slot: int, timings: dict[str, Any], restored: bool, fromRam: bool = False
+    ) -> bool:
         """
         Compare a templated request's reuse with what a warm slot gives.
         Returns False on a miss, which the caller answers with a re-warm.
+        fromRam: the request relied on llama-server's RAM cache instead of a restore.
         """
         state = self.state(template)
         expected = state.reusable if state.reusable is not None else state.tokens
@@ -182,6 +228,8 @@ class KVCache:
             got=timings.get("cache_n"),
             want=expected,
         )
+        if fromRam:
+            state.inRam = False  # evicted from llama-server's RAM: restore from disk next time
         if restored:
             state.restoreMisses += 1
             if state.restoreMisses >= RESTORE_MISS_LIMIT and not state.prefill:

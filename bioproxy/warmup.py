@@ -10,7 +10,8 @@ its `cache_n` tells whether a restore really worked.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -18,13 +19,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .kvcache import KVCache, WarmState, warmBody
+from .kvcache import HIT_SHARE, KVCache, WarmState, warmBody
 from .llamacpp import BackendError, LlamaClient, fingerprint
 from .metrics import Metrics
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, holding
 from .templates import Template, TemplateLibrary
 
 log = Logger()
+_T = TypeVar("_T")
 
 
 class Warmer(Service):
@@ -53,6 +55,8 @@ class Warmer(Service):
         self.wanted: set[str] = set()
         self.jobs: dict[str, defer.Deferred[None]] = {}
         self._retries: list[IDelayedCall] = []
+        self._probe: defer.Deferred[None] | None = None
+        self._probed = False  # this backend process was probed, or could not be
 
     # -- what starts warmups
 
@@ -61,6 +65,10 @@ class Warmer(Service):
         first = self.cache.fingerprint is None
         if restarted or first:
             self.scheduler.reset(int(self.slots or props.get("total_slots") or 1))
+            for state in self.cache.states.values():
+                state.warm = state.inRam = False
+            self.cache.ramCache = None
+            self._probed = False
         if not props:
             log.warn("the backend has no /props, so it is not llama-server: no warmups or cache files")
             self.ready, self.cache.fingerprint = False, None
@@ -108,7 +116,7 @@ class Warmer(Service):
         for call in self._retries:
             if call.active():
                 call.cancel()
-        for job in list(self.jobs.values()):
+        for job in [*self.jobs.values(), *([self._probe] if self._probe else [])]:
             job.cancel()
 
     # -- running them
@@ -121,6 +129,15 @@ class Warmer(Service):
             job = defer.ensureDeferred(self._run(prefix))
             self.jobs[prefix] = job
             job.addBoth(self._ended, prefix)
+        if not self.jobs and not self.wanted and not self._probed and self._probe is None:
+            self._probe = defer.ensureDeferred(self._probeRam())
+            self._probe.addBoth(self._probeEnded)
+
+    def _probeEnded(self, result: object) -> None:
+        self._probe = None
+        if isinstance(result, Failure) and not result.check(defer.CancelledError):
+            log.failure("RAM cache probe failed unexpectedly", result)
+            self._probed = True
 
     def _ended(self, result: object, prefix: str) -> None:
         del self.jobs[prefix]
@@ -137,10 +154,8 @@ class Warmer(Service):
             state.reusable = await self.cache.measure(template)
         lease = await self.scheduler.lease(template.key, WARMUP)
         started = self.clock.seconds()
-        work = defer.ensureDeferred(self._warm(lease, template, state))
-        lease.preempted.addCallback(lambda _: work.cancel())
         try:
-            how = await work
+            how = await _yielding(lease, self._warm(lease, template, state))
         except Exception as e:  # noqa: BLE001 - a failed warmup is retried, never fatal
             lease.release(UNKNOWN)
             # A cancelled request surfaces as the HTTP client's own failure,
@@ -176,9 +191,10 @@ class Warmer(Service):
         slot = lease.slot.id
         if lease.warm and self.cache.filename(template) in self.cache.saved:
             return "resident"
-        restored = (
-            not lease.warm and self.cache.mayRestore(template) and await self.cache.restore(slot, template)
-        )
+        tried = not lease.warm and self.cache.mayRestore(template)
+        restored = tried and await self.cache.restore(slot, template, lease.slot.contents.key)
+        if not tried and not lease.warm:
+            self.cache.displaced(lease.slot.contents.key)
         result = await self.llama.chat(warmBody(template, slot), self.timeout)
         timings = (result or {}).get("timings") or {}
         state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
@@ -190,8 +206,58 @@ class Warmer(Service):
             return "resident"
         return "restore" if trusted else "prefill"
 
+    async def _probeRam(self) -> None:
+        """
+        Does llama-server's RAM prompt cache keep a template that a slot gives
+        up? Then, while that server lives, a restore from disk is wasted time.
+        Asked once per backend process: a slot holding a template runs a
+        one-token prompt, then the template again, and cache_n answers.
+        """
+        resident = [
+            t
+            for t in self.library.templates.values()
+            if self.scheduler.holders(t.key) and self.cache.state(t).reusable
+        ]
+        if not resident:
+            self._probed = True
+            return
+        template = resident[0]
+        lease = await self.scheduler.lease(template.key, WARMUP)
+        assert lease.slot is not None
+        if not lease.warm:
+            lease.release()  # it moved; ask at the next warmup round
+            return
+        try:
+            reused = await _yielding(lease, self._displaceAndReturn(lease.slot.id, template))
+        except Exception as e:  # noqa: BLE001 - asked again at the next warmup round
+            lease.release(UNKNOWN)
+            if not lease.preempted.called:
+                log.warn("RAM cache probe failed: {why}", why=str(e))
+            return
+        lease.release(holding(template.key))
+        self.cache.ramCache = reused >= HIT_SHARE * (self.cache.state(template).reusable or 0)
+        self.cache.state(template).inRam = self.cache.ramCache
+        self._probed = True
+        log.info(
+            "llama-server's RAM prompt cache {does} keep templates a slot gives up",
+            does="does" if self.cache.ramCache else "does not",
+        )
+
+    async def _displaceAndReturn(self, slot: int, template: Template) -> int:
+        await self.cache.displace(slot)
+        result = await self.llama.chat(warmBody(template, slot), self.timeout)
+        reused: int = ((result or {}).get("timings") or {}).get("cache_n", 0)
+        return reused
+
     def _retryLater(self, prefix: str) -> None:
         if not self.running:
             return
         self._retries = [c for c in self._retries if c.active()]
         self._retries.append(self.clock.callLater(self.retryDelay, self.request, prefix))
+
+
+async def _yielding(lease: Lease, work: Coroutine[Any, Any, _T]) -> _T:
+    """Run work for lease; a user who needs the slot cancels it at once."""
+    running = defer.ensureDeferred(work)
+    lease.preempted.addCallback(lambda _: running.cancel())
+    return await running

