@@ -30,10 +30,18 @@ $(VENV)/.llama-server: $(VENV)/.installed
 
 llama-server: $(VENV)/.llama-server
 
+# systemd-socket-activate and systemd-analyze for the systemd tests (Debian's
+# systemd package); installed when missing and we are root, else those skip.
+$(VENV)/.systemd-tools:
+	command -v systemd-socket-activate >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd; } || \
+	  echo "systemd tools are missing; the systemd tests will skip"
+	touch $@
+
 demo: $(VENV)/.installed $(if $(filter real,$(LLAMA)),$(VENV)/.llama-server)
 	BIN=$(BIN) LLAMA=$(LLAMA) sh scripts/demo.sh
 
-test: $(VENV)/.installed $(VENV)/.llama-server
+test: $(VENV)/.installed $(VENV)/.llama-server $(VENV)/.systemd-tools
 	$(BIN)/python -m twisted.trial tests
 
 lint: $(VENV)/.installed

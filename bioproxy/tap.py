@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from . import config as configModule
 from .config import Config, ConfigError
+from .logs import FORMATS, observer
 
 # flag name -> config key
 _FLAG_KEYS = {
@@ -58,6 +60,7 @@ class Options(usage.Options):
             "unix:/run/bioproxy.sock, systemd:domain=INET:index=0.",
         ],
         ["admin-listen", None, None, "Admin endpoint string."],
+        ["log-format", None, "text", "Log format: text (twistd's) or json (one object a line)."],
     ]
 
     config: Config
@@ -72,6 +75,12 @@ class Options(usage.Options):
             self.config = self.reread()
         except ConfigError as e:
             _fail(e)
+        if self["log-format"] not in FORMATS:
+            _fail(
+                ConfigError(
+                    f"flag --log-format: expected one of {', '.join(FORMATS)}, got {self['log-format']!r}"
+                )
+            )
 
     def reread(self) -> Config:
         """The config as these options make it; SIGHUP calls this again."""
@@ -84,11 +93,27 @@ def _fail(error: Exception) -> NoReturn:
     raise SystemExit(2)
 
 
+class _Root(MultiService):
+    """Hands twistd the chosen log observer, which it asks its application for."""
+
+    def __init__(self, logObserver: ILogObserver | None) -> None:
+        super().__init__()
+        self.logObserver = logObserver
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.logObserver)
+
+
 def makeService(options: Options) -> IService:
+    import os
+
     from twisted.internet import reactor
 
     from .reload import HangupReloader
     from .service import makeService as build
+    from .systemd import Notifier
     from .templates import TemplateError
 
     reactorAny: Any = reactor
@@ -96,5 +121,11 @@ def makeService(options: Options) -> IService:
         service = build(options.config, reactorAny)
     except TemplateError as e:
         _fail(e)
-    HangupReloader(options.reread, service.getServiceNamed("templates"), reactorAny).setServiceParent(service)
-    return service
+    root = _Root(observer(options["log-format"]))
+    service.setServiceParent(root)
+    # Last, so that it starts once everything listens and stops first.
+    notifier = Notifier(os.environ, reactorAny, status=f"proxying to {options.config.backend_url}")
+    watcher = service.getServiceNamed("templates")
+    HangupReloader(options.reread, watcher, reactorAny, options.config, notifier).setServiceParent(root)
+    notifier.setServiceParent(root)
+    return root

@@ -118,7 +118,9 @@ class _Watch(ProcessProtocol):
 class DaemonHarness(TestCase):
     """Starts `twistd -n bioproxy` and stops it with the test."""
 
-    async def start(self, backendURL: str, *extra: str) -> tuple[str, _Watch]:
+    async def start(
+        self, backendURL: str, *extra: str, environ: dict[str, str] | None = None
+    ) -> tuple[str, _Watch]:
         port, admin = freePort(), freePort()
         watch = _Watch()
         args = [
@@ -134,7 +136,9 @@ class DaemonHarness(TestCase):
             str(admin),
             *extra,
         ]
-        process = R.spawnProcess(watch, sys.executable, [sys.executable, *args], env=env(), path=str(ROOT))
+        process = R.spawnProcess(
+            watch, sys.executable, [sys.executable, *args], env={**env(), **(environ or {})}, path=str(ROOT)
+        )
         self.addCleanup(self.stop, process, watch)
         for _ in range(100):
             if b"bioproxy 0.1.0 started" in watch.output:

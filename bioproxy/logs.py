@@ -1,0 +1,37 @@
+"""
+Log formats for twistd. "text" is twistd's own; "json" is one JSON object a
+line, which journald and log shippers read without a parser of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+
+FORMATS = ("text", "json")
+
+
+def jsonLine(event: dict[str, Any]) -> str:
+    record = {
+        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
+            timespec="milliseconds"
+        ),
+        "level": getattr(event.get("log_level"), "name", "info"),
+        "system": event.get("log_namespace") or event.get("log_system") or "-",
+        "message": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def observer(format: str, out: IO[str] | None = None) -> ILogObserver | None:
+    """The observer for format, or None for twistd's default text."""
+    if format == "json":
+        return FileLogObserver(out or sys.stdout, jsonLine)
+    return None
