@@ -17,6 +17,7 @@ from .forward import Forwarder, Outcome
 from .kvcache import KVCache
 from .monitor import BackendMonitor
 from .scheduler import (
+    EMPTY,
     KEEP,
     OTHER,
     UNKNOWN,
@@ -94,18 +95,23 @@ class Dispatcher:
     ) -> Contents:
         assert lease.slot is not None
         slot = lease.slot.id
-        restored = fromRam = False
+        held = lease.slot.contents.key
+        tried = restored = fromRam = False
         if template is not None and not lease.warm:
             if self.cache.inRam(template):
                 fromRam = True
             elif self.cache.mayRestore(template):
-                restored = await self.cache.restore(slot, template, lease.slot.contents.key)
+                tried = True
+                restored = await self.cache.restore(slot, template, held)
                 if not restored:
                     self.warmer.request(template.prefix)
         if gone:
-            return holding(template.key) if restored and template else KEEP
-        if not restored and lease.slot.contents.key != (template.key if template else None):
-            self.cache.displaced(lease.slot.contents.key)
+            if restored and template:
+                return holding(template.key)
+            return EMPTY if tried else KEEP  # a failed restore leaves the slot empty
+        if not tried and held != (template.key if template else None):
+            # This completion moves what the slot held into llama-server's RAM cache.
+            self.cache.displaced(held)
         reader = TimingsReader()
         outcome = await self.forwarder.forward(request, body.pinned(slot), reader.feed)
         return self._learn(outcome, reader, template, prefix, slot, restored, fromRam)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import treq
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
@@ -208,3 +209,27 @@ class AdminViewTests(TestCase):
         templates = await stack.templates()
         self.assertEqual(templates["@t0"]["warmup_mode"], "restore")
         self.assertTrue(templates["@t0"]["cache_file"].startswith("_t0-"))
+
+
+class QueueLimitTests(TestCase):
+    @asyncTest
+    async def test_fullQueueIs503WithRetryAfter(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        llama = FakeLlama(R, slots=1, msPerGeneratedToken=50)
+        stack = Bioproxy(self, directory, listen(R, FakeLlamaResource(llama), self), {}, max_queue=1)
+        await until(R, lambda: stack.metric("bioproxy_backend_up") == 1)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+        running = stack.http.post(stack.proxy + "/v1/chat/completions", json=body)
+        await until(R, lambda: llama.slots[0].busy, what="the first request to run")
+        queued = stack.http.post(stack.proxy + "/v1/chat/completions", json=body)
+        await until(R, lambda: stack.metric("bioproxy_queue_depth", priority="user") == 1)
+        refused = await stack.http.post(stack.proxy + "/v1/chat/completions", json=body)
+        self.assertEqual(refused.code, 503)
+        self.assertEqual(refused.headers.getRawHeaders("retry-after"), ["5"])
+        self.assertEqual((await refused.json())["error"]["code"], "overloaded")
+        for pending in (running, queued):
+            response = await pending
+            self.assertEqual(response.code, 200)
+            await treq.content(response)
+        self.assertEqual([r["slot"] for r in llama.log], [0, 0])
