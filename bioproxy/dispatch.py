@@ -58,7 +58,7 @@ class Dispatcher:
         """
         pin = body.parsed.get("id_slot")
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
-        asking = self.scheduler.lease(template.key if template else None, USER, pin)
+        asking = self.scheduler.lease(template.key if template else body.affinity, USER, pin)
         gone: list[Failure] = []
 
         def clientLeft(reason: Failure) -> None:
@@ -114,7 +114,8 @@ class Dispatcher:
             self.cache.displaced(held)
         reader = TimingsReader()
         outcome = await self.forwarder.forward(request, body.pinned(slot), reader.feed)
-        return self._learn(outcome, reader, template, prefix, slot, restored, fromRam)
+        contents = self._learn(outcome, reader, template, prefix, slot, restored, fromRam)
+        return Contents("other", body.affinity) if contents is OTHER else contents
 
     def _learn(
         self,

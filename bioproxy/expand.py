@@ -6,6 +6,7 @@ prompts. Pure functions on parsed JSON; everything not expanded is kept.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -109,6 +110,23 @@ def _expand(text: str, library: TemplateLibrary) -> tuple[str, str] | None:
     return template.render(message), template.prefix
 
 
+def affinity(body: dict[str, Any], chat: bool) -> str | None:
+    """
+    A key shared by requests whose prompts start the same way: the first chat
+    message, or the start of a completion prompt. The slot that served one
+    serves the next best, as llama-server's own slot choice would.
+    """
+    if chat:
+        messages = body.get("messages")
+        start = json.dumps(messages[0], sort_keys=True) if isinstance(messages, list) and messages else None
+    else:
+        prompt = body.get("prompt")
+        start = prompt[:256] if isinstance(prompt, str) else None
+    if start is None:
+        return None
+    return "~" + hashlib.sha256(start.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
 def withSlot(raw: bytes, slot: int) -> bytes:
     """
     raw (a JSON object) with `"id_slot"` added as its first member: the
@@ -130,6 +148,7 @@ class Body:
     raw: bytes
     parsed: dict[str, Any]
     expanded: bool = False
+    affinity: str | None = None  # requests with the same one start their prompts alike
 
     def pinned(self, slot: int) -> bytes:
         """The body to forward on slot; a client's own id_slot is left as it is."""

@@ -20,6 +20,7 @@ from .expand import (
     PROMPT_PATHS,
     BadRequest,
     Body,
+    affinity,
     encode,
     expandChat,
     expandPrompt,
@@ -80,6 +81,8 @@ class ProxyResource(Resource):
             writeError(request, 400, str(e))
             return NOT_DONE_YET
         body.expanded = bool(prefix)
+        if request.path in CHAT_PATHS or request.path in PROMPT_PATHS:
+            body.affinity = affinity(body.parsed, request.path in CHAT_PATHS)
         if self.dispatcher is None:
             self.forwarder.forward(request, encode(body.parsed) if prefix else None)
         else:

@@ -233,3 +233,23 @@ class QueueLimitTests(TestCase):
             self.assertEqual(response.code, 200)
             await treq.content(response)
         self.assertEqual([r["slot"] for r in llama.log], [0, 0])
+
+
+class AffinityTests(TestCase):
+    @asyncTest
+    async def test_untemplatedPromptsKeepTheirSlot(self) -> None:
+        """A long system prompt without a template stays on one slot, as llama-server would keep it."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        llama = FakeLlama(R, slots=4, cacheRam=False)
+        stack = Bioproxy(self, directory, listen(R, FakeLlamaResource(llama), self), {})
+        await until(R, lambda: stack.metric("bioproxy_backend_up") == 1)
+        system = {"role": "system", "content": "You answer in haiku. " * 40}
+        for question in ("why", "how", "when", "where"):
+            other = {"messages": [{"role": "user", "content": f"unrelated {question}"}], "max_tokens": 2}
+            await treq.content(await stack.http.post(stack.proxy + "/v1/chat/completions", json=other))
+            body = {"messages": [system, {"role": "user", "content": question}], "max_tokens": 2}
+            await treq.content(await stack.http.post(stack.proxy + "/v1/chat/completions", json=body))
+        haiku = [r for r in llama.log if b"haiku" in r["prompt"]]
+        self.assertEqual(len({r["slot"] for r in haiku}), 1, haiku)
+        self.assertTrue(all(r["cache_n"] > 800 for r in haiku[1:]), haiku)
