@@ -19,7 +19,6 @@ from .monitor import BackendMonitor
 from .scheduler import (
     EMPTY,
     KEEP,
-    OTHER,
     UNKNOWN,
     USER,
     BadSlot,
@@ -96,26 +95,20 @@ class Dispatcher:
         assert lease.slot is not None
         slot = lease.slot.id
         held = lease.slot.contents.key
-        tried = restored = fromRam = False
-        if template is not None and not lease.warm:
-            if self.cache.inRam(template):
-                fromRam = True
-            elif self.cache.mayRestore(template):
-                tried = True
-                restored = await self.cache.restore(slot, template, held)
-                if not restored:
-                    self.warmer.request(template.prefix)
-        if gone:
-            if restored and template:
-                return holding(template.key)
-            return EMPTY if tried else KEEP  # a failed restore leaves the slot empty
-        if not tried and held != (template.key if template else None):
-            # This completion moves what the slot held into llama-server's RAM cache.
+        how = "warm"
+        if template is None:
             self.cache.displaced(held)
+        elif not lease.warm:
+            how = await self.cache.prepare(slot, template, held, ram=True)
+            if how == "failed":
+                self.warmer.request(template.prefix)
+        if gone:
+            if how == "restored" and template:
+                return holding(template.key)
+            return EMPTY if how == "failed" else KEEP  # a failed restore leaves the slot empty
         reader = TimingsReader()
         outcome = await self.forwarder.forward(request, body.pinned(slot), reader.feed)
-        contents = self._learn(outcome, reader, template, prefix, slot, restored, fromRam)
-        return Contents("other", body.affinity) if contents is OTHER else contents
+        return self._learn(outcome, reader, template, prefix, slot, how, body.affinity)
 
     def _learn(
         self,
@@ -124,8 +117,8 @@ class Dispatcher:
         template: Template | None,
         prefix: str,
         slot: int,
-        restored: bool,
-        fromRam: bool,
+        how: str,
+        affinity: str | None,
     ) -> Contents:
         """What the slot holds now, from how the exchange ended and its timings."""
         if outcome.error == "connect":
@@ -138,8 +131,10 @@ class Dispatcher:
         if timings is not None:
             self.cache.count(prefix, timings)
         if template is None:
-            return OTHER
-        if timings is not None and not self.cache.learn(template, slot, timings, restored, fromRam):
+            return Contents("other", affinity)
+        if timings is not None and not self.cache.learn(
+            template, slot, timings, how == "restored", how == "ram"
+        ):
             self.warmer.request(template.prefix)
         # Whatever the reuse was, the slot has just computed the template.
         return holding(template.key)

@@ -119,7 +119,7 @@ class KVCache:
         moves it into llama-server's RAM cache instead. So when that cache
         works, a one-token completion goes first, and the template is kept.
         """
-        state = next((s for s in self.states.values() if held is not None and s.key == held), None)
+        state = self._version(held)
         if not self.ramCache or state is None or state.inRam:
             return
         await self.displace(slot)
@@ -137,9 +137,29 @@ class KVCache:
         when llama-server moves the slot's prompt into its RAM cache. (A
         restore does not; it overwrites the slot.)
         """
-        for state in self.states.values():
-            if key is not None and state.key == key:
-                state.inRam = True
+        state = self._version(key)
+        if state is not None:
+            state.inRam = True
+
+    def _version(self, key: str | None) -> WarmState | None:
+        """The state of the template version key names, if it is a current one."""
+        return next((s for s in self.states.values() if key is not None and s.key == key), None)
+
+    async def prepare(self, slot: int, template: Template, held: str | None, ram: bool) -> str:
+        """
+        Ready slot, which holds `held` and not template, for a completion of
+        template. Returns how: "ram" (llama-server's RAM cache will supply
+        it; only when ram is allowed), "restored" from disk, "failed" (a
+        restore was tried and the slot is now empty), or "cold".
+        """
+        if ram and self.inRam(template):
+            how = "ram"
+        elif self.mayRestore(template):
+            return "restored" if await self.restore(slot, template, held) else "failed"
+        else:
+            how = "cold"
+        self.displaced(held)  # the completion to come moves it into the RAM cache
+        return how
 
     async def restore(self, slot: int, template: Template, held: str | None = None) -> bool:
         """

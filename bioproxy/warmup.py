@@ -191,10 +191,9 @@ class Warmer(Service):
         slot = lease.slot.id
         if lease.warm and self.cache.filename(template) in self.cache.saved:
             return "resident"
-        tried = not lease.warm and self.cache.mayRestore(template)
-        restored = tried and await self.cache.restore(slot, template, lease.slot.contents.key)
-        if not tried and not lease.warm:
-            self.cache.displaced(lease.slot.contents.key)
+        restored = not lease.warm and (
+            await self.cache.prepare(slot, template, lease.slot.contents.key, ram=False) == "restored"
+        )
         result = await self.llama.chat(warmBody(template, slot), self.timeout)
         timings = (result or {}).get("timings") or {}
         state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens

@@ -66,6 +66,10 @@ class Bioproxy:
         """A per-prefix metric summed over the templates."""
         return sum(self.metric(name, prefix=p, **labels) for p in self.prefixes)
 
+    def warmed(self) -> float:
+        """Warmups finished, however they warmed."""
+        return sum(self.total("bioproxy_warmup_total", how=h) for h in HOWS)
+
     async def templates(self) -> dict[str, Any]:
         response = await self.http.get(self.admin + "/templates")
         return {t["prefix"]: t for t in (await response.json())["templates"]}
@@ -76,8 +80,7 @@ class Bioproxy:
         warmer = self.service.getServiceNamed("warmup")
 
         def done() -> bool:
-            finished = sum(self.total("bioproxy_warmup_total", how=h) for h in HOWS)
-            return finished >= want and not warmer.jobs and not warmer.wanted and warmer._probe is None
+            return self.warmed() >= want and not warmer.jobs and not warmer.wanted and warmer._probe is None
 
         await until(R, done, timeout=60, what=f"{want} warmups")
 

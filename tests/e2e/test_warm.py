@@ -77,7 +77,7 @@ class WorkloadTests(TestCase):
             for prefix in stack.prefixes:
                 message = f"round {round} for {prefix}"
                 stack.assertBound(await stack.ask(prefix, message, stream=round % 2 == 1), message)
-        saves = sum(stack.metric("bioproxy_kv_cache_saves_total", prefix=p) for p in stack.prefixes)
+        saves = stack.total("bioproxy_kv_cache_saves_total")
         self.assertEqual(saves, 6, "each template is saved once, never on a switch")
         templates = await stack.templates()
         self.assertEqual({t["hit_ratio"] for t in templates.values()}, {1.0})
@@ -112,7 +112,7 @@ class WorkloadTests(TestCase):
             message = f"after the restart, {prefix}"
             stack.assertBound(await stack.ask(prefix, message), message)
         self.assertEqual([a[0] for a in stack.llama.actions[before:]], ["restore"] * 3)
-        saves = sum(stack.metric("bioproxy_kv_cache_saves_total", prefix=p) for p in stack.prefixes)
+        saves = stack.total("bioproxy_kv_cache_saves_total")
         self.assertEqual(saves, 3, "a restart costs no new saves")
 
     @asyncTest
@@ -140,7 +140,7 @@ class WorkloadTests(TestCase):
         warmups = [r for r in stack.llama.log if r is not user]
         self.assertTrue(warmups, "some warmups finished while the user's cold prefill ran")
         self.assertLess(user["started"], min(r["finished"] for r in warmups), "the user waited for a warmup")
-        cancelled = sum(stack.metric("bioproxy_warmup_cancellations_total", prefix=p) for p in stack.prefixes)
+        cancelled = stack.total("bioproxy_warmup_cancellations_total")
         self.assertEqual(cancelled, 1)
         await stack.allWarm()
         self.assertEqual(len({p.name for p in (stack.dir / "slots").iterdir()}), 6)
