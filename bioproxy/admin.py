@@ -88,10 +88,11 @@ class TemplatesResource(Resource):
             entry["last_change"] = status.lastChange
             entry["last_error"] = status.lastError
             if template is not None and self.cache is not None:
-                entry.update(self.cache.state(template).view())
+                entry.update(self.cache.state(template).view(self.cache.backend))
                 entry["cache_file"] = self.cache.filename(template)
             out.append(entry)
-        return jsonBody(request, {"templates": out})
+        backend = self.cache.backend.view() if self.cache is not None else None
+        return jsonBody(request, {"templates": out, "backend": backend})
 
     def render_POST(self, request: Request) -> bytes:
         path = request.postpath or []
@@ -121,7 +122,7 @@ class SlotsResource(Resource):
             slots.append(
                 {
                     "id": slot.id,
-                    "state": slot.contents.kind,
+                    "state": slot.contents.label,
                     "template": slot.contents.key,
                     "busy": lease is not None,
                     "holder": lease.priority if lease is not None else None,
@@ -134,6 +135,7 @@ class SlotsResource(Resource):
             request,
             {
                 "slots": slots,
+                "retained": self.scheduler.retains,
                 "waiting": {priority: len(queue) for priority, queue in self.scheduler.queues.items()},
             },
         )

@@ -48,6 +48,10 @@ class Config:
     slots: int | None = None  # None: ask the backend's /props
     max_queue: int = 256
     max_queue_wait: float = 300.0
+    # llama-server's --api-key, for bioproxy's own calls; or a file holding it,
+    # or the BIOPROXY_BACKEND_API_KEY environment variable.
+    backend_api_key: str | None = None
+    backend_api_key_file: str | None = None
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -58,6 +62,30 @@ class Config:
     @property
     def admin_endpoint(self) -> str:
         return self.admin_listen or tcpEndpoint(self.admin_host, self.admin_port)
+
+    def backendApiKey(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The key for bioproxy's own calls: the setting, else its file, else the environment."""
+        if self.backend_api_key:
+            return self.backend_api_key
+        if self.backend_api_key_file:
+            path = Path(self.backend_api_key_file).expanduser()
+            if self.source and not path.is_absolute():
+                path = Path(self.source).parent / path  # like templates: beside the config
+            return readSecret("backend_api_key_file", str(path))
+        return environ.get(API_KEY_VARIABLE) or None
+
+
+API_KEY_VARIABLE = "BIOPROXY_BACKEND_API_KEY"
+
+
+def readSecret(key: str, path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config key {key!r}: cannot read {path!r}: {e}") from None
+    if not text:
+        raise ConfigError(f"config key {key!r}: {path!r} is empty")
+    return text
 
 
 KEYS = frozenset(f.name for f in dataclasses.fields(Config)) - {"source"}
@@ -159,6 +187,8 @@ def validate(raw: Mapping[str, Any], source: str | None = None) -> Config:
     config = Config(source=source, **values)
     _checkEndpoint("listen", config.proxy_endpoint)
     _checkEndpoint("admin_listen", config.admin_endpoint)
+    if config.backend_api_key_file:
+        config.backendApiKey()  # a missing or empty key file stops start-up here
     return config
 
 
@@ -268,6 +298,8 @@ _CHECKS = {
     "slots": _optionalCount,
     "max_queue": _count,
     "max_queue_wait": _positive,
+    "backend_api_key": _optionalString,
+    "backend_api_key_file": _optionalString,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

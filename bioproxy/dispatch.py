@@ -1,7 +1,11 @@
 """
-A request that uses a slot: it waits for a lease, lands on the slot that
-holds its template (restoring the template's file there if none does), goes
-to the backend pinned with `id_slot`, and teaches the cache what happened.
+A request that uses a slot: it waits for a lease, so that the backend never
+runs more than one request per slot and users go before warmups; its
+template is made ready (restored from its file where nothing holds it); it
+goes to the backend pinned to its slot where slots keep their contents, and
+unpinned where llama-server clears idle slots into its RAM cache (a request
+pinned to a cleared slot would not look there); and the cache learns what
+happened from the response's timings.
 """
 
 from __future__ import annotations
@@ -11,14 +15,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from .backend import Backend
 from .errors import writeError
 from .expand import Body
 from .forward import Forwarder, Outcome
-from .kvcache import KVCache
+from .kvcache import KVCache, Prepared
 from .monitor import BackendMonitor
 from .scheduler import (
     EMPTY,
-    KEEP,
     UNKNOWN,
     USER,
     BadSlot,
@@ -43,12 +47,14 @@ class Dispatcher:
         forwarder: Forwarder,
         warmer: Warmer,
         monitor: BackendMonitor,
+        backend: Backend,
     ) -> None:
         self.scheduler = scheduler
         self.cache = cache
         self.forwarder = forwarder
         self.warmer = warmer
         self.monitor = monitor
+        self.backend = backend
 
     async def send(self, request: Request, body: Body, template: Template | None, prefix: str) -> None:
         """
@@ -57,7 +63,7 @@ class Dispatcher:
         """
         pin = body.parsed.get("id_slot")
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
-        asking = self.scheduler.lease(template.key if template else body.affinity, USER, pin)
+        asking = self.scheduler.lease(template.key if template else None, USER, pin, body.text)
         gone: list[Failure] = []
 
         def clientLeft(reason: Failure) -> None:
@@ -77,7 +83,7 @@ class Dispatcher:
         except BadSlot as e:
             writeError(request, 400, str(e))
             return
-        contents = UNKNOWN
+        contents: Contents | None = UNKNOWN
         try:
             contents = await self._run(request, lease, body, template, prefix, gone)
         finally:
@@ -91,24 +97,60 @@ class Dispatcher:
         template: Template | None,
         prefix: str,
         gone: list[Failure],
-    ) -> Contents:
+    ) -> Contents | None:
         assert lease.slot is not None
+        pins = self.backend.pins
         slot = lease.slot.id
+        how: Prepared = "warm"
+        if pins:
+            how = await self._preparePinned(lease, template)
+        elif template is not None:
+            how = await self._prepareUnpinned(slot, template)
+        if gone:
+            if not pins:
+                return UNKNOWN
+            if how == "restored" and template:
+                return holding(template.key, "")
+            return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
+        reader = TimingsReader()
+        outcome = await self.forwarder.forward(request, body.pinned(slot if pins else None), reader.feed)
+        contents = self._learn(outcome, reader, template, prefix, slot, how, body.text)
+        return contents if pins else UNKNOWN
+
+    async def _preparePinned(self, lease: Lease, template: Template | None) -> Prepared:
+        """Slots keep their contents: the leased slot gets the template unless it holds it."""
+        assert lease.slot is not None
         held = lease.slot.contents.key
-        how = "warm"
         if template is None:
             self.cache.displaced(held)
-        elif not lease.warm:
-            how = await self.cache.prepare(slot, template, held, ram=True)
-            if how == "failed":
-                self.warmer.request(template.prefix)
-        if gone:
-            if how == "restored" and template:
-                return holding(template.key)
-            return EMPTY if how == "failed" else KEEP  # a failed restore leaves the slot empty
-        reader = TimingsReader()
-        outcome = await self.forwarder.forward(request, body.pinned(slot), reader.feed)
-        return self._learn(outcome, reader, template, prefix, slot, how, body.affinity)
+            return "warm"
+        if lease.warm:
+            return "warm"
+        how = await self.cache.prepare(lease.slot.id, template, held, ram=True)
+        if how in ("failed", "cold"):
+            self.warmer.request(template.prefix)
+        return how
+
+    async def _prepareUnpinned(self, slot: int, template: Template) -> Prepared:
+        """
+        Idle slots are cleared into the RAM cache: a template that is there
+        needs nothing; one that is not is restored into an empty slot, where
+        llama-server's own choice finds it, and warmed again for later.
+        """
+        if self.cache.state(template).inRam:
+            return "ram"
+        if not self.cache.mayRestore(template):
+            self.warmer.request(template.prefix)
+            return "cold"
+        target = await self.cache.claimSlot(slot)
+        try:
+            restored = await self.cache.restore(target, template)
+        finally:
+            self.cache.unclaim(target)
+        if restored:
+            return "restored"
+        self.warmer.request(template.prefix)
+        return "failed"
 
     def _learn(
         self,
@@ -117,24 +159,24 @@ class Dispatcher:
         template: Template | None,
         prefix: str,
         slot: int,
-        how: str,
-        affinity: str | None,
-    ) -> Contents:
+        how: Prepared,
+        text: str,
+    ) -> Contents | None:
         """What the slot holds now, from how the exchange ended and its timings."""
         if outcome.error == "connect":
             self.monitor.noteUnreachable("a request could not connect")
         if not outcome.complete or outcome.status is None or outcome.status >= 500:
             return UNKNOWN
         if outcome.status >= 400:
-            return KEEP  # llama-server refuses before it touches the slot
+            return None  # llama-server refuses before it touches the slot
         timings = reader.timings
         if timings is not None:
             self.cache.count(prefix, timings)
         if template is None:
-            return Contents("other", affinity)
-        if timings is not None and not self.cache.learn(
-            template, slot, timings, how == "restored", how == "ram"
-        ):
+            return holding(None, text)
+        # Only a pinned request right after a restore tells whether restores work.
+        restored = how == "restored" and self.backend.pins
+        if timings is not None and not self.cache.learn(template, slot, timings, restored, how == "ram"):
             self.warmer.request(template.prefix)
         # Whatever the reuse was, the slot has just computed the template.
-        return holding(template.key)
+        return holding(template.key, text)

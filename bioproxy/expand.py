@@ -6,7 +6,6 @@ prompts. Pure functions on parsed JSON; everything not expanded is kept.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
@@ -110,21 +109,32 @@ def _expand(text: str, library: TemplateLibrary) -> tuple[str, str] | None:
     return template.render(message), template.prefix
 
 
-def affinity(body: dict[str, Any], chat: bool) -> str | None:
+# Chat fields that a chat template renders ahead of the messages.
+_HEAD_FIELDS = ("tools", "chat_template_kwargs")
+# Enough of any prompt to tell where it is cached; bounds memory per slot.
+MAX_TEXT = 1 << 20
+
+
+def promptText(body: dict[str, Any], chat: bool) -> str:
     """
-    A key shared by requests whose prompts start the same way: the first chat
-    message, or the start of a completion prompt. The slot that served one
-    serves the next best, as llama-server's own slot choice would.
+    A stand-in for the prompt llama-server will build from body: two
+    requests' texts start alike exactly as far as their prompts do, message
+    by message and within a message, which is what finding the slot that
+    already holds most of a prompt needs. Not the prompt itself: no chat
+    template is applied.
     """
     if chat:
         messages = body.get("messages")
-        start = json.dumps(messages[0], sort_keys=True) if isinstance(messages, list) and messages else None
+        if not isinstance(messages, list):
+            return ""
+        head = {k: body[k] for k in _HEAD_FIELDS if k in body}
+        parts = [json.dumps(head, sort_keys=True, ensure_ascii=False)]
+        parts += [json.dumps(m, sort_keys=True, ensure_ascii=False) for m in messages]
+        text = "\n".join(parts)
     else:
         prompt = body.get("prompt")
-        start = prompt[:256] if isinstance(prompt, str) else None
-    if start is None:
-        return None
-    return "~" + hashlib.sha256(start.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt) if prompt is not None else ""
+    return text[:MAX_TEXT]
 
 
 def withSlot(raw: bytes, slot: int) -> bytes:
@@ -148,11 +158,11 @@ class Body:
     raw: bytes
     parsed: dict[str, Any]
     expanded: bool = False
-    affinity: str | None = None  # requests with the same one start their prompts alike
+    text: str = ""  # promptText: where its prompt is cached
 
-    def pinned(self, slot: int) -> bytes:
-        """The body to forward on slot; a client's own id_slot is left as it is."""
-        if "id_slot" in self.parsed:
+    def pinned(self, slot: int | None) -> bytes:
+        """The body to forward, pinned to slot unless None; a client's own id_slot is left as it is."""
+        if slot is None or "id_slot" in self.parsed:
             return encode(self.parsed) if self.expanded else self.raw
         if self.expanded:
             return encode({"id_slot": slot, **self.parsed})

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .llamacpp import BackendError, LlamaClient
+from .backend import Backend, Persistence, SlotMode
+from .expand import promptText
+from .llamacpp import BackendError, NoPersistence
 from .metrics import Metrics
 from .templates import Template
 
@@ -29,6 +31,11 @@ RESTORE_MISS_LIMIT = 2
 # Stands in for the user's message when finding where the template ends.
 _SENTINEL = "\u2063bioproxy-message\u2063"
 
+# How a slot was made ready for a templated request: it already held the
+# template; llama-server's RAM cache will supply it; its file was restored;
+# a restore was tried and failed (the slot is empty); or it runs cold.
+Prepared = Literal["warm", "ram", "restored", "failed", "cold"]
+
 
 def sanitise(prefix: str) -> str:
     """A file-name-safe form of a prefix: only [A-Za-z0-9_-], never empty."""
@@ -39,15 +46,22 @@ def filename(template: Template, fingerprint: str) -> str:
     return f"{sanitise(template.prefix)}-{template.hash[:12]}-{fingerprint}.bin"
 
 
-def warmBody(template: Template, slot: int) -> dict[str, Any]:
-    """The warmup request: the template with an empty message, one token, pinned."""
-    return {
+def warmBody(template: Template, slot: int | None) -> dict[str, Any]:
+    """The warmup request: the template with an empty message, one token, pinned unless slot is None."""
+    body: dict[str, Any] = {
         "messages": [{"role": "user", "content": template.render("")}],
         "max_tokens": 1,
-        "id_slot": slot,
         "cache_prompt": True,
         "stream": False,
     }
+    if slot is not None:
+        body["id_slot"] = slot
+    return body
+
+
+def warmText(template: Template) -> str:
+    """What a slot that the warmup of template computed starts with, as placement compares it."""
+    return promptText(warmBody(template, None), chat=True)
 
 
 @dataclasses.dataclass
@@ -58,6 +72,7 @@ class WarmState:
     tokens: int | None = None  # prompt tokens of the warmup request
     reusable: int | None = None  # tokens before the message: what a hit reuses
     prefill: bool = False  # restores failed to give reuse; warm by prefilling
+    prefillWhy: str | None = None
     restoreMisses: int = 0
     hits: int = 0
     misses: int = 0
@@ -66,13 +81,19 @@ class WarmState:
     lastWarmup: float | None = None
     error: str | None = None  # why the backend refused the last warmup
 
-    def view(self) -> dict[str, Any]:
+    def view(self, backend: Backend) -> dict[str, Any]:
         checked = self.hits + self.misses
+        prefill = self.prefill or backend.persistence is Persistence.NONE
+        why = self.prefillWhy
+        if backend.persistence is Persistence.NONE:
+            why = "llama-server runs without --slot-save-path: no cache files"
         return {
             "warm": self.warm,
             "tokens": self.tokens,
             "reusable_tokens": self.reusable,
-            "warmup_mode": "prefill" if self.prefill else "restore",
+            "warmup_mode": "prefill" if prefill else "restore",
+            "warmup_mode_reason": why,
+            "in_ram_cache": self.inRam,
             "hits": self.hits,
             "misses": self.misses,
             "hit_ratio": round(self.hits / checked, 4) if checked else None,
@@ -82,16 +103,12 @@ class WarmState:
 
 
 class KVCache:
-    def __init__(self, llama: LlamaClient, metrics: Metrics) -> None:
-        self.llama = llama
+    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+        self.backend = backend
+        self.llama = backend.llama
         self.metrics = metrics
-        self.fingerprint: str | None = None  # None until the backend's /props is read
-        # Whether llama-server's in-RAM prompt cache gives a template that this
-        # process has seen to any slot; None until a probe has told.
-        self.ramCache: bool | None = None
         self.states: dict[str, WarmState] = {}
-        self.saved: set[str] = set()  # files known to be on the backend's disk
-        self.missing: set[str] = set()  # files known not to be
+        self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
 
     def state(self, template: Template) -> WarmState:
         state = self.states.get(template.prefix)
@@ -99,19 +116,30 @@ class KVCache:
             state = self.states[template.prefix] = WarmState(template.key)
         return state
 
+    def forgetProcess(self) -> None:
+        """A new backend process holds nothing in its slots or RAM; the files stay."""
+        for state in self.states.values():
+            state.warm = state.inRam = False
+
     def filename(self, template: Template) -> str | None:
-        return filename(template, self.fingerprint) if self.fingerprint else None
+        fp = self.backend.fingerprint
+        return filename(template, fp) if fp else None
 
     def mayRestore(self, template: Template) -> bool:
         name = self.filename(template)
-        return name is not None and name not in self.missing and not self.state(template).prefill
+        return (
+            name is not None
+            and self.backend.persistence is not Persistence.NONE
+            and name not in self.backend.missing
+            and not self.state(template).prefill
+        )
 
     def inRam(self, template: Template) -> bool:
         """
         True when llama-server will find template in its RAM prompt cache,
         which is quicker than a restore from disk.
         """
-        return bool(self.ramCache) and self.state(template).inRam
+        return bool(self.backend.ramCache) and self.state(template).inRam
 
     async def preserve(self, slot: int, held: str | None) -> None:
         """
@@ -120,7 +148,7 @@ class KVCache:
         works, a one-token completion goes first, and the template is kept.
         """
         state = self._version(held)
-        if not self.ramCache or state is None or state.inRam:
+        if not self.backend.ramCache or state is None or state.inRam:
             return
         await self.displace(slot)
         state.inRam = True
@@ -145,21 +173,49 @@ class KVCache:
         """The state of the template version key names, if it is a current one."""
         return next((s for s in self.states.values() if key is not None and s.key == key), None)
 
-    async def prepare(self, slot: int, template: Template, held: str | None, ram: bool) -> str:
+    async def prepare(self, slot: int, template: Template, held: str | None, ram: bool) -> Prepared:
         """
         Ready slot, which holds `held` and not template, for a completion of
-        template. Returns how: "ram" (llama-server's RAM cache will supply
-        it; only when ram is allowed), "restored" from disk, "failed" (a
-        restore was tried and the slot is now empty), or "cold".
+        template. ram: llama-server's RAM cache may be relied on.
         """
+        how: Prepared
         if ram and self.inRam(template):
             how = "ram"
         elif self.mayRestore(template):
-            return "restored" if await self.restore(slot, template, held) else "failed"
+            if await self.restore(slot, template, held):
+                return "restored"
+            return "cold" if self.backend.persistence is Persistence.NONE else "failed"
         else:
             how = "cold"
         self.displaced(held)  # the completion to come moves it into the RAM cache
         return how
+
+    async def claimSlot(self, leased: int) -> int:
+        """
+        Where a file can be restored or a template computed and saved without
+        losing anything; give it back with unclaim(). In CLEARED mode the
+        lease is only a share of capacity, and the slot that finished last
+        still holds its prompt until the next task moves it into the RAM
+        cache, so /slots is asked for an idle, empty one that no other job
+        of ours is using.
+        """
+        if self.backend.mode is not SlotMode.CLEARED:
+            return leased
+        ids: list[int] = []
+        try:
+            slots = await self.llama.slots()
+            idle = [s for s in slots if not s.get("is_processing") and s.get("id") not in self.claimed]
+            ids = [int(s["id"]) for s in idle if not s.get("n_prompt_tokens")] or [int(s["id"]) for s in idle]
+        except defer.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - without /slots, the leased one is all there is
+            pass
+        chosen = leased if leased in ids or not ids else ids[0]
+        self.claimed.add(chosen)
+        return chosen
+
+    def unclaim(self, slot: int) -> None:
+        self.claimed.discard(slot)
 
     async def restore(self, slot: int, template: Template, held: str | None = None) -> bool:
         """
@@ -171,15 +227,19 @@ class KVCache:
             return False
         prefix = template.prefix
         try:
-            await self.preserve(slot, held)
+            if self.backend.pins:
+                await self.preserve(slot, held)
             result = await self.llama.restore(slot, name)
+        except NoPersistence as e:
+            self.backend.noPersistence(str(e))
+            return False
         except BackendError as e:
             # llama-server says 400 for a file that is missing or unusable.
             status = "missing" if e.status == 400 else "error"
-            log.info("no usable cache file for {prefix} ({why})", prefix=prefix, why=str(e))
+            log.info("no usable cache file for {prefix} yet ({why})", prefix=prefix, why=str(e))
             self.metrics.kvRestores.labels(prefix=prefix, status=status).inc()
-            self.saved.discard(name)
-            self.missing.add(name)
+            self.backend.saved.discard(name)
+            self.backend.missing.add(name)
             return False
         except defer.CancelledError:
             raise
@@ -192,19 +252,42 @@ class KVCache:
             self.metrics.kvRestores.labels(prefix=prefix, status="empty").inc()
             return False
         self.metrics.kvRestores.labels(prefix=prefix, status="ok").inc()
-        self.saved.add(name)
+        self.backend.saved.add(name)
         return True
 
-    async def save(self, slot: int, template: Template) -> None:
-        """Save once per template version and backend: the file never changes after."""
+    def saved(self, template: Template) -> bool:
+        return self.filename(template) in self.backend.saved
+
+    async def save(self, slot: int, template: Template, tokens: int | None) -> bool:
+        """
+        Save once per template version and backend: the file never changes
+        after. tokens: what the slot should hold; a save of fewer (another
+        task cleared the slot first) is not counted as the template's file.
+        """
         name = self.filename(template)
-        if name is None or name in self.saved:
-            return
-        await self.llama.save(slot, name)
-        self.saved.add(name)
-        self.missing.discard(name)
+        backend = self.backend
+        if name is None or name in backend.saved or backend.persistence is Persistence.NONE:
+            return name in backend.saved
+        try:
+            result = await self.llama.save(slot, name)
+        except NoPersistence as e:
+            backend.noPersistence(str(e))
+            return False
+        written = result.get("n_saved") if isinstance(result, dict) else None
+        if tokens and isinstance(written, int) and written < HIT_SHARE * tokens:
+            log.info(
+                "slot {slot} held {n} tokens, not {prefix}'s {tokens}, when saved; saving again later",
+                slot=slot,
+                n=written,
+                prefix=template.prefix,
+                tokens=tokens,
+            )
+            return False
+        backend.saved.add(name)
+        backend.missing.discard(name)
         self.metrics.kvSaves.labels(prefix=template.prefix).inc()
         log.info("saved {prefix} from slot {slot} to {name}", prefix=template.prefix, slot=slot, name=name)
+        return True
 
     async def measure(self, template: Template) -> int | None:
         """
@@ -223,12 +306,20 @@ class KVCache:
             return None
 
     def learn(
-        self, template: Template, slot: int, timings: dict[str, Any], restored: bool, fromRam: bool = False
+        self,
+        template: Template,
+        slot: int | None,
+        timings: dict[str, Any],
+        restored: bool,
+        fromRam: bool = False,
     ) -> bool:
         """
         Compare a templated request's reuse with what a warm slot gives.
         Returns False on a miss, which the caller answers with a re-warm.
-        fromRam: the request relied on llama-server's RAM cache instead of a restore.
+        restored: the request ran right after a restore that reported
+        success, on that slot, so a miss is evidence against restores;
+        any other miss (eviction, another task in between) is not.
+        fromRam: the request relied on llama-server's RAM cache.
         """
         state = self.state(template)
         expected = state.reusable if state.reusable is not None else state.tokens
@@ -238,6 +329,8 @@ class KVCache:
             state.hits += 1
             if restored:
                 state.restoreMisses = 0
+            if self.backend.mode is SlotMode.CLEARED:
+                state.inRam = True  # the next task moves it into the RAM cache, where the next finds it
             return True
         state.misses += 1
         self.metrics.cacheMisses.labels(prefix=template.prefix).inc()
@@ -248,12 +341,13 @@ class KVCache:
             got=timings.get("cache_n"),
             want=expected,
         )
-        if fromRam:
+        if fromRam or self.backend.mode is SlotMode.CLEARED:
             state.inRam = False  # evicted from llama-server's RAM: restore from disk next time
         if restored:
             state.restoreMisses += 1
             if state.restoreMisses >= RESTORE_MISS_LIMIT and not state.prefill:
                 state.prefill = True
+                state.prefillWhy = f"{state.restoreMisses} restores in a row reported success and gave no reuse on their slot"
                 log.warn("restores of {prefix} give no reuse; warming it by prefill", prefix=template.prefix)
         return False
 

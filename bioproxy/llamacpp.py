@@ -24,22 +24,58 @@ class BackendError(Exception):
         self.status = status
 
 
+class NoPersistence(BackendError):
+    """501 to a slot action: llama-server runs without --slot-save-path, so no files."""
+
+
+class Unauthorized(BackendError):
+    """401: llama-server runs with --api-key and bioproxy's backend_api_key is unset or wrong."""
+
+
+class Refused(BackendError):
+    """Another 4xx: llama-server will not do this (a prompt longer than a slot, say); retrying cannot help."""
+
+
+def backendError(status: int, message: str) -> BackendError:
+    """The typed error for an answer with status >= 400."""
+    if status == 501:
+        return NoPersistence(status, message)
+    if status == 401:
+        return Unauthorized(status, message)
+    if 400 <= status < 500:
+        return Refused(status, message)
+    return BackendError(status, message)
+
+
 class LlamaClient:
-    def __init__(self, http: HTTPClient, baseURL: str, reactor: IReactorTime, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        http: HTTPClient,
+        baseURL: str,
+        reactor: IReactorTime,
+        timeout: float = 10.0,
+        apiKey: str | None = None,
+    ) -> None:
         self.http = http
         self.base = baseURL.rstrip("/")
         self.reactor = reactor
         self.timeout = timeout
+        self.headers: dict[bytes, list[bytes]] = {b"content-type": [b"application/json"]}
+        if apiKey:
+            self.headers[b"authorization"] = [b"Bearer " + apiKey.encode("utf-8")]
 
     async def _json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        kwargs: dict[str, Any] = {"reactor": self.reactor, "timeout": timeout or self.timeout}
+        kwargs: dict[str, Any] = {
+            "reactor": self.reactor,
+            "timeout": timeout or self.timeout,
+            "headers": self.headers,
+        }
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
-            kwargs["headers"] = {b"content-type": [b"application/json"]}
         response = await self.http.request(method, self.base + path, **kwargs)
         content = await treq.content(response)
         if response.code >= 400:
-            raise BackendError(response.code, _message(content))
+            raise backendError(response.code, _message(content))
         return json.loads(content) if content else None
 
     async def health(self) -> Any:
@@ -63,6 +99,10 @@ class LlamaClient:
     async def chat(self, body: dict[str, Any], timeout: float) -> Any:
         """A non-streaming chat completion; cancelling closes the connection, which cancels the task."""
         return await self._json("POST", "/v1/chat/completions", body, timeout)
+
+    async def complete(self, body: dict[str, Any], timeout: float) -> Any:
+        """A non-streaming /completion: a raw prompt, no chat template."""
+        return await self._json("POST", "/completion", body, timeout)
 
     async def applyTemplate(self, messages: list[dict[str, Any]]) -> str:
         result = await self._json("POST", "/apply-template", {"messages": messages})

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .llamacpp import BackendError, LlamaClient, fingerprint
+from .llamacpp import BackendError, LlamaClient, Unauthorized, fingerprint
 from .metrics import Metrics
 
 log = Logger()
@@ -90,6 +90,15 @@ class BackendMonitor(Service):
         try:
             props = await self.client.props()
         except defer.CancelledError:
+            return
+        except Unauthorized as e:
+            problem = (
+                f"llama-server refuses bioproxy's own calls ({e}): it runs with --api-key; set "
+                "backend_api_key, backend_api_key_file or $BIOPROXY_BACKEND_API_KEY"
+            )
+            if self.lastError != problem:
+                log.error("{problem}", problem=problem)
+            self._record(True, problem)
             return
         except BackendError as e:
             # Not llama-server, or an old one: run without its facts.

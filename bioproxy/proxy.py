@@ -20,12 +20,12 @@ from .expand import (
     PROMPT_PATHS,
     BadRequest,
     Body,
-    affinity,
     encode,
     expandChat,
     expandPrompt,
     leading,
     parseBody,
+    promptText,
 )
 from .forward import Forwarder
 from .templates import Template, TemplateLibrary
@@ -82,7 +82,7 @@ class ProxyResource(Resource):
             return NOT_DONE_YET
         body.expanded = bool(prefix)
         if request.path in CHAT_PATHS or request.path in PROMPT_PATHS:
-            body.affinity = affinity(body.parsed, request.path in CHAT_PATHS)
+            body.text = promptText(body.parsed, request.path in CHAT_PATHS)
         if self.dispatcher is None:
             self.forwarder.forward(request, encode(body.parsed) if prefix else None)
         else:

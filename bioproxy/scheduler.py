@@ -3,41 +3,84 @@ Who runs on which llama-server slot, and in what order.
 
 Bookkeeping only, with no I/O, so that its rules can be checked on a Clock:
 at most one lease per slot; users before warmups, FIFO among users; a warmup
-gives way the moment a user would otherwise wait; a slot that already holds
-a request's template is preferred, and otherwise the slot cheapest to lose.
+gives way the moment a user would otherwise wait.
+
+Placement follows what the backend's slots do between tasks (`retains`).
+Where they keep their contents, a request goes to the slot that holds its
+template, else to the slot whose prompt shares the longest start with its
+own (as llama-server's own choice would), else to the slot cheapest to lose.
+Where llama-server clears idle slots into its RAM cache, contents do not
+last, so a lease is only a share of the backend's capacity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from .metrics import Metrics
 
+_T = TypeVar("_T")
+
 USER = "user"
 WARMUP = "warmup"
+
+
+# A slot is worth returning to when it shares this much of a prompt's start,
+# in characters and as a share of the prompt (llama-server's own default
+# --slot-prompt-similarity is 0.1); less is the JSON every chat starts with.
+MIN_SHARED = 64
+SIMILARITY = 0.1
+
+
+class Held(enum.Enum):
+    UNKNOWN = "unknown"  # after a start or restart, or an exchange that failed
+    EMPTY = "empty"  # a failed restore left it so
+    PROMPT = "prompt"  # it holds `text`, and `key` when that starts with a template version
 
 
 @dataclasses.dataclass(frozen=True)
 class Contents:
     """What bioproxy believes a slot's KV cache starts with."""
 
-    kind: str  # "unknown" | "empty" | "template" | "other"
-    key: str | None = None  # the template version, for kind "template"
+    held: Held
+    text: str = ""  # the prompt's stand-in text (expand.promptText), for shared starts
+    key: str | None = None  # the template version it begins with, if any
+
+    @property
+    def label(self) -> str:
+        if self.held is not Held.PROMPT:
+            return str(self.held.value)
+        return "template" if self.key else "other"
 
 
-UNKNOWN = Contents("unknown")
-EMPTY = Contents("empty")
-OTHER = Contents("other")
-KEEP = Contents("keep")  # release without changing what the slot holds
+UNKNOWN = Contents(Held.UNKNOWN)
+EMPTY = Contents(Held.EMPTY)
 
 
-def holding(key: str) -> Contents:
-    return Contents("template", key)
+def holding(key: str | None, text: str = "") -> Contents:
+    return Contents(Held.PROMPT, text, key)
+
+
+def commonLength(a: str, b: str) -> int:
+    """The length of a's and b's common start, by bisection in C-speed slices."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 class Overloaded(Exception):
@@ -75,11 +118,18 @@ class Lease:
     _timer: IDelayedCall | None = None
 
     def __init__(
-        self, scheduler: SlotScheduler, priority: str, key: str | None, pin: int | None, seq: int
+        self,
+        scheduler: SlotScheduler,
+        priority: str,
+        key: str | None,
+        pin: int | None,
+        seq: int,
+        text: str = "",
     ) -> None:
         self.scheduler = scheduler
         self.priority = priority
         self.key = key
+        self.text = text
         self.pin = pin
         self.seq = seq
         self.requestedAt = scheduler.clock.seconds()
@@ -90,7 +140,8 @@ class Lease:
     def accepts(self, slot: Slot) -> bool:
         return self.pin is None or self.pin == slot.id
 
-    def release(self, contents: Contents = KEEP) -> None:
+    def release(self, contents: Contents | None = None) -> None:
+        """Give the slot back; contents is what it holds now (None: as before)."""
         self.scheduler._release(self, contents)
 
     def __repr__(self) -> str:
@@ -112,6 +163,9 @@ class SlotScheduler:
         self.maxQueue = maxQueue
         self.maxWait = maxWait
         self.slots = [Slot(i) for i in range(slots)]
+        # Whether slots keep their contents between tasks; until the backend
+        # is probed, assume not, and leave the choice to llama-server.
+        self.retains = False
         self.queues: dict[str, deque[Lease]] = {USER: deque(), WARMUP: deque()}
         self._seq = 0
         self._dispatching = False
@@ -119,7 +173,7 @@ class SlotScheduler:
         self._report()
 
     def lease(
-        self, key: str | None = None, priority: str = USER, pin: int | None = None
+        self, key: str | None = None, priority: str = USER, pin: int | None = None, text: str = ""
     ) -> defer.Deferred[Lease]:
         """
         A Deferred that fires with a Lease once a slot is free for this request.
@@ -132,15 +186,16 @@ class SlotScheduler:
         if priority == USER and len(self.queues[USER]) >= self.maxQueue:
             return defer.fail(QueueFull(f"{len(self.queues[USER])} requests are already waiting for a slot"))
         self._seq += 1
-        lease = Lease(self, priority, key, pin, self._seq)
+        lease = Lease(self, priority, key, pin, self._seq, text)
         self.queues[priority].append(lease)
         if priority == USER:
             lease._timer = self.clock.callLater(self.maxWait, self._expire, lease)
         self._dispatch()
         return lease.granted
 
-    def reset(self, count: int) -> None:
-        """The backend restarted (or was found): nothing it holds is known any more."""
+    def reset(self, count: int, retains: bool = False) -> None:
+        """The backend restarted (or was found, or probed): nothing it holds is known any more."""
+        self.retains = retains
         old = {slot.id: slot for slot in self.slots}
         self.slots = [Slot(i) for i in range(count)]
         for slot in self.slots:
@@ -165,7 +220,7 @@ class SlotScheduler:
 
     # -- internals
 
-    def _release(self, lease: Lease, contents: Contents) -> None:
+    def _release(self, lease: Lease, contents: Contents | None) -> None:
         if lease.released:
             return
         lease.released = True
@@ -173,7 +228,7 @@ class SlotScheduler:
         if slot is not None and slot.lease is lease:
             slot.lease = None
             slot.lastUsed = self.clock.seconds()
-            if contents is not KEEP:
+            if contents is not None:
                 slot.contents = contents
         self._dispatch()
 
@@ -227,7 +282,7 @@ class SlotScheduler:
                 self._unqueue(lease)
                 slot.lease = lease
                 lease.slot = slot
-                lease.warm = lease.key is not None and slot.contents.key == lease.key
+                lease.warm = self.retains and lease.key is not None and slot.contents.key == lease.key
                 granted.append(lease)
         return granted
 
@@ -235,10 +290,16 @@ class SlotScheduler:
         free = [s for s in self.slots if s.lease is None and lease.accepts(s)]
         if not free:
             return None
+        if not self.retains:
+            return min(free, key=lambda s: s.lastUsed)
         if lease.key is not None:
             for slot in free:
                 if slot.contents.key == lease.key:
                     return slot
+        if lease.text:
+            shared, best = max(((commonLength(s.contents.text, lease.text), s) for s in free), key=_longest)
+            if shared >= max(MIN_SHARED, SIMILARITY * len(lease.text)):
+                return best
         return min(free, key=_costToLose)
 
     def _preempt(self) -> None:
@@ -266,11 +327,25 @@ class SlotScheduler:
             metrics.queueDepth.labels(priority=priority).set(len(queue))
         counts = dict.fromkeys(("unknown", "empty", "template", "other", "busy"), 0)
         for slot in self.slots:
-            counts["busy" if slot.lease else slot.contents.kind] += 1
+            counts["busy" if slot.lease else slot.contents.label] += 1
         for state, n in counts.items():
             metrics.slotState.labels(state=state).set(n)
 
 
 def _costToLose(slot: Slot) -> tuple[int, float]:
     """Empty or unknown slots cost nothing to reuse; otherwise the least recently used."""
-    return (0 if slot.contents.kind in ("empty", "unknown") else 1, slot.lastUsed)
+    return (0 if slot.contents.held is not Held.PROMPT else 1, slot.lastUsed)
+
+
+def _longest(candidate: tuple[int, Slot]) -> tuple[int, float]:
+    """The longest shared start; among equals, the most recently used, which llama-server also keeps."""
+    shared, slot = candidate
+    return (shared, slot.lastUsed)
+
+
+async def yielding(leases: list[Lease], work: Coroutine[Any, Any, _T]) -> _T:
+    """Run work on leases; a user who needs one of their slots cancels it at once."""
+    running = defer.ensureDeferred(work)
+    for lease in leases:
+        lease.preempted.addCallback(lambda _: running.cancel())
+    return await running

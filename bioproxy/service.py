@@ -19,6 +19,7 @@ from twisted.web.server import Site
 
 from . import __version__
 from .admin import adminRoot
+from .backend import Backend
 from .config import Config
 from .dispatch import Dispatcher
 from .forward import Forwarder
@@ -139,19 +140,22 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     agent = Agent(reactor, pool=pool, connectTimeout=10)
 
     forwarder = Forwarder(agent, config.backend_url, reactor, metrics, config.backend_timeout)
-    llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor)
+    llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor, apiKey=config.backendApiKey())
     monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
     monitor.setName("monitor")
 
     # Until the backend's /props is read, one slot is the only safe guess.
     scheduler = SlotScheduler(reactor, config.slots or 1, metrics, config.max_queue, config.max_queue_wait)
-    cache = KVCache(llama, metrics)
-    warmer = Warmer(library, scheduler, cache, llama, reactor, metrics, config.backend_timeout, config.slots)
+    backend = Backend(llama, scheduler, config.slots, config.backend_timeout)
+    cache = KVCache(backend, metrics)
+    backend.onNewProcess.append(cache.forgetProcess)
+    warmer = Warmer(library, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
     warmer.setName("warmup")
     watcher.listeners.append(warmer.templateChanged)
-    monitor.listeners.append(warmer)
+    monitor.listeners.append(backend)
+    backend.listeners.append(warmer)
 
-    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor)
+    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
     proxySite = ProxySite(
         ProxyResource(forwarder, library, dispatcher), metrics, reactor, config.max_body_bytes
     )
@@ -171,6 +175,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
 
     for child in (
         _CallOnStop("pool", pool.closeCachedConnections),
+        _CallOnStop("backend", backend.stop),
         warmer,
         monitor,
         watcher,

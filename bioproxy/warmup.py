@@ -10,8 +10,7 @@ its `cache_n` tells whether a restore really worked.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -19,14 +18,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .kvcache import HIT_SHARE, KVCache, WarmState, warmBody
-from .llamacpp import BackendError, LlamaClient, fingerprint
+from .backend import Backend
+from .kvcache import KVCache, WarmState, warmBody, warmText
+from .llamacpp import Refused, Unauthorized
 from .metrics import Metrics
-from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, holding
+from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, holding, yielding
 from .templates import Template, TemplateLibrary
 
 log = Logger()
-_T = TypeVar("_T")
 
 
 class Warmer(Service):
@@ -35,56 +34,42 @@ class Warmer(Service):
         library: TemplateLibrary,
         scheduler: SlotScheduler,
         cache: KVCache,
-        llama: LlamaClient,
+        backend: Backend,
         clock: IReactorTime,
         metrics: Metrics,
         timeout: float,
-        slots: int | None = None,
         retryDelay: float = 5.0,
     ) -> None:
         self.library = library
         self.scheduler = scheduler
         self.cache = cache
-        self.llama = llama
+        self.backend = backend
+        self.llama = backend.llama
         self.clock = clock
         self.metrics = metrics
         self.timeout = timeout
-        self.slots = slots  # configured count; None means the backend's
         self.retryDelay = retryDelay
-        self.ready = False  # the backend is up and its slots are known
         self.wanted: set[str] = set()
         self.jobs: dict[str, defer.Deferred[None]] = {}
         self._retries: list[IDelayedCall] = []
-        self._probe: defer.Deferred[None] | None = None
-        self._probed = False  # this backend process was probed, or could not be
+
+    @property
+    def ready(self) -> bool:
+        """The backend is up, probed, and its slots are known."""
+        return self.backend.ready
 
     # -- what starts warmups
 
-    def backendReady(self, props: dict[str, Any], restarted: bool) -> None:
-        """The backend was found, or came back; after a restart nothing in its slots is known."""
-        first = self.cache.fingerprint is None
-        if restarted or first:
-            self.scheduler.reset(int(self.slots or props.get("total_slots") or 1))
-            for state in self.cache.states.values():
-                state.warm = state.inRam = False
-            self.cache.ramCache = None
-            self._probed = False
-        if not props:
-            log.warn("the backend has no /props, so it is not llama-server: no warmups or cache files")
-            self.ready, self.cache.fingerprint = False, None
-            return
-        self.cache.fingerprint = fingerprint(props)
-        self.ready = True
-        log.info(
-            "backend has {count} slot(s), fingerprint {fp}; warming {n} template(s)",
-            count=len(self.scheduler.slots),
-            fp=self.cache.fingerprint,
-            n=len(self.library.templates),
-        )
+    def backendReady(self) -> None:
+        """The backend was found or came back, and has been probed: warm everything."""
+        log.info("warming {n} template(s)", n=len(self.library.templates))
         self.warmAll()
 
     def backendLost(self) -> None:
-        self.ready = False
+        """Drop every warmup in flight, so that llama-server's shutdown never waits on one."""
+        for prefix, job in list(self.jobs.items()):
+            self.wanted.add(prefix)
+            job.cancel()
 
     def templateChanged(self, template: Template) -> None:
         self.request(template.prefix)
@@ -100,7 +85,7 @@ class Warmer(Service):
             return False
         if force:
             name = self.cache.filename(template)
-            self.cache.saved.discard(name or "")
+            self.backend.saved.discard(name or "")
         self.wanted.add(prefix)
         self._kick()
         return True
@@ -116,7 +101,7 @@ class Warmer(Service):
         for call in self._retries:
             if call.active():
                 call.cancel()
-        for job in [*self.jobs.values(), *([self._probe] if self._probe else [])]:
+        for job in list(self.jobs.values()):
             job.cancel()
 
     # -- running them
@@ -125,19 +110,14 @@ class Warmer(Service):
         if not self.running or not self.ready:
             return
         for prefix in sorted(self.wanted - set(self.jobs)):
+            if not self.backend.pins and self.jobs:
+                # Each task llama-server starts clears the idle slots, so a
+                # second warmup would clear the first's slot before its save.
+                break
             self.wanted.discard(prefix)
             job = defer.ensureDeferred(self._run(prefix))
             self.jobs[prefix] = job
             job.addBoth(self._ended, prefix)
-        if not self.jobs and not self.wanted and not self._probed and self._probe is None:
-            self._probe = defer.ensureDeferred(self._probeRam())
-            self._probe.addBoth(self._probeEnded)
-
-    def _probeEnded(self, result: object) -> None:
-        self._probe = None
-        if isinstance(result, Failure) and not result.check(defer.CancelledError):
-            log.failure("RAM cache probe failed unexpectedly", result)
-            self._probed = True
 
     def _ended(self, result: object, prefix: str) -> None:
         del self.jobs[prefix]
@@ -152,10 +132,10 @@ class Warmer(Service):
         state = self.cache.state(template)
         if state.reusable is None:
             state.reusable = await self.cache.measure(template)
-        lease = await self.scheduler.lease(template.key, WARMUP)
+        lease = await self.scheduler.lease(template.key, WARMUP, text=warmText(template))
         started = self.clock.seconds()
         try:
-            how = await _yielding(lease, self._warm(lease, template, state))
+            how = await yielding([lease], self._warm(lease, template, state))
         except Exception as e:  # noqa: BLE001 - a failed warmup is retried, never fatal
             lease.release(UNKNOWN)
             # A cancelled request surfaces as the HTTP client's own failure,
@@ -164,7 +144,15 @@ class Warmer(Service):
                 self.metrics.warmupCancellations.labels(prefix=prefix).inc()
                 log.info("warmup of {prefix} gave its slot to a user request", prefix=prefix)
                 self.wanted.add(prefix)
-            elif isinstance(e, BackendError) and 400 <= e.status < 500:
+            elif isinstance(e, Unauthorized):
+                state.error = str(e)
+                log.error(
+                    "llama-server refused bioproxy's warmup of {prefix} ({why}): it runs with --api-key; "
+                    "set backend_api_key, backend_api_key_file or $BIOPROXY_BACKEND_API_KEY",
+                    prefix=prefix,
+                    why=str(e),
+                )
+            elif isinstance(e, Refused):
                 # The backend refuses this template (too long for a slot, say):
                 # retrying cannot help until the template or the backend changes.
                 state.error = str(e)
@@ -174,7 +162,7 @@ class Warmer(Service):
                 self._retryLater(prefix)
             return
         state.error = None
-        lease.release(holding(template.key))
+        lease.release(holding(template.key, warmText(template)) if self.backend.pins else UNKNOWN)
         self.metrics.warmups.labels(prefix=prefix, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)
         log.info(
@@ -186,77 +174,70 @@ class Warmer(Service):
         )
 
     async def _warm(self, lease: Lease, template: Template, state: WarmState) -> str:
-        """Make lease's slot hold template and its file exist; returns how it was done."""
+        """Make template reachable the way users' requests reach it, and its file exist; returns how."""
+        assert lease.slot is not None
+        if self.backend.pins:
+            how = await self._warmPinned(lease, template, state)
+        else:
+            slot = await self.cache.claimSlot(lease.slot.id)
+            try:
+                how = await self._warmUnpinned(slot, template, state)
+            finally:
+                self.cache.unclaim(slot)
+        state.warm = True
+        state.lastWarmup = self.clock.seconds()
+        return how
+
+    async def _warmPinned(self, lease: Lease, template: Template, state: WarmState) -> str:
+        """Slots keep their contents: the leased slot is made to hold the template."""
         assert lease.slot is not None
         slot = lease.slot.id
-        if lease.warm and self.cache.filename(template) in self.cache.saved:
+        if lease.warm and self.cache.saved(template):
             return "resident"
         restored = not lease.warm and (
             await self.cache.prepare(slot, template, lease.slot.contents.key, ram=False) == "restored"
         )
-        result = await self.llama.chat(warmBody(template, slot), self.timeout)
-        timings = (result or {}).get("timings") or {}
-        state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
-        trusted = restored and self.cache.learn(template, slot, timings, restored=True)
-        await self.cache.save(slot, template)
-        state.warm = True
-        state.lastWarmup = self.clock.seconds()
+        timings = await self._complete(template, state, slot)
+        trusted = restored and self._verified(template, slot, timings)
+        await self.cache.save(slot, template, state.tokens)
         if lease.warm:
             return "resident"
         return "restore" if trusted else "prefill"
 
-    async def _probeRam(self) -> None:
+    async def _warmUnpinned(self, slot: int, template: Template, state: WarmState) -> str:
         """
-        Does llama-server's RAM prompt cache keep a template that a slot gives
-        up? Then, while that server lives, a restore from disk is wasted time.
-        Asked once per backend process: a slot holding a template runs a
-        one-token prompt, then the template again, and cache_n answers.
+        llama-server clears idle slots into its RAM cache: the template is
+        restored into (or computed on) an empty slot, from where the next
+        task moves it into the RAM cache, where users' unpinned requests find
+        it. The check after a restore is unpinned too, to reach it as they do.
         """
-        resident = [
-            t
-            for t in self.library.templates.values()
-            if self.scheduler.holders(t.key) and self.cache.state(t).reusable
-        ]
-        if not resident:
-            self._probed = True
-            return
-        template = resident[0]
-        lease = await self.scheduler.lease(template.key, WARMUP)
-        assert lease.slot is not None
-        if not lease.warm:
-            lease.release()  # it moved; ask at the next warmup round
-            return
-        try:
-            reused = await _yielding(lease, self._displaceAndReturn(lease.slot.id, template))
-        except Exception as e:  # noqa: BLE001 - asked again at the next warmup round
-            lease.release(UNKNOWN)
-            if not lease.preempted.called:
-                log.warn("RAM cache probe failed: {why}", why=str(e))
-            return
-        lease.release(holding(template.key))
-        self.cache.ramCache = reused >= HIT_SHARE * (self.cache.state(template).reusable or 0)
-        self.cache.state(template).inRam = self.cache.ramCache
-        self._probed = True
-        log.info(
-            "llama-server's RAM prompt cache {does} keep templates a slot gives up",
-            does="does" if self.cache.ramCache else "does not",
-        )
+        if state.inRam and (self.cache.saved(template) or not self.cache.mayRestore(template)):
+            return "resident"
+        if self.cache.mayRestore(template) and await self.cache.restore(slot, template):
+            if self._verified(template, None, await self._complete(template, state, None)):
+                state.inRam = True
+                return "restore"
+        await self._complete(template, state, slot)
+        if not await self.cache.save(slot, template, state.tokens) and self.cache.mayRestore(template):
+            self._retryLater(template.prefix)  # another task cleared the slot first
+        state.inRam = True
+        return "prefill"
 
-    async def _displaceAndReturn(self, slot: int, template: Template) -> int:
-        await self.cache.displace(slot)
+    async def _complete(self, template: Template, state: WarmState, slot: int | None) -> dict[str, Any]:
         result = await self.llama.chat(warmBody(template, slot), self.timeout)
-        reused: int = ((result or {}).get("timings") or {}).get("cache_n", 0)
-        return reused
+        timings: dict[str, Any] = (result or {}).get("timings") or {}
+        state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
+        return timings
+
+    def _verified(self, template: Template, slot: int | None, timings: dict[str, Any]) -> bool:
+        """A restore that reported success: did the request right after it reuse it?"""
+        if self.cache.learn(template, slot, timings, restored=True):
+            return True
+        self.backend.saved.discard(self.cache.filename(template) or "")  # the file is no good: write it anew
+        return False
 
     def _retryLater(self, prefix: str) -> None:
         if not self.running:
             return
         self._retries = [c for c in self._retries if c.active()]
         self._retries.append(self.clock.callLater(self.retryDelay, self.request, prefix))
-
-
-async def _yielding(lease: Lease, work: Coroutine[Any, Any, _T]) -> _T:
-    """Run work for lease; a user who needs the slot cancels it at once."""
-    running = defer.ensureDeferred(work)
-    lease.preempted.addCallback(lambda _: running.cancel())
-    return await running

@@ -80,7 +80,7 @@ class Bioproxy:
         warmer = self.service.getServiceNamed("warmup")
 
         def done() -> bool:
-            return self.warmed() >= want and not warmer.jobs and not warmer.wanted and warmer._probe is None
+            return self.warmed() >= want and warmer.ready and not warmer.jobs and not warmer.wanted
 
         await until(R, done, timeout=60, what=f"{want} warmups")
 

@@ -6,6 +6,17 @@ on byte tokens, `id_slot` pinning, `timings.cache_n` / `prompt_n`, SSE
 streaming, a cost per token on an injected clock, and fault switches. It is
 not a substitute for the real server in the integration tests.
 
+Slot choice and the RAM prompt cache follow llama-server's
+`get_available_slot` (build 11434) in both of its modes:
+- unified (`unified=True`, llama-server's default with no `-np`): each new
+  task moves every idle slot into the RAM cache and clears it; a request
+  pinned to a cleared slot does not look in the RAM cache (upstream #28139);
+- explicit slots (`-np N`): slots keep their contents, and idle ones are
+  copied into the RAM cache.
+`cacheIdleSlots=False` is `--no-cache-idle-slots`, `cacheRam=False` is
+`--cache-ram 0` (which also turns idle-slot caching off), `saveDir=None` is
+no `--slot-save-path` (slot actions answer 501), `apiKey` is `--api-key`.
+
 Run it alone: ``python -m bioproxy.testing.fakellama --port 8081``.
 """
 
@@ -86,6 +97,9 @@ class FakeLlama:
         model: str = MODEL,
         saveDir: Path | None = None,
         cacheRam: bool = True,
+        unified: bool = False,
+        cacheIdleSlots: bool = True,
+        apiKey: str | None = None,
     ) -> None:
         self.clock = clock
         self.slots = [Slot(i) for i in range(slots)]
@@ -97,6 +111,9 @@ class FakeLlama:
         self.build = "fake-0"
         # llama-server's in-RAM prompt cache (--cache-ram): None when disabled.
         self.ram: list[bytes] | None = [] if cacheRam else None
+        self.unified = unified
+        self.cacheIdleSlots = cacheIdleSlots and cacheRam  # llama-server: it needs --cache-ram
+        self.apiKey = apiKey
         self.generation = 0
         self.faults = Faults()
         self.log: list[dict[str, Any]] = []  # one record per completion, for tests
@@ -110,23 +127,26 @@ class FakeLlama:
         if self.ram is not None:
             self.ram.clear()
 
-    def promptCache(self, slot: Slot, prompt: bytes) -> int:
-        """
-        llama-server's RAM prompt cache: the slot's old prompt is kept, and a
-        kept prompt that shares more with the new one is loaded into the slot.
-        Returns how much of prompt the slot then holds.
-        """
-        reuse = commonPrefix(slot.tokens, prompt)
-        if self.ram is None:
-            return reuse
-        if slot.tokens and slot.tokens not in self.ram:
-            self.ram.append(slot.tokens)
+    def remember(self, tokens: bytes) -> None:
+        """prompt_save: keep a copy in the RAM cache (bounded, oldest out)."""
+        if self.ram is not None and tokens and tokens not in self.ram:
+            self.ram.append(tokens)
             del self.ram[:-64]
-        best = max(self.ram, key=lambda kept: commonPrefix(kept, prompt), default=b"")
-        if commonPrefix(best, prompt) > reuse:
-            slot.tokens = best
-            reuse = commonPrefix(best, prompt)
-        return reuse
+
+    def loadFromRam(self, slot: Slot, prompt: bytes) -> None:
+        """prompt_load: the kept prompt sharing the most with prompt goes into slot, else it is cleared."""
+        best = max(self.ram or [], key=lambda kept: commonPrefix(kept, prompt), default=b"")
+        slot.tokens = best if commonPrefix(best, prompt) > 0 else b""
+
+    def launched(self, slot: Slot) -> None:
+        """After a task starts on slot: idle slots go to the RAM cache, and with unified KV are cleared."""
+        if not self.cacheIdleSlots:
+            return
+        for other in self.slots:
+            if other is not slot and not other.busy:
+                self.remember(other.tokens)
+                if self.unified:
+                    other.tokens = b""
 
     def props(self) -> dict[str, Any]:
         return {
@@ -139,15 +159,33 @@ class FakeLlama:
             "media_marker": f"<__media_{self.generation}__>",
         }
 
-    def pickSlot(self, prompt: bytes, pinned: int | None) -> Slot:
-        """llama-server's rule: the pinned slot, else the idle slot sharing the most prompt, else LRU."""
+    def pickSlot(self, prompt: bytes, pinned: int | None) -> tuple[Slot, bool]:
+        """
+        llama-server's choice, and whether it updates the slot from the RAM
+        cache: the pinned slot, or the idle slot whose prompt shares more
+        than a tenth of this one, else the least recently used.
+        """
+        chosen: Slot | None = None
+        update = False
         if pinned is not None and pinned >= 0:
-            return self.slots[pinned]
-        idle = [s for s in self.slots if not s.busy] or self.slots
-        best = max(idle, key=lambda s: (commonPrefix(s.tokens, prompt), -s.lastUsed))
-        if commonPrefix(best.tokens, prompt) * 10 > len(prompt):
-            return best
-        return min(idle, key=lambda s: s.lastUsed)
+            chosen = self.slots[pinned]
+        best = 0.0
+        for slot in self.slots:
+            if (pinned is not None and pinned >= 0 and slot.id != pinned) or slot.busy or not slot.tokens:
+                continue
+            similarity = commonPrefix(slot.tokens, prompt) / max(1, len(prompt))
+            if similarity > best and similarity > 0.1:
+                best, chosen = similarity, slot
+        if chosen is not None:
+            if chosen.tokens:
+                keep = best * len(prompt) / len(chosen.tokens)
+                update = keep < 0.5
+            # An empty pinned slot gives 0/0 here, which is never < 0.5: the RAM cache is not read.
+        else:
+            idle = [s for s in self.slots if not s.busy] or self.slots
+            chosen = min(idle, key=lambda s: s.lastUsed)
+            update = True
+        return chosen, update and self.ram is not None
 
     async def acquire(self, slot: Slot) -> None:
         while slot.busy:
@@ -162,6 +200,9 @@ class FakeLlama:
         if slot.waiting:
             slot.waiting.pop(0).callback(None)
 
+
+# What llama-server answers without an API key.
+_PUBLIC = frozenset({b"/health", b"/v1/health", b"/models", b"/v1/models"})
 
 _FILENAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -252,8 +293,12 @@ class _Generation:
     async def run(self) -> None:
         server = self.server
         pinned = self.body.get("id_slot")
-        slot = server.pickSlot(self.prompt, pinned if isinstance(pinned, int) else None)
+        slot, update = server.pickSlot(self.prompt, pinned if isinstance(pinned, int) else None)
         await server.acquire(slot)
+        if update:
+            server.remember(slot.tokens)
+            server.loadFromRam(slot, self.prompt)
+        server.launched(slot)
         self.slot = slot
         try:
             await self._generate(slot)
@@ -263,7 +308,7 @@ class _Generation:
     async def _generate(self, slot: Slot) -> None:
         server = self.server
         started = server.clock.seconds()
-        reuse = server.promptCache(slot, self.prompt)
+        reuse = commonPrefix(slot.tokens, self.prompt)
         cacheN = min(reuse, len(self.prompt) - 1) if self.prompt else 0
         promptN = len(self.prompt) - cacheN
         slot.tokens = self.prompt[:cacheN]
@@ -369,7 +414,9 @@ def _abort(request: Request) -> None:
 def _error(request: Request, status: int, message: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    kind = {401: "authentication_error", 501: "not_supported_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     return json.dumps({"error": {"code": status, "message": message, "type": kind}}).encode()
 
 
@@ -402,6 +449,11 @@ class FakeLlamaResource(Resource):
         if faults.down:
             _abort(request)
             return NOT_DONE_YET
+        key = self.llama.apiKey
+        if key and request.path not in _PUBLIC:
+            given = request.getHeader(b"authorization") or ""
+            if given != f"Bearer {key}":
+                return _error(request, 401, "Invalid API Key")
         route = self.routes.get((request.method, request.path))
         if route is None and request.method == b"POST" and request.path.startswith(b"/slots/"):
             route = self._slotAction
@@ -433,7 +485,15 @@ class FakeLlamaResource(Resource):
     def _slots(self, request: Request) -> bytes:
         return self._json(
             request,
-            [{"id": s.id, "is_processing": s.busy, "n_ctx": self.llama.nCtx} for s in self.llama.slots],
+            [
+                {
+                    "id": s.id,
+                    "is_processing": s.busy,
+                    "n_ctx": self.llama.nCtx,
+                    "n_prompt_tokens": len(s.tokens),
+                }
+                for s in self.llama.slots
+            ],
         )
 
     def _slotAction(self, request: Request) -> bytes | int:
@@ -513,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ms-per-generated-token", type=float, default=20.0)
     parser.add_argument("--slot-save-path", type=Path, default=None)
     parser.add_argument("--no-cache-ram", action="store_true", help="model --cache-ram 0")
+    parser.add_argument(
+        "--explicit-slots", action="store_true", help="model an explicit -np: slots keep their contents"
+    )
+    parser.add_argument("--api-key", default=None)
     args = parser.parse_args(argv)
 
     import sys
@@ -528,6 +592,8 @@ def main(argv: list[str] | None = None) -> None:
         msPerGeneratedToken=args.ms_per_generated_token,
         saveDir=args.slot_save_path,
         cacheRam=not args.no_cache_ram,
+        unified=not args.explicit_slots,
+        apiKey=args.api_key,
     )
     running: Any = reactor
     running.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)

@@ -67,7 +67,8 @@ class ExpansionTests(TestCase):
             sent = self.received()
             self.assertEqual(sent["messages"][1]["content"], self.expanded)
             body["messages"][1]["content"] = self.expanded
-            self.assertEqual(sent, {"id_slot": 0, **body})
+            # A backend without /props is not llama-server: nothing is pinned.
+            self.assertEqual(sent, body)
 
     @asyncTest
     async def test_completionFormats(self) -> None:
@@ -76,16 +77,16 @@ class ExpansionTests(TestCase):
                 body = {"prompt": "@code why <{/etc/passwd}>?", "stream": stream, "n_predict": 4}
                 response = await self.http.post(self.proxy + path, json=body)
                 await treq.content(response)
-                self.assertEqual(self.received(), {"id_slot": 0, **body, "prompt": self.expanded})
+                self.assertEqual(self.received(), {**body, "prompt": self.expanded})
 
     @asyncTest
     async def test_untemplatedBodyKeepsItsBytes(self) -> None:
-        """Only the slot pin is added; the client's own bytes are untouched."""
+        """The client's own bytes are untouched (a backend that is not llama-server gets no pin)."""
         raw = b' {"messages": [{"role": "user", "content": "@nope hi"}],   "z": 1.0}'
         response = await self.http.post(self.proxy + "/v1/chat/completions", data=raw)
         self.assertIsNone(response.headers.getRawHeaders("x-bioproxy-template"))
         await treq.content(response)
-        self.assertEqual(self.backend.seen[-1]["body"], b' {"id_slot":0,' + raw[2:])
+        self.assertEqual(self.backend.seen[-1]["body"], raw)
         pinned = b'{"id_slot": 0, "prompt": "x"}'
         await treq.content(await self.http.post(self.proxy + "/completion", data=pinned))
         self.assertEqual(self.backend.seen[-1]["body"], pinned)
