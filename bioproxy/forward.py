@@ -24,6 +24,7 @@ from twisted.web import http
 from twisted.web.client import (
     FileBodyProducer,
     RequestGenerationFailed,
+    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -49,7 +50,14 @@ _UNREACHABLE = (
     ResponseFailed,
     RequestTransmissionFailed,
     RequestGenerationFailed,
+    RequestNotSent,
 )
+
+# Failures of a pooled connection that the backend had just closed: it never
+# answered, so it did no work, and one more try on a fresh connection is safe.
+# (RequestNotSent, the connection closing as the request was handed to it,
+# was once missing here and surfaced as "The proxy failed to relay".)
+_STALE = (ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed)
 
 # Headers the proxy sets itself rather than copies from the client.
 _DROP_FROM_CLIENT = frozenset({b"host", b"content-length"})
@@ -168,7 +176,7 @@ class _Exchange:
         self.pending = None
         if self.clientGone:
             return
-        if retry and not self.timedOut and reason.check(ResponseNeverReceived):
+        if retry and not self.timedOut and reason.check(*_STALE):
             # A pooled connection the backend had just closed: try once more on
             # a fresh one. The backend never answered, so it did no work.
             log.info("backend closed a reused connection; retrying once")

@@ -47,6 +47,25 @@ class _Refusing:
         return defer.fail(ConnectionRefusedError("nobody home"))
 
 
+class _StaleOnce:
+    """A pool whose first connection the backend had just closed: the request is never sent."""
+
+    def __init__(self, backend: Resource) -> None:
+        self.agent = RequestTraversalAgent(backend)
+        self.calls = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        from twisted.web.client import RequestNotSent
+
+        self.calls += 1
+        if self.calls == 1:
+            return defer.fail(RequestNotSent())
+        return self.agent.request(*args, **kwargs)
+
+    def flush(self) -> None:
+        self.agent.flush()
+
+
 class Harness:
     def __init__(self, agent: Any = None, maxBody: int = 1000, timeout: float = 5.0) -> None:
         self.clock = Clock()
@@ -150,6 +169,16 @@ class ForwardTests(TestCase):
         self.assertEqual(status(transport), 502)
         self.assertIn("unreachable", body(transport)["error"]["message"])
         self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="connect"), 1.0)
+
+    def test_requestNotSentOnAStaleConnectionIsRetriedOnce(self) -> None:
+        stale = _StaleOnce(Backend())
+        h = Harness(agent=stale)
+        _, transport = h.send(b"POST /tokenize HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\n{}")
+        stale.flush()
+        h.clock.advance(0)
+        stale.flush()
+        self.assertEqual((stale.calls, status(transport)), (2, 200))
+        self.assertEqual(body(transport), {"got": 2})
 
     def test_clientGoneBeforeHeadersCancelsBackend(self) -> None:
         h = Harness()
