@@ -21,10 +21,10 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     FileBodyProducer,
     RequestGenerationFailed,
-    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,

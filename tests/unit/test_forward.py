@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web._newclient import RequestNotSent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -55,8 +56,6 @@ class _StaleOnce:
         self.calls = 0
 
     def request(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        from twisted.web.client import RequestNotSent
-
         self.calls += 1
         if self.calls == 1:
             return defer.fail(RequestNotSent())
