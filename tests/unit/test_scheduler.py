@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from twisted.internet import defer
@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from bioproxy.metrics import Metrics
 from bioproxy.scheduler import (
     EMPTY,
-    OTHER,
+    MIN_SHARED,
     UNKNOWN,
     USER,
     WARMUP,
@@ -23,13 +23,23 @@ from bioproxy.scheduler import (
     QueueFull,
     QueueTimeout,
     SlotScheduler,
+    commonLength,
     holding,
 )
 
+OTHER = holding(None, "some other prompt")
 
-def scheduler(slots: int = 2, **kwargs: Any) -> tuple[SlotScheduler, Clock]:
+
+def scheduler(slots: int = 2, retains: bool = True, **kwargs: Any) -> tuple[SlotScheduler, Clock]:
+    """A scheduler for a backend whose slots keep their contents, unless retains is False."""
     clock = Clock()
-    return SlotScheduler(clock, slots, Metrics(), **kwargs), clock
+    s = SlotScheduler(clock, slots, Metrics(), **kwargs)
+    s.reset(slots, retains)
+    return s, clock
+
+
+def slotOf(lease: Lease) -> int | None:
+    return lease.slot.id if lease.slot else None
 
 
 def granted(d: defer.Deferred[Lease]) -> Lease | None:
@@ -56,6 +66,37 @@ class PlacementTests(SynchronousTestCase):
         s.slots[0].contents = EMPTY
         untemplated = self.successResultOf(s.lease(None))
         self.assertEqual(untemplated.slot.id if untemplated.slot else None, 0)
+
+    def test_longestSharedStartWins(self) -> None:
+        """An untemplated prompt returns to the slot holding most of its start, as llama-server's choice."""
+        s, clock = scheduler(4)
+        head = "You answer in haiku. " * 20
+        s.slots[0].contents, s.slots[0].lastUsed = holding(None, head[:100] + "x"), 9.0
+        s.slots[1].contents, s.slots[1].lastUsed = holding(None, head + "why?"), 1.0
+        s.slots[2].contents, s.slots[2].lastUsed = EMPTY, 0.0
+        lease = self.successResultOf(s.lease(None, text=head + "how?"))
+        self.assertEqual(slotOf(lease), 1)
+
+    def test_aShortSharedStartIsNoReason(self) -> None:
+        """What every chat's JSON starts with, or under a tenth of the prompt, does not count."""
+        s, clock = scheduler(2)
+        common = '{}\n{"content": "'
+        s.slots[0].contents, s.slots[0].lastUsed = holding(None, common + "a" * 500), 1.0
+        s.slots[1].contents = EMPTY
+        lease = self.successResultOf(s.lease(None, text=common + "b" * 500))
+        self.assertEqual(slotOf(lease), 1)
+        lease.release()
+        s.slots[1].contents, s.slots[1].lastUsed = holding(None, "x" * (MIN_SHARED + 10)), 10.0
+        lease = self.successResultOf(s.lease(None, text="x" * (MIN_SHARED + 10) + "y" * 5000))
+        self.assertEqual(slotOf(lease), 0, "shares under a tenth: the least recently used instead")
+
+    def test_contentsDoNotCountWhereSlotsAreCleared(self) -> None:
+        """On llama-server's default, idle slots are cleared: a lease is capacity, never warm."""
+        s, clock = scheduler(3, retains=False)
+        s.slots[2].contents = holding("code@1", "text")
+        s.slots[0].lastUsed, s.slots[1].lastUsed, s.slots[2].lastUsed = 5.0, 1.0, 3.0
+        lease = self.successResultOf(s.lease("code@1", text="text"))
+        self.assertEqual((slotOf(lease), lease.warm), (1, False))
 
     def test_releaseRecordsContents(self) -> None:
         s, clock = scheduler(1)
@@ -154,6 +195,16 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+class CommonLengthTests(SynchronousTestCase):
+    @given(st.text(max_size=300), st.text(max_size=300), st.text(max_size=300))
+    def test_isTheCommonStart(self, shared: str, a: str, b: str) -> None:
+        x, y = shared + a, shared + b
+        n = commonLength(x, y)
+        self.assertEqual(x[:n], y[:n])
+        self.assertGreaterEqual(n, len(shared))
+        self.assertTrue(n == min(len(x), len(y)) or x[n] != y[n])
+
+
 class ResetTests(SynchronousTestCase):
     def test_resetForgetsContentsButKeepsInFlightLeases(self) -> None:
         s, clock = scheduler(2)
@@ -173,12 +224,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = Clock()
         self.s = SlotScheduler(self.clock, 3, Metrics(), maxQueue=1000, maxWait=50)
+        self.s.reset(3, retains=True)
         self.requested: list[tuple[Lease | None, defer.Deferred[Lease], str]] = []
         self.outcomes: dict[int, str] = {}
         self.grantOrder: list[int] = []
 
-    def _ask(self, priority: str, key: str | None, pin: int | None = None) -> None:
-        d = self.s.lease(key, priority, pin)
+    def _ask(self, priority: str, key: str | None, pin: int | None = None, text: str = "") -> None:
+        d = self.s.lease(key, priority, pin, text)
         index = len(self.requested)
         self.requested.append((None, d, priority))
 
@@ -196,9 +248,15 @@ class SchedulerMachine(RuleBasedStateMachine):
 
         d.addCallbacks(got, failed)
 
-    @rule(key=st.sampled_from([None, "a@1", "b@1", "c@1"]))
-    def user(self, key: str | None) -> None:
-        self._ask(USER, key)
+    @rule(
+        key=st.sampled_from([None, "a@1", "b@1", "c@1"]), text=st.sampled_from(["", "a" * 99, "a" * 80 + "b"])
+    )
+    def user(self, key: str | None, text: str) -> None:
+        self._ask(USER, key, text=text)
+
+    @rule(retains=st.booleans())
+    def probed(self, retains: bool) -> None:
+        self.s.reset(3, retains)
 
     @rule(pin=st.integers(0, 2))
     def pinnedUser(self, pin: int) -> None:
@@ -212,7 +270,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         return [lease for lease, _, _ in self.requested if lease is not None and not lease.released]
 
     @precondition(lambda self: self._held())
-    @rule(data=st.data(), contents=st.sampled_from([None, UNKNOWN, OTHER, holding("a@1")]))
+    @rule(data=st.data(), contents=st.sampled_from([None, UNKNOWN, OTHER, holding("a@1", "a" * 99)]))
     def finish(self, data: st.DataObject, contents: Any) -> None:
         lease = data.draw(st.sampled_from(self._held()))
         lease.release(contents) if contents is not None else lease.release()
