@@ -83,6 +83,7 @@ class Backend:
         self.onNewProcess: list[Callable[[], None]] = []  # nothing it held is there any more
         self._probe: defer.Deferred[None] | None = None
         self._retry: Any = None
+        self._stopped = False
 
     @property
     def pins(self) -> bool:
@@ -122,6 +123,7 @@ class Backend:
             listener.backendLost()
 
     def stop(self) -> None:
+        self._stopped = True
         self._cancelProbe()
 
     # -- what the cache learns
@@ -149,6 +151,8 @@ class Backend:
     # -- the probe
 
     def _startProbe(self) -> None:
+        if self._stopped:
+            return
         self._probe = defer.ensureDeferred(self._probeProcess())
         self._probe.addBoth(self._probeEnded)
 
@@ -164,6 +168,8 @@ class Backend:
         if isinstance(result, Failure):
             if result.check(defer.CancelledError):
                 return  # the process went away; a new one is probed when it is found
+            if self._stopped:
+                return
             delay = 0.0
             if not result.check(_Preempted):
                 delay = 1.0

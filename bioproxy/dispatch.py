@@ -179,4 +179,4 @@ class Dispatcher:
         if timings is not None and not self.cache.learn(template, slot, timings, restored, how == "ram"):
             self.warmer.request(template.prefix)
         # Whatever the reuse was, the slot has just computed the template.
-        return holding(template.key, text)
+        return self.cache.holding(template, text)

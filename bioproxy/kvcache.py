@@ -19,6 +19,7 @@ from .backend import Backend, Persistence, SlotMode
 from .expand import promptText
 from .llamacpp import BackendError, NoPersistence
 from .metrics import Metrics
+from .scheduler import Contents, commonLength, holding
 from .templates import Template
 
 log = Logger()
@@ -257,6 +258,11 @@ class KVCache:
 
     def saved(self, template: Template) -> bool:
         return self.filename(template) in self.backend.saved
+
+    def holding(self, template: Template, text: str) -> Contents:
+        """What a slot holds after computing text, which starts with template: as much as its file backs."""
+        backed = commonLength(text, warmText(template)) if self.saved(template) else 0
+        return holding(template.key, text, backed)
 
     async def save(self, slot: int, template: Template, tokens: int | None) -> bool:
         """

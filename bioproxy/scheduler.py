@@ -37,6 +37,9 @@ WARMUP = "warmup"
 # --slot-prompt-similarity is 0.1); less is the JSON every chat starts with.
 MIN_SHARED = 64
 SIMILARITY = 0.1
+# A slot whose prompt has less than this beyond what a cache file can restore
+# is cheap to lose, whatever its age: losing it costs a restore and a message.
+CHEAP_TO_LOSE = 256
 
 
 class Held(enum.Enum):
@@ -52,6 +55,7 @@ class Contents:
     held: Held
     text: str = ""  # the prompt's stand-in text (expand.promptText), for shared starts
     key: str | None = None  # the template version it begins with, if any
+    backed: int = 0  # how much of text a saved cache file can give back
 
     @property
     def label(self) -> str:
@@ -64,8 +68,8 @@ UNKNOWN = Contents(Held.UNKNOWN)
 EMPTY = Contents(Held.EMPTY)
 
 
-def holding(key: str | None, text: str = "") -> Contents:
-    return Contents(Held.PROMPT, text, key)
+def holding(key: str | None, text: str = "", backed: int = 0) -> Contents:
+    return Contents(Held.PROMPT, text, key, backed)
 
 
 def commonLength(a: str, b: str) -> int:
@@ -332,9 +336,15 @@ class SlotScheduler:
             metrics.slotState.labels(state=state).set(n)
 
 
-def _costToLose(slot: Slot) -> tuple[int, float]:
-    """Empty or unknown slots cost nothing to reuse; otherwise the least recently used."""
-    return (0 if slot.contents.held is not Held.PROMPT else 1, slot.lastUsed)
+def _costToLose(slot: Slot) -> tuple[int, bool, float]:
+    """
+    Empty or unknown slots cost nothing to reuse; then those whose prompt a
+    cache file gives back but for a little; then the least recently used.
+    """
+    contents = slot.contents
+    if contents.held is not Held.PROMPT:
+        return (0, False, slot.lastUsed)
+    return (1, len(contents.text) - contents.backed >= CHEAP_TO_LOSE, slot.lastUsed)
 
 
 def _longest(candidate: tuple[int, Slot]) -> tuple[int, float]:

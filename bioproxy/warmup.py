@@ -22,7 +22,7 @@ from .backend import Backend
 from .kvcache import KVCache, WarmState, warmBody, warmText
 from .llamacpp import Refused, Unauthorized
 from .metrics import Metrics
-from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, holding, yielding
+from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
 from .templates import Template, TemplateLibrary
 
 log = Logger()
@@ -162,7 +162,7 @@ class Warmer(Service):
                 self._retryLater(prefix)
             return
         state.error = None
-        lease.release(holding(template.key, warmText(template)) if self.backend.pins else UNKNOWN)
+        lease.release(self.cache.holding(template, warmText(template)) if self.backend.pins else UNKNOWN)
         self.metrics.warmups.labels(prefix=prefix, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)
         log.info(

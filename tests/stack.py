@@ -57,6 +57,7 @@ class Bioproxy:
         self.proxy = f"http://127.0.0.1:{boundPort(self.service, 'proxy')}"
         self.admin = f"http://127.0.0.1:{boundPort(self.service, 'admin')}"
         self.http = client(test)
+        self.headers: dict[str, str] = {}  # sent with every chat, as a client's API key would be
 
     def metric(self, name: str, **labels: str) -> float:
         registry = self.service.getServiceNamed("warmup").metrics.registry
@@ -89,6 +90,7 @@ class Bioproxy:
         response = await self.http.post(
             self.proxy + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": content}], "stream": stream, **extra},
+            headers=self.headers,
         )
         raw = await treq.content(response)
         self.test.assertEqual(response.code, 200, raw)

@@ -62,11 +62,24 @@ class _Process(protocol.ProcessProtocol):
 class LlamaServer:
     """Start, stop and restart one llama-server, keeping its port and save directory."""
 
-    def __init__(self, reactor: Any, directory: Path, slots: int, context: int = 8192) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        directory: Path,
+        slots: int | None,
+        context: int = 8192,
+        flags: tuple[str, ...] = (),
+        persistent: bool = True,
+        apiKey: str | None = None,
+    ) -> None:
+        """slots None is llama-server's default (auto slots, unified KV); flags are added as given."""
         self.reactor = reactor
         self.dir = directory
         self.slots = slots
         self.context = context
+        self.flags = flags
+        self.persistent = persistent
+        self.apiKey = apiKey
         self.port = freePort()
         self.url = f"http://127.0.0.1:{self.port}"
         self.saveDir = directory / "slots"
@@ -82,8 +95,11 @@ class LlamaServer:
         args = [
             binary(),
             *("-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port)),
-            *("-np", str(self.slots), "-c", str(self.context), "-t", "2"),
-            *("--slot-save-path", str(self.saveDir)),
+            *("-c", str(self.context), "-t", "2"),
+            *(("-np", str(self.slots)) if self.slots else ()),
+            *(("--slot-save-path", str(self.saveDir)) if self.persistent else ()),
+            *(("--api-key", self.apiKey) if self.apiKey else ()),
+            *self.flags,
         ]
         self.process = _Process(self.logPath)
         self.transport = self.reactor.spawnProcess(self.process, args[0], args, env=dict(os.environ))
@@ -116,9 +132,13 @@ class LlamaServer:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.apiKey}"} if self.apiKey else {}
+
     async def json(self, method: str, path: str, body: Any = None) -> Any:
         response = await treq.request(
-            method, self.url + path, json=body, reactor=self.reactor, persistent=False
+            method, self.url + path, json=body, reactor=self.reactor, persistent=False, headers=self.auth
         )
         return await response.json()
 

@@ -86,9 +86,17 @@ class PlacementTests(SynchronousTestCase):
         lease = self.successResultOf(s.lease(None, text=common + "b" * 500))
         self.assertEqual(slotOf(lease), 1)
         lease.release()
-        s.slots[1].contents, s.slots[1].lastUsed = holding(None, "x" * (MIN_SHARED + 10)), 10.0
+        s.slots[1].contents, s.slots[1].lastUsed = holding(None, "x" * (MIN_SHARED + 10) + "z" * 300), 10.0
         lease = self.successResultOf(s.lease(None, text="x" * (MIN_SHARED + 10) + "y" * 5000))
         self.assertEqual(slotOf(lease), 0, "shares under a tenth: the least recently used instead")
+
+    def test_whatAFileGivesBackIsCheapToLose(self) -> None:
+        """A template slot with a short message costs a restore; a long untemplated prompt costs it all."""
+        s, clock = scheduler(2)
+        s.slots[0].contents, s.slots[0].lastUsed = holding(None, "s" * 1000), 1.0
+        s.slots[1].contents, s.slots[1].lastUsed = holding("t@1", "t" * 1000 + "why?", backed=1000), 9.0
+        lease = self.successResultOf(s.lease(None, text="an unrelated question"))
+        self.assertEqual(slotOf(lease), 1)
 
     def test_contentsDoNotCountWhereSlotsAreCleared(self) -> None:
         """On llama-server's default, idle slots are cleared: a lease is capacity, never warm."""
