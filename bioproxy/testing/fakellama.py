@@ -344,6 +344,7 @@ class _Generation:
         server.log.append(
             {
                 "slot": slot.id,
+                "pinned": self.body.get("id_slot"),
                 "cache_n": cacheN,
                 "prompt_n": promptN,
                 "prompt": self.prompt,

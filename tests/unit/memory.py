@@ -1,0 +1,137 @@
+"""
+bioproxy's policy objects over fakellama, all in memory: a LlamaClient on
+treq's StubTreq wrapping fakellama's resource, a Clock for time, no ports.
+(A plain treq HTTPClient hangs here: its body producer runs on the global
+reactor. StubTreq's is synchronous.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.python.failure import Failure
+
+from bioproxy.backend import Backend
+from bioproxy.dispatch import Dispatcher
+from bioproxy.forward import Forwarder
+from bioproxy.kvcache import KVCache
+from bioproxy.llamacpp import LlamaClient
+from bioproxy.metrics import Metrics
+from bioproxy.monitor import BackendMonitor
+from bioproxy.proxy import ProxyResource
+from bioproxy.scheduler import SlotScheduler
+from bioproxy.site import ProxySite
+from bioproxy.templates import Sources, Template, TemplateLibrary, load
+from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
+from bioproxy.warmup import Warmer
+
+T = TypeVar("T")
+
+
+class Memory:
+    """One fake llama-server and the bioproxy objects that own its facts, wired as makeService does."""
+
+    def __init__(self, directory: Path, persistent: bool = True, **fake: Any) -> None:
+        self.clock = Clock()
+        self.dir = directory
+        saveDir = directory / "slots"
+        saveDir.mkdir(parents=True, exist_ok=True)
+        self.fake = FakeLlama(self.clock, saveDir=saveDir if persistent else None, **fake)
+        self.stub = StubTreq(FakeLlamaResource(self.fake))
+        self.metrics = Metrics()
+        self.llama = LlamaClient(self.stub, "http://llama", self.clock)  # type: ignore[arg-type]
+        self.scheduler = SlotScheduler(self.clock, 1, self.metrics)
+        self.backend = Backend(self.llama, self.scheduler, None, 30.0)
+        self.cache = KVCache(self.backend, self.metrics)
+        self.backend.onNewProcess.append(self.cache.forgetProcess)
+        self.library = TemplateLibrary()
+        self.warmer = Warmer(
+            self.library, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
+        )
+        self.backend.listeners.append(self.warmer)
+        self.warmer.startService()
+        self.monitor = BackendMonitor(self.llama, self.clock, self.metrics, 60)
+        self.agent = RequestTraversalAgent(FakeLlamaResource(self.fake))
+        forwarder = Forwarder(self.agent, "http://llama", self.clock, self.metrics, 30)
+        dispatcher = Dispatcher(
+            self.scheduler, self.cache, forwarder, self.warmer, self.monitor, self.backend
+        )
+        self.site = ProxySite(
+            ProxyResource(forwarder, self.library, dispatcher), self.metrics, self.clock, 1 << 20
+        )
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """One request through the proxy site; its status and JSON answer."""
+        raw = json.dumps(body).encode()
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), len(raw), raw)
+        )
+        for _ in range(50):
+            self.settle()
+            self.agent.flush()
+        head, _, answer = transport.value().partition(b"\r\n\r\n")
+        if b"chunked" in head.lower():
+            answer = answer.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+        return int(head.split(b" ", 2)[1]), json.loads(answer)
+
+    def template(self, prefix: str, text: str) -> Template:
+        path = self.dir / f"{prefix.strip('@')}.txt"
+        path.write_text(text)
+        template = load(prefix, path, Sources.build(self.dir, [str(path)], []))
+        self.library.put(template)
+        return template
+
+    def settle(self) -> None:
+        """Deliver every request and answer, with no time passing."""
+        for _ in range(200):
+            self.stub.flush()
+            self.clock.advance(0)
+
+    def advanceUntil(self, predicate: Any, step: float = 0.05, limit: float = 600.0) -> None:
+        """Let fake time pass until predicate holds."""
+        deadline = self.clock.seconds() + limit
+        self.settle()
+        while not predicate():
+            assert self.clock.seconds() < deadline, "never happened"
+            self.clock.advance(step)
+            self.settle()
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        d = defer.ensureDeferred(work)
+        self.settle()
+        results: list[Any] = []
+        d.addBoth(results.append)
+        assert results, "the work did not finish in memory"
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]  # type: ignore[no-any-return]
+
+    def found(self) -> None:
+        """The monitor found the backend: it is probed, then warmed."""
+        self.backend.backendReady(self.fake.props(), restarted=False)
+        self.settle()
+
+    def restarted(self) -> None:
+        self.fake.restart()
+        self.backend.backendLost()
+        self.backend.backendReady(self.fake.props(), restarted=True)
+        self.settle()
+
+    def completions(self) -> list[dict[str, Any]]:
+        return [r for r in self.fake.log if b"bioproxy probe" not in r["prompt"]]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0

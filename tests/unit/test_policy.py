@@ -1,0 +1,200 @@
+"""
+Placement, warmup and verification rules in each of llama-server's modes,
+in memory (tests/unit/memory.py): what the probe concludes, where warmups
+put templates, what gets pinned, and which misses count against restores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bioproxy.backend import Persistence, SlotMode
+from bioproxy.kvcache import RESTORE_MISS_LIMIT
+from bioproxy.llamacpp import Unauthorized
+
+from .memory import Memory
+
+TEMPLATE = "You are a careful reviewer. " * 30 + "\n<{message}>"
+
+
+class ProbeTests(SynchronousTestCase):
+    def memory(self, **fake: Any) -> Memory:
+        m = Memory(Path(self.mktemp()), **fake)
+        m.found()
+        self.assertTrue(m.backend.ready)
+        return m
+
+    def test_defaultServerClearsIdleSlots(self) -> None:
+        m = self.memory(unified=True)
+        self.assertEqual((m.backend.mode, m.backend.ramCache), (SlotMode.CLEARED, True))
+        self.assertFalse(m.backend.pins)
+        self.assertFalse(m.scheduler.retains)
+        self.assertEqual(m.backend.persistence, Persistence.FILES)
+
+    def test_explicitSlotsKeepTheirs(self) -> None:
+        m = self.memory(unified=False)
+        self.assertEqual((m.backend.mode, m.backend.ramCache), (SlotMode.RETAINED, True))
+        self.assertTrue(m.scheduler.retains)
+
+    def test_withoutRamCacheNothingIsCleared(self) -> None:
+        for unified in (True, False):
+            m = self.memory(unified=unified, cacheRam=False)
+            self.assertEqual((m.backend.mode, m.backend.ramCache), (SlotMode.RETAINED, False), unified)
+
+    def test_noIdleSlotCaching(self) -> None:
+        m = self.memory(unified=True, cacheIdleSlots=False)
+        self.assertEqual((m.backend.mode, m.backend.ramCache), (SlotMode.RETAINED, True))
+
+    def test_oneSlot(self) -> None:
+        m = self.memory(slots=1, unified=False)
+        self.assertEqual(m.backend.mode, SlotMode.RETAINED)
+        self.assertEqual(m.backend.slotCount, 1)
+
+    def test_noSlotSavePathIsNoPersistence(self) -> None:
+        m = Memory(Path(self.mktemp()), persistent=False, unified=True)
+        m.found()
+        self.assertEqual(m.backend.persistence, Persistence.NONE)
+
+    def test_apiKeyRefusedIsTyped(self) -> None:
+        m = Memory(Path(self.mktemp()), apiKey="secret")
+        with self.assertRaises(Unauthorized):
+            m.run(m.llama.props())
+
+    def test_newProcessIsProbedAgain(self) -> None:
+        m = self.memory(unified=False)
+        m.fake.unified = True
+        m.restarted()
+        self.assertEqual(m.backend.mode, SlotMode.CLEARED)
+
+
+class WarmupTests(SynchronousTestCase):
+    def warmed(self, unified: bool, persistent: bool = True, **fake: Any) -> Memory:
+        m = Memory(Path(self.mktemp()), persistent=persistent, unified=unified, **fake)
+        m.template("@t", TEMPLATE)
+        m.found()
+        self.assertEqual(m.warmer.jobs, {})
+        return m
+
+    def test_clearedModeWarmsIntoTheRamCache(self) -> None:
+        """The template ends up where an unpinned request finds it, and on disk."""
+        m = self.warmed(unified=True)
+        template = m.library.templates["@t"]
+        self.assertTrue(m.cache.state(template).inRam)
+        self.assertTrue(m.cache.saved(template))
+        m.fake.log.clear()
+        body = {"messages": [{"role": "user", "content": template.render("a question")}], "max_tokens": 1}
+        timings = m.run(m.llama.chat(body, 10))["timings"]
+        self.assertGreaterEqual(timings["cache_n"], 0.9 * m.cache.state(template).reusable)
+
+    def test_clearedModeRestoreIsVerifiedUnpinned(self) -> None:
+        m = self.warmed(unified=True)
+        m.restarted()
+        self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t", how="restore"), 1)
+        [check] = [r for r in m.completions() if r["started"] == m.clock.seconds()][-1:]
+        self.assertGreater(check["cache_n"], 0)
+
+    def test_clearedModeWarmupsRunOneAtATime(self) -> None:
+        m = Memory(Path(self.mktemp()), unified=True, msPerPromptToken=1.0)
+        for i in range(3):
+            m.template(f"@t{i}", f"Template {i}. " * 40 + "<{message}>")
+        m.found()
+        m.advanceUntil(lambda: m.warmer.jobs)
+        running = []
+        m.advanceUntil(lambda: running.append(len(m.warmer.jobs)) or not (m.warmer.jobs or m.warmer.wanted))
+        self.assertEqual(max(running), 1)
+        for template in m.library.templates.values():
+            self.assertTrue(m.cache.saved(template), template.prefix)
+
+    def test_lossyRestoresCountOnlyRightAfterTheRestore(self) -> None:
+        for unified in (True, False):
+            m = self.warmed(unified=unified)
+            m.fake.faults.lossyRestore = True
+            for _ in range(RESTORE_MISS_LIMIT):
+                m.restarted()
+            state = m.cache.state(m.library.templates["@t"])
+            self.assertTrue(state.prefill, unified)
+            self.assertIn("gave no reuse", state.prefillWhy or "")
+
+    def test_noPersistenceWarmsByPrefillOnce(self) -> None:
+        m = self.warmed(unified=True, persistent=False)
+        template = m.library.templates["@t"]
+        self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t", how="prefill"), 1)
+        self.assertEqual(m.fake.actions, [])  # the probe's restore answered 501 and was not recorded
+        m.clock.advance(60)
+        m.settle()
+        self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t", how="prefill"), 1, "no retry loop")
+        view = m.cache.state(template).view(m.backend)
+        self.assertEqual(view["warmup_mode"], "prefill")
+
+    def test_lostBackendCancelsWarmups(self) -> None:
+        m = Memory(Path(self.mktemp()), unified=False, msPerPromptToken=5.0)
+        m.template("@t", TEMPLATE)
+        m.found()
+        m.advanceUntil(lambda: m.warmer.jobs and any(s.busy for s in m.fake.slots))
+        [busy] = [s for s in m.fake.slots if s.busy]
+        m.backend.backendLost()
+        m.settle()
+        self.assertEqual(m.warmer.jobs, {})
+        self.assertIn("@t", m.warmer.wanted, "warmed again when the backend returns")
+        self.assertFalse(busy.busy, "the warmup's connection was closed, which stops llama-server's task")
+
+
+class VerificationTests(SynchronousTestCase):
+    def test_evictionIsNoEvidenceAgainstRestores(self) -> None:
+        """A miss of a request that relied on the RAM cache, or came later, never switches to prefill."""
+        m = Memory(Path(self.mktemp()), unified=True)
+        template = m.template("@t", TEMPLATE)
+        m.found()
+        state = m.cache.state(template)
+        for _ in range(RESTORE_MISS_LIMIT + 2):
+            self.assertFalse(m.cache.learn(template, None, {"cache_n": 0}, restored=False, fromRam=True))
+        self.assertFalse(state.prefill)
+        self.assertFalse(state.inRam, "restored from disk next time")
+        self.assertEqual(state.misses, RESTORE_MISS_LIMIT + 2)
+
+
+class DispatchTests(SynchronousTestCase):
+    def ask(self, m: Memory, content: str) -> dict[str, Any]:
+        status, answer = m.post("/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})
+        self.assertEqual(status, 200, answer)
+        message = content.split(" ", 1)[-1].encode()
+        record: dict[str, Any] = [r for r in m.completions() if message in r["prompt"]][-1]
+        return record
+
+    def test_pinnedOnlyWhereSlotsKeepTheirContents(self) -> None:
+        for unified, pinned in ((True, False), (False, True)):
+            m = Memory(Path(self.mktemp()), unified=unified)
+            m.template("@t", TEMPLATE)
+            m.found()
+            for question in ("one", "two"):
+                record = self.ask(m, f"@t {question}")
+                self.assertEqual(record["pinned"] is not None, pinned, unified)
+                self.assertLess(record["prompt_n"], 40, (unified, record["prompt_n"]))
+
+    def test_clearedModeRestoresWhatTheRamCacheLost(self) -> None:
+        """A template evicted from llama-server's RAM is restored into an empty slot, then found there."""
+        m = Memory(Path(self.mktemp()), unified=True)
+        template = m.template("@t", TEMPLATE)
+        m.found()
+        m.warmer.stopService()  # the request's own restore, not a re-warm, is what is tested here
+        m.fake.ram.clear()  # type: ignore[union-attr]
+        for slot in m.fake.slots:
+            slot.tokens = b""
+        missed = self.ask(m, "@t evicted")
+        self.assertGreater(missed["prompt_n"], 500)
+        self.assertFalse(m.cache.state(template).inRam)
+        restores = m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok")
+        record = self.ask(m, "@t after the miss")
+        self.assertLess(record["prompt_n"], 60, record)
+        self.assertGreater(m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok"), restores)
+        self.assertFalse(m.cache.state(template).prefill)
+
+    def test_untemplatedChatsStayOnTheirSlot(self) -> None:
+        m = Memory(Path(self.mktemp()), unified=False)
+        m.found()
+        head = "You answer in haiku, always, about the sea. " * 20
+        slots = {self.ask(m, head + question)["slot"] for question in ("why", "how", "when", "where")}
+        self.assertEqual(len(slots), 1, "rotated across slots")
