@@ -99,4 +99,9 @@ def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
 
 
 if __name__ == "__main__":
-    print(write(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"), size=sys.argv[2] if len(sys.argv) > 2 else "tiny"))
+    print(
+        write(
+            Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"),
+            size=sys.argv[2] if len(sys.argv) > 2 else "tiny",
+        )
+    )
