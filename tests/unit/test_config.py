@@ -108,6 +108,19 @@ class LoadTests(TestCase):
         self.assertEqual((c.proxy_port, c.backend_url), (9000, "http://flag:2"))
         self.assertEqual(c.source, str(Path(path).resolve()))
 
+    def test_backendApiKeySources(self) -> None:
+        """The setting, else its file beside the config, else the environment; a bad file stops start-up."""
+        self.assertEqual(Config(backend_api_key="k1").backendApiKey({}), "k1")
+        path = self.write("c.yaml", "backend_api_key_file: key.txt\n")
+        (Path(path).parent / "key.txt").write_text("k2\n")
+        self.assertEqual(load(path).backendApiKey({config.API_KEY_VARIABLE: "k3"}), "k2")
+        self.assertEqual(Config().backendApiKey({config.API_KEY_VARIABLE: "k3"}), "k3")
+        self.assertIsNone(Config().backendApiKey({}))
+        (Path(path).parent / "key.txt").write_text("\n")
+        with self.assertRaises(ConfigError) as e:
+            load(path)
+        self.assertIn("backend_api_key_file", str(e.exception))
+
     def test_missingNamedFile(self) -> None:
         with self.assertRaises(ConfigError) as e:
             load("/no/such/file.yaml")
