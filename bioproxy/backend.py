@@ -112,8 +112,11 @@ class Backend:
             self.fingerprint, self.ready = None, False
             return
         self.fingerprint = fingerprint(props)
-        if self.mode is SlotMode.UNKNOWN and self._probe is None:
-            self._startProbe()
+        if self.mode is SlotMode.UNKNOWN:
+            if self._probe is None:
+                self._startProbe()
+        elif not self.ready:
+            self._becomeReady()  # the same process, back after a blip: what it is like is known
 
     def backendLost(self) -> None:
         """It stopped answering: drop every call of bioproxy's own at once, so a shutdown never waits on one."""
@@ -177,6 +180,9 @@ class Backend:
             clock: Any = self.scheduler.clock
             self._retry = clock.callLater(delay, self._startProbe)
             return
+        self._becomeReady()
+
+    def _becomeReady(self) -> None:
         self.ready = True
         log.info(
             "backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "

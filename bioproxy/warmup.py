@@ -6,6 +6,12 @@ A warmup restores the template's file when there is one and prefills it when
 there is not, then sends the template with an empty message and one token to
 generate. That request is cheap on a warm slot, makes a cold one warm, and
 its `cache_n` tells whether a restore really worked.
+
+Where llama-server clears idle slots into its RAM cache (its default), the
+warmup works in an idle, empty slot, checks a restore with an unpinned
+request (reaching the template the way users' requests will), and warmups
+run one at a time: each task llama-server starts clears the idle slots, so a
+second warmup would empty the first one's slot before it is saved.
 """
 
 from __future__ import annotations

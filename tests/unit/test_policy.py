@@ -63,6 +63,17 @@ class ProbeTests(SynchronousTestCase):
         with self.assertRaises(Unauthorized):
             m.run(m.llama.props())
 
+    def test_aBlipIsNoNewProcess(self) -> None:
+        """Unreachable for a moment, then the same process: not probed again, and warmups resume."""
+        m = self.memory(unified=False)
+        probes = len(m.fake.log)
+        m.backend.backendLost()
+        self.assertFalse(m.backend.ready)
+        m.backend.backendReady(m.fake.props(), restarted=False)
+        m.settle()
+        self.assertTrue(m.backend.ready)
+        self.assertEqual(len(m.fake.log), probes)
+
     def test_newProcessIsProbedAgain(self) -> None:
         m = self.memory(unified=False)
         m.fake.unified = True
