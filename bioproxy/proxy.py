@@ -1,7 +1,7 @@
 """
 The proxy's resource: every method and path goes to the backend as it came,
 except requests that use a slot. Those are parsed, have their templates
-expanded, and go through the dispatcher, which pins them to a slot.
+expanded, and go through the dispatcher, which leases them a slot.
 """
 
 from __future__ import annotations
