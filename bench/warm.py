@@ -222,20 +222,21 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         ), "the edited template's warmup")
         both("edit", user("@t0 after the edit"))
 
-        first = user("@t1 the first question")
-        replyAlone, replyProxied = both("", first)
-        system = {"role": "system", "content": "You answer as a ship's captain would, in full sentences. " * 40}
-        both("", [system, {"role": "user", "content": "where are we?"}])
-        for prefix in ("@t2", "@t3"):
-            both("", user(f"{prefix} traffic in between"))
-        both("", user("an unrelated question"))
-        second = [{"role": "user", "content": "and then?"}]
-        samples["conversation"]["alone"].append(
-            stream(direct.url, [*[{**m, "content": expand(m["content"])} for m in first],
-                                {"role": "assistant", "content": replyAlone}, *second], key)[:2])
-        samples["conversation"]["bioproxy"].append(
-            stream(proxy.url, [*first, {"role": "assistant", "content": replyProxied}, *second], key)[:2])
-        both("system", [system, {"role": "user", "content": "and the weather?"}])
+        for n in range(3):
+            first = user(f"@t{1 + n} the first question, take {n}")
+            replyAlone, replyProxied = both("", first)
+            system = {"role": "system", "content": f"You answer as ship's captain {n} would, in full sentences. " * 40}
+            both("", [system, {"role": "user", "content": "where are we?"}])
+            for prefix in (f"@t{(2 + n) % len(texts)}", f"@t{(3 + n) % len(texts)}"):
+                both("", user(f"{prefix} traffic in between, take {n}"))
+            both("", user(f"an unrelated question, take {n}"))
+            second = [{"role": "user", "content": "and then?"}]
+            samples["conversation"]["alone"].append(
+                stream(direct.url, [*[{**m, "content": expand(m["content"])} for m in first],
+                                    {"role": "assistant", "content": replyAlone}, *second], key)[:2])
+            samples["conversation"]["bioproxy"].append(
+                stream(proxy.url, [*first, {"role": "assistant", "content": replyProxied}, *second], key)[:2])
+            both("system", [system, {"role": "user", "content": "and the weather?"}])
 
         before = proxy.restarts()
         direct.stop()
@@ -279,7 +280,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--templates", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--rules", type=int, default=24)
+    parser.add_argument("--rules", type=int, default=48, help="lines per template: 48 is about 2,700 tokens")
     parser.add_argument("--llama-server", default=None)
     args = parser.parse_args()
     binary = args.llama_server

@@ -31,8 +31,10 @@ _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
 _PIECES = ["\u2581", "\u2581the", "\u2581a", "er", "in", "on", "\u2581you", "\u2581code", "ing", "ed"]
 
 DIM, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 4096
-# (dimension, layers, heads, feed-forward) per size
+# (dimension, layers, heads, feed-forward) per size; the slow one's matrices
+# are F16, as in the half-precision models people run.
 SIZES = {"tiny": (DIM, LAYERS, HEADS, FFN), "slow": (1024, 10, 16, 2816)}
+HALF = {"slow"}
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -64,7 +66,8 @@ def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
     writer.add_head_count_kv(heads)
     writer.add_rope_dimension_count(dim // heads)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(0)  # all F32
+    half = size in HALF
+    writer.add_file_type(1 if half else 0)  # mostly F16, or all F32
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -79,6 +82,9 @@ def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
+    def matrix(name: str, *shape: int) -> None:
+        writer.add_tensor(name, weight(*shape).astype(np.float16) if half else weight(*shape))
+
     vocab = len(tokens)
     writer.add_tensor("token_embd.weight", weight(vocab, dim))
     writer.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
@@ -86,11 +92,11 @@ def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, dtype=np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"blk.{i}.{name}.weight", weight(dim, dim))
+            matrix(f"blk.{i}.{name}.weight", dim, dim)
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, dim))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, dim))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, ffn))
+        matrix(f"blk.{i}.ffn_gate.weight", ffn, dim)
+        matrix(f"blk.{i}.ffn_up.weight", ffn, dim)
+        matrix(f"blk.{i}.ffn_down.weight", dim, ffn)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
