@@ -19,7 +19,7 @@ from .backend import Backend
 from .errors import writeError
 from .expand import Body
 from .forward import Forwarder, Outcome
-from .kvcache import KVCache, Prepared
+from .kvcache import KVCache, Prepared, warmText
 from .monitor import BackendMonitor
 from .scheduler import (
     EMPTY,
@@ -110,7 +110,7 @@ class Dispatcher:
             if not pins:
                 return UNKNOWN
             if how == "restored" and template:
-                return holding(template.key, "")
+                return self.cache.holding(template, warmText(template))
             return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
         reader = TimingsReader()
         outcome = await self.forwarder.forward(request, body.pinned(slot if pins else None), reader.feed)
