@@ -55,8 +55,6 @@ _UNREACHABLE = (
 
 # Failures of a pooled connection that the backend had just closed: it never
 # answered, so it did no work, and one more try on a fresh connection is safe.
-# (RequestNotSent, the connection closing as the request was handed to it,
-# was once missing here and surfaced as "The proxy failed to relay".)
 _STALE = (ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed)
 
 # Headers the proxy sets itself rather than copies from the client.
@@ -155,7 +153,7 @@ class _Exchange:
         producer = None
         if self.body is not None:
             self.body.seek(0)
-            producer = FileBodyProducer(self.body, cooperator=forwarder.cooperator)
+            producer = FileBodyProducer(_KeptOpen(self.body), cooperator=forwarder.cooperator)
         d = forwarder.agent.request(
             self.request.method, forwarder.url(self.request), forwarder.headers(self.request), producer
         )
@@ -258,6 +256,30 @@ class _Exchange:
         if not self.clientGone and not self.request.finished and not self.request.startedWriting:
             writeError(self.request, 502, "The proxy failed to relay the backend's answer.")
         self._end()
+
+
+class _KeptOpen:
+    """
+    The body file as FileBodyProducer sees it, minus close(): the producer
+    closes its file when it has sent it, and a retry on a fresh connection
+    must send the same body again. (It once found the file closed, and the
+    client got "The proxy failed to relay the backend's answer".)
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        pass
 
 
 _DONE = Failure(ResponseDone())

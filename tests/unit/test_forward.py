@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web._newclient import RequestNotSent
+from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -63,6 +63,35 @@ class _StaleOnce:
 
     def flush(self) -> None:
         self.agent.flush()
+
+
+class _ClosedAfterSending:
+    """A pooled connection the backend closes once the request is sent: the body was consumed."""
+
+    def __init__(self, backend: Resource) -> None:
+        self.agent = RequestTraversalAgent(backend)
+        self.calls = 0
+        self.bodies: list[bytes] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            return self.agent.request(method, uri, headers, bodyProducer)
+        consumer = _Collect()
+        sent = bodyProducer.startProducing(consumer)
+        sent.addCallback(lambda _: self.bodies.append(b"".join(consumer.chunks)))
+        return sent.addCallback(lambda _: defer.fail(ResponseNeverReceived([Failure(ConnectionDone())])))
+
+    def flush(self) -> None:
+        self.agent.flush()
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
 
 
 class Harness:
@@ -178,6 +207,17 @@ class ForwardTests(TestCase):
         stale.flush()
         self.assertEqual((stale.calls, status(transport)), (2, 200))
         self.assertEqual(body(transport), {"got": 2})
+
+    def test_retryAfterTheBodyWasSentSendsItAgain(self) -> None:
+        closing = _ClosedAfterSending(Backend())
+        h = Harness(agent=closing)
+        _, transport = h.send(b"POST /tokenize HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello")
+        for _ in range(5):
+            h.clock.advance(0)
+            closing.flush()
+        self.assertEqual(closing.bodies, [b"hello"])
+        self.assertEqual((closing.calls, status(transport)), (2, 200))
+        self.assertEqual(body(transport), {"got": 5})
 
     def test_clientGoneBeforeHeadersCancelsBackend(self) -> None:
         h = Harness()
