@@ -104,6 +104,7 @@ class Backend:
             self._cancelProbe()
             self.ready = False
             self.mode, self.ramCache = SlotMode.UNKNOWN, None
+            self.persistence = Persistence.UNKNOWN  # it may have been started with other flags
             self.scheduler.reset(int(self.configuredSlots or props.get("total_slots") or 1))
             for forget in self.onNewProcess:
                 forget()
@@ -242,8 +243,6 @@ class Backend:
         return int(timings.get("cache_n", 0)), int(timings.get("prompt_n", 0))
 
     async def _probePersistence(self) -> None:
-        if self.persistence is Persistence.NONE:
-            return
         try:
             await self.llama.restore(0, _PROBE_FILE)
         except NoPersistence as e:

@@ -58,6 +58,14 @@ class ProbeTests(SynchronousTestCase):
         m.found()
         self.assertEqual(m.backend.persistence, Persistence.NONE)
 
+    def test_slotFilesComeBackWithTheFlag(self) -> None:
+        """Restarted with --slot-save-path after running without: files work again."""
+        m = Memory(Path(self.mktemp()), persistent=False, unified=True)
+        m.found()
+        m.fake.saveDir = m.dir / "slots"
+        m.restarted()
+        self.assertEqual(m.backend.persistence, Persistence.FILES)
+
     def test_apiKeyRefusedIsTyped(self) -> None:
         m = Memory(Path(self.mktemp()), apiKey="secret")
         with self.assertRaises(Unauthorized):
