@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from ..helpers import asyncTest, sleep, until
+from ..helpers import asyncTest, client, sleep, until
 from ..stack import templateText
 from .llama import LlamaServer
 from .test_llama import RealStack, texts
@@ -132,8 +132,6 @@ class DefaultServer(TestCase):
     @asyncTest
     async def test_conversationAndSystemPrompt(self) -> None:
         """Side by side with llama-server alone, on the same configuration: never more recomputed."""
-        from ..helpers import client
-
         self.http = client(self)
         stack = await self.stack(3)
         alone = await self.llamaServer()
