@@ -69,9 +69,9 @@ class BackendMonitor(Service):
 
     def check(self) -> defer.Deferred[None]:
         """One poll. It never fails: a LoopingCall that raises stops for good."""
-        self._current = defer.ensureDeferred(self._check())
-        self._current.addBoth(self._checked)
-        return self._current
+        current = self._current = defer.ensureDeferred(self._check())
+        current.addBoth(self._checked)
+        return current
 
     def _checked(self, result: object) -> None:
         self._current = None

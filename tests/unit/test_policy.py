@@ -71,6 +71,17 @@ class ProbeTests(SynchronousTestCase):
         with self.assertRaises(Unauthorized):
             m.run(m.llama.props())
 
+    def test_missingApiKeyIsReportedNotProbed(self) -> None:
+        """llama-server wants a key bioproxy lacks: /health says which setting, and nothing loops."""
+        m = Memory(Path(self.mktemp()), apiKey="secret")
+        m.monitor.listeners.append(m.backend)
+        for _ in range(3):
+            m.run(m.monitor.check())
+        self.assertTrue(m.monitor.reachable)
+        self.assertIn("backend_api_key", m.monitor.lastError or "")
+        self.assertFalse(m.backend.ready)
+        self.assertEqual(m.fake.log, [])
+
     def test_aBlipIsNoNewProcess(self) -> None:
         """Unreachable for a moment, then the same process: not probed again, and warmups resume."""
         m = self.memory(unified=False)
