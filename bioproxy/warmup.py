@@ -16,7 +16,7 @@ second warmup would empty the first one's slot before it is saved.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -32,6 +32,9 @@ from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
 from .templates import Template, TemplateLibrary
 
 log = Logger()
+
+# How a warmup made its template warm (the `how` label of bioproxy_warmup_total).
+Warmed = Literal["prefill", "restore", "resident"]
 
 
 class Warmer(Service):
@@ -179,7 +182,7 @@ class Warmer(Service):
             tokens=state.tokens,
         )
 
-    async def _warm(self, lease: Lease, template: Template, state: WarmState) -> str:
+    async def _warm(self, lease: Lease, template: Template, state: WarmState) -> Warmed:
         """Make template reachable the way users' requests reach it, and its file exist; returns how."""
         assert lease.slot is not None
         if self.backend.pins:
@@ -194,7 +197,7 @@ class Warmer(Service):
         state.lastWarmup = self.clock.seconds()
         return how
 
-    async def _warmPinned(self, lease: Lease, template: Template, state: WarmState) -> str:
+    async def _warmPinned(self, lease: Lease, template: Template, state: WarmState) -> Warmed:
         """Slots keep their contents: the leased slot is made to hold the template."""
         assert lease.slot is not None
         slot = lease.slot.id
@@ -210,7 +213,7 @@ class Warmer(Service):
             return "resident"
         return "restore" if trusted else "prefill"
 
-    async def _warmUnpinned(self, slot: int, template: Template, state: WarmState) -> str:
+    async def _warmUnpinned(self, slot: int, template: Template, state: WarmState) -> Warmed:
         """
         llama-server clears idle slots into its RAM cache: the template is
         restored into (or computed on) an empty slot, from where the next
