@@ -368,10 +368,9 @@ class _Generation:
     def _chunk(self, piece: str, finish: str | None) -> dict[str, Any]:
         if self.chat:
             delta = {"content": piece} if piece else {}
-            return {
+            return {  # llama-server's chat answers do not say which slot ran them
                 "object": "chat.completion.chunk",
                 "model": self.server.model,
-                "id_slot": self._slotId(),
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
         return {"content": piece, "stop": finish is not None, "id_slot": self._slotId()}
@@ -387,7 +386,6 @@ class _Generation:
             return {
                 "object": "chat.completion",
                 "model": self.server.model,
-                "id_slot": self._slotId(),
                 "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                 ],
