@@ -19,7 +19,7 @@ from .backend import Backend
 from .errors import writeError
 from .expand import Body
 from .forward import Forwarder, Outcome
-from .kvcache import KVCache, Prepared, warmText
+from .kvcache import KVCache, Prepared
 from .monitor import BackendMonitor
 from .scheduler import (
     EMPTY,
@@ -63,7 +63,9 @@ class Dispatcher:
         """
         pin = body.parsed.get("id_slot")
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
-        asking = self.scheduler.lease(template.key if template else None, USER, pin, body.text)
+        # Only where slots keep their contents does placement compare prompts.
+        text = body.text if self.backend.pins else ""
+        asking = self.scheduler.lease(template.key if template else None, USER, pin, text)
         gone: list[Failure] = []
 
         def clientLeft(reason: Failure) -> None:
@@ -85,7 +87,7 @@ class Dispatcher:
             return
         contents: Contents | None = UNKNOWN
         try:
-            contents = await self._run(request, lease, body, template, prefix, gone)
+            contents = await self._run(request, lease, body, template, prefix, gone, text)
         finally:
             lease.release(contents)
 
@@ -97,6 +99,7 @@ class Dispatcher:
         template: Template | None,
         prefix: str,
         gone: list[Failure],
+        text: str,
     ) -> Contents | None:
         assert lease.slot is not None
         pins = self.backend.pins
@@ -110,11 +113,11 @@ class Dispatcher:
             if not pins:
                 return UNKNOWN
             if how == "restored" and template:
-                return self.cache.holding(template, warmText(template))
+                return self.cache.holding(template, self.cache.warmText(template))
             return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
         reader = TimingsReader()
         outcome = await self.forwarder.forward(request, body.pinned(slot if pins else None), reader.feed)
-        contents = self._learn(outcome, reader, template, prefix, slot, how, body.text)
+        contents = self._learn(outcome, reader, template, prefix, slot, how, text)
         return contents if pins else UNKNOWN
 
     async def _preparePinned(self, lease: Lease, template: Template | None) -> Prepared:
@@ -142,12 +145,7 @@ class Dispatcher:
         if not self.cache.mayRestore(template):
             self.warmer.request(template.prefix)
             return "cold"
-        target = await self.cache.claimSlot(slot)
-        try:
-            restored = await self.cache.restore(target, template)
-        finally:
-            self.cache.unclaim(target)
-        if restored:
+        if await self.cache.restoreIntoEmptySlot(slot, template):
             return "restored"
         self.warmer.request(template.prefix)
         return "failed"

@@ -6,6 +6,7 @@ prompts. Pure functions on parsed JSON; everything not expanded is kept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -158,7 +159,12 @@ class Body:
     raw: bytes
     parsed: dict[str, Any]
     expanded: bool = False
-    text: str = ""  # promptText: where its prompt is cached
+    chat: bool | None = None  # a chat or a completion prompt; None: neither
+
+    @functools.cached_property
+    def text(self) -> str:
+        """promptText, worked out only where placement compares prompts (retained slots)."""
+        return "" if self.chat is None else promptText(self.parsed, self.chat)
 
     def pinned(self, slot: int | None) -> bytes:
         """The body to forward, pinned to slot unless None; a client's own id_slot is left as it is."""

@@ -60,11 +60,6 @@ def warmBody(template: Template, slot: int | None) -> dict[str, Any]:
     return body
 
 
-def warmText(template: Template) -> str:
-    """What a slot that the warmup of template computed starts with, as placement compares it."""
-    return promptText(warmBody(template, None), chat=True)
-
-
 @dataclasses.dataclass
 class WarmState:
     """One template version's cache facts; replaced when the template changes."""
@@ -81,6 +76,7 @@ class WarmState:
     inRam: bool = False  # llama-server has moved it to its RAM prompt cache
     lastWarmup: float | None = None
     error: str | None = None  # why the backend refused the last warmup
+    text: str | None = None  # what the warmup's slot starts with, as placement compares it
 
     def view(self, backend: Backend) -> dict[str, Any]:
         checked = self.hits + self.misses
@@ -116,6 +112,17 @@ class KVCache:
         if state is None or state.key != template.key:
             state = self.states[template.prefix] = WarmState(template.key)
         return state
+
+    def warmText(self, template: Template) -> str:
+        """What a slot that template's warmup computed starts with (worked out once per version)."""
+        state = self.state(template)
+        if state.text is None:
+            state.text = promptText(warmBody(template, None), chat=True)
+        return state.text
+
+    def forgetFile(self, template: Template) -> None:
+        """Its file must be written again: forced, or found to give no reuse."""
+        self.backend.saved.discard(self.filename(template) or "")
 
     def forgetProcess(self) -> None:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
@@ -218,6 +225,13 @@ class KVCache:
     def unclaim(self, slot: int) -> None:
         self.claimed.discard(slot)
 
+    async def restoreIntoEmptySlot(self, leased: int, template: Template) -> bool:
+        slot = await self.claimSlot(leased)
+        try:
+            return await self.restore(slot, template)
+        finally:
+            self.unclaim(slot)
+
     async def restore(self, slot: int, template: Template, held: str | None = None) -> bool:
         """
         Load the template's file into slot, which holds the template version
@@ -261,7 +275,7 @@ class KVCache:
 
     def holding(self, template: Template, text: str) -> Contents:
         """What a slot holds after computing text, which starts with template: as much as its file backs."""
-        backed = commonLength(text, warmText(template)) if self.saved(template) else 0
+        backed = commonLength(text, self.warmText(template)) if self.saved(template) else 0
         return holding(template.key, text, backed)
 
     async def save(self, slot: int, template: Template, tokens: int | None) -> bool:

@@ -31,6 +31,8 @@ class NoPersistence(BackendError):
 class Unauthorized(BackendError):
     """401: llama-server runs with --api-key and bioproxy's backend_api_key is unset or wrong."""
 
+    fix = "llama-server runs with --api-key; set backend_api_key, backend_api_key_file or $BIOPROXY_BACKEND_API_KEY"
+
 
 class Refused(BackendError):
     """Another 4xx: llama-server will not do this (a prompt longer than a slot, say); retrying cannot help."""

@@ -92,10 +92,7 @@ class BackendMonitor(Service):
         except defer.CancelledError:
             return
         except Unauthorized as e:
-            problem = (
-                f"llama-server refuses bioproxy's own calls ({e}): it runs with --api-key; set "
-                "backend_api_key, backend_api_key_file or $BIOPROXY_BACKEND_API_KEY"
-            )
+            problem = f"llama-server refuses bioproxy's own calls ({e}): {e.fix}"
             if self.lastError != problem:
                 log.error("{problem}", problem=problem)
             self._record(True, problem)

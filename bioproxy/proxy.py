@@ -25,7 +25,6 @@ from .expand import (
     expandPrompt,
     leading,
     parseBody,
-    promptText,
 )
 from .forward import Forwarder
 from .templates import Template, TemplateLibrary
@@ -82,7 +81,7 @@ class ProxyResource(Resource):
             return NOT_DONE_YET
         body.expanded = bool(prefix)
         if request.path in CHAT_PATHS or request.path in PROMPT_PATHS:
-            body.text = promptText(body.parsed, request.path in CHAT_PATHS)
+            body.chat = request.path in CHAT_PATHS
         if self.dispatcher is None:
             self.forwarder.forward(request, encode(body.parsed) if prefix else None)
         else:

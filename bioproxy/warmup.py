@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .backend import Backend
-from .kvcache import KVCache, WarmState, warmBody, warmText
+from .kvcache import KVCache, WarmState, warmBody
 from .llamacpp import Refused, Unauthorized
 from .metrics import Metrics
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
@@ -93,8 +93,7 @@ class Warmer(Service):
         if template is None:
             return False
         if force:
-            name = self.cache.filename(template)
-            self.backend.saved.discard(name or "")
+            self.cache.forgetFile(template)
         self.wanted.add(prefix)
         self._kick()
         return True
@@ -141,7 +140,7 @@ class Warmer(Service):
         state = self.cache.state(template)
         if state.reusable is None:
             state.reusable = await self.cache.measure(template)
-        lease = await self.scheduler.lease(template.key, WARMUP, text=warmText(template))
+        lease = await self.scheduler.lease(template.key, WARMUP, text=self.cache.warmText(template))
         started = self.clock.seconds()
         try:
             how = await yielding([lease], self._warm(lease, template, state))
@@ -156,10 +155,10 @@ class Warmer(Service):
             elif isinstance(e, Unauthorized):
                 state.error = str(e)
                 log.error(
-                    "llama-server refused bioproxy's warmup of {prefix} ({why}): it runs with --api-key; "
-                    "set backend_api_key, backend_api_key_file or $BIOPROXY_BACKEND_API_KEY",
+                    "llama-server refused bioproxy's warmup of {prefix} ({why}): {fix}",
                     prefix=prefix,
                     why=str(e),
+                    fix=e.fix,
                 )
             elif isinstance(e, Refused):
                 # The backend refuses this template (too long for a slot, say):
@@ -171,7 +170,9 @@ class Warmer(Service):
                 self._retryLater(prefix)
             return
         state.error = None
-        lease.release(self.cache.holding(template, warmText(template)) if self.backend.pins else UNKNOWN)
+        lease.release(
+            self.cache.holding(template, self.cache.warmText(template)) if self.backend.pins else UNKNOWN
+        )
         self.metrics.warmups.labels(prefix=prefix, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)
         log.info(
@@ -242,7 +243,7 @@ class Warmer(Service):
         """A restore that reported success: did the request right after it reuse it?"""
         if self.cache.learn(template, slot, timings, restored=True):
             return True
-        self.backend.saved.discard(self.cache.filename(template) or "")  # the file is no good: write it anew
+        self.cache.forgetFile(template)  # the file is no good: write it anew
         return False
 
     def _retryLater(self, prefix: str) -> None:
