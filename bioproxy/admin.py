@@ -16,6 +16,7 @@ from twisted.web.server import Request
 
 from . import __version__
 from .errors import errorBody
+from .heads import Head, HeadBook, Kind, templateHead
 from .kvcache import KVCache
 from .metrics import Metrics, MetricsResource
 from .monitor import BackendMonitor
@@ -70,11 +71,18 @@ class TemplatesResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, watcher: TemplateWatcher, cache: KVCache | None, warmer: Warmer | None) -> None:
+    def __init__(
+        self,
+        watcher: TemplateWatcher,
+        cache: KVCache | None,
+        warmer: Warmer | None,
+        book: HeadBook | None = None,
+    ) -> None:
         super().__init__()
         self.watcher = watcher
         self.cache = cache
         self.warmer = warmer
+        self.book = book
 
     def render_GET(self, request: Request) -> bytes:
         if request.postpath and request.postpath != [b""]:
@@ -88,11 +96,26 @@ class TemplatesResource(Resource):
             entry["last_change"] = status.lastChange
             entry["last_error"] = status.lastError
             if template is not None and self.cache is not None:
-                entry.update(self.cache.state(template).view(self.cache.backend))
-                entry["cache_file"] = self.cache.filename(template)
+                head = templateHead(template)
+                entry.update(self.cache.state(head).view(self.cache.backend))
+                entry["cache_file"] = self.cache.filename(head)
+                if self.book is not None:
+                    entry["variants"] = [self._variant(h) for h in self.book.variantsOf(prefix)]
             out.append(entry)
+        learned = []
+        if self.book is not None and self.cache is not None:
+            learned = [self._variant(h) for h in self.book.wanted() if h.kind is Kind.LEARNED]
         backend = self.cache.backend.view() if self.cache is not None else None
-        return jsonBody(request, {"templates": out, "backend": backend})
+        return jsonBody(request, {"templates": out, "learned": learned, "backend": backend})
+
+    def _variant(self, head: Head) -> dict[str, Any]:
+        """A learned head: its cache facts, and its uses from the book."""
+        assert self.cache is not None and self.book is not None
+        entry: dict[str, Any] = {"name": head.name, "kind": head.kind.value}
+        entry.update(self.cache.state(head).view(self.cache.backend))
+        entry["cache_file"] = self.cache.filename(head)
+        entry.update(self.book.view().get(head.name, {}))
+        return entry
 
     def render_POST(self, request: Request) -> bytes:
         path = request.postpath or []
@@ -193,11 +216,12 @@ def adminRoot(
     scheduler: SlotScheduler | None = None,
     cache: KVCache | None = None,
     warmer: Warmer | None = None,
+    book: HeadBook | None = None,
 ) -> Resource:
     root = Resource()
     root.putChild(b"health", HealthResource(monitor, clock, backendURL))
     root.putChild(b"metrics", MetricsResource(metrics.registry))
-    root.putChild(b"templates", TemplatesResource(watcher, cache, warmer))
+    root.putChild(b"templates", TemplatesResource(watcher, cache, warmer, book))
     if scheduler is not None:
         root.putChild(b"slots", SlotsResource(scheduler, clock))
     return TokenGuard(root, token) if token else root

@@ -52,6 +52,15 @@ class Config:
     # or the BIOPROXY_BACKEND_API_KEY environment variable.
     backend_api_key: str | None = None
     backend_api_key_file: str | None = None
+    # Heads learned from requests (a template behind a system prompt, an
+    # agent's long system prompt): warmed and saved after this many uses,
+    # at most this many kept, their files within this many bytes (0: no limit).
+    learn_after: int = 1
+    max_learned: int = 32
+    max_learned_bytes: int = 0
+    # Fix the per-conversation values of Claude Code's billing-header block
+    # so that every conversation's prompt starts alike.
+    normalise_billing_header: bool = True
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -216,6 +225,20 @@ def _bytes(key: str, value: Any) -> int:
     return value
 
 
+def _size(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"config key {key!r}: expected a whole number of bytes (0: no limit), got {value!r}"
+        )
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    return value
+
+
 def _optionalCount(key: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -300,6 +323,10 @@ _CHECKS = {
     "max_queue_wait": _positive,
     "backend_api_key": _optionalString,
     "backend_api_key_file": _optionalString,
+    "learn_after": _count,
+    "max_learned": _count,
+    "max_learned_bytes": _size,
+    "normalise_billing_header": _flag,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

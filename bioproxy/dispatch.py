@@ -1,7 +1,7 @@
 """
 A request that uses a slot: it waits for a lease, so that the backend never
 runs more than one request per slot and users go before warmups; its
-template is made ready (restored from its file where nothing holds it); it
+head is made ready (restored from its file where nothing holds it); it
 goes to the backend pinned to its slot where slots keep their contents, and
 unpinned where llama-server clears idle slots into its RAM cache (a request
 pinned to a cleared slot would not look there); and the cache learns what
@@ -19,6 +19,7 @@ from .backend import Backend
 from .errors import writeError
 from .expand import Body
 from .forward import Forwarder, Outcome
+from .heads import Head
 from .kvcache import KVCache, Prepared
 from .monitor import BackendMonitor
 from .scheduler import (
@@ -32,7 +33,6 @@ from .scheduler import (
     SlotScheduler,
     holding,
 )
-from .templates import Template
 from .timings import TimingsReader
 from .warmup import Warmer
 
@@ -56,16 +56,19 @@ class Dispatcher:
         self.monitor = monitor
         self.backend = backend
 
-    async def send(self, request: Request, body: Body, template: Template | None, prefix: str) -> None:
+    async def send(self, request: Request, body: Body, head: Head | None, pinnable: bool = True) -> None:
         """
-        Forward body on a leased slot. template is the one the prompt starts
-        with, whose cache the slot can reuse; prefix labels the metrics.
+        Forward body on a leased slot. head is the one the prompt starts
+        with, whose cache the slot can reuse. pinnable: llama-server reads
+        id_slot on this route; where it does not (Anthropic Messages), the
+        request still takes a lease, and the slot it is placed on is where
+        llama-server's own choice will find what it starts with.
         """
-        pin = body.parsed.get("id_slot")
+        pin = body.parsed.get("id_slot") if pinnable else None
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
         # Only where slots keep their contents does placement compare prompts.
         text = body.text if self.backend.pins else ""
-        asking = self.scheduler.lease(template.key if template else None, USER, pin, text)
+        asking = self.scheduler.lease(head.key if head else None, USER, pin, text)
         gone: list[Failure] = []
 
         def clientLeft(reason: Failure) -> None:
@@ -87,7 +90,7 @@ class Dispatcher:
             return
         contents: Contents | None = UNKNOWN
         try:
-            contents = await self._run(request, lease, body, template, prefix, gone, text)
+            contents = await self._run(request, lease, body, head, pinnable, gone, text)
         finally:
             lease.release(contents)
 
@@ -96,8 +99,8 @@ class Dispatcher:
         request: Request,
         lease: Lease,
         body: Body,
-        template: Template | None,
-        prefix: str,
+        head: Head | None,
+        pinnable: bool,
         gone: list[Failure],
         text: str,
     ) -> Contents | None:
@@ -106,58 +109,60 @@ class Dispatcher:
         slot = lease.slot.id
         how: Prepared = "warm"
         if pins:
-            how = await self._preparePinned(lease, template)
-        elif template is not None:
-            how = await self._prepareUnpinned(slot, template)
+            how = await self._preparePinned(lease, head)
+        elif head is not None:
+            how = await self._prepareUnpinned(slot, head)
         if gone:
             if not pins:
                 return UNKNOWN
-            if how == "restored" and template:
-                return self.cache.holding(template, self.cache.warmText(template))
+            if how == "restored" and head:
+                return self.cache.holding(head, self.cache.warmText(head))
             return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
         reader = TimingsReader()
-        outcome = await self.forwarder.forward(request, body.pinned(slot if pins else None), reader.feed)
-        contents = self._learn(outcome, reader, template, prefix, slot, how, text)
+        pinned = pins and pinnable
+        outcome = await self.forwarder.forward(request, body.pinned(slot if pinned else None), reader.feed)
+        contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text)
         return contents if pins else UNKNOWN
 
-    async def _preparePinned(self, lease: Lease, template: Template | None) -> Prepared:
-        """Slots keep their contents: the leased slot gets the template unless it holds it."""
+    async def _preparePinned(self, lease: Lease, head: Head | None) -> Prepared:
+        """Slots keep their contents: the leased slot gets the head unless it holds it."""
         assert lease.slot is not None
         held = lease.slot.contents.key
-        if template is None:
+        if head is None:
             self.cache.displaced(held)
             return "warm"
         if lease.warm:
             return "warm"
-        how = await self.cache.prepare(lease.slot.id, template, held, ram=True)
+        how = await self.cache.prepare(lease.slot.id, head, held, ram=True)
         if how in ("failed", "cold"):
-            self.warmer.request(template.prefix)
+            self.warmer.request(head.name)
         return how
 
-    async def _prepareUnpinned(self, slot: int, template: Template) -> Prepared:
+    async def _prepareUnpinned(self, slot: int, head: Head) -> Prepared:
         """
-        Idle slots are cleared into the RAM cache: a template that is there
+        Idle slots are cleared into the RAM cache: a head that is there
         needs nothing; one that is not is restored into an empty slot, where
         llama-server's own choice finds it, and warmed again for later.
         """
-        if self.cache.state(template).inRam:
+        if self.cache.state(head).inRam:
             return "ram"
-        if not self.cache.mayRestore(template):
-            self.warmer.request(template.prefix)
+        if not self.cache.mayRestore(head):
+            self.warmer.request(head.name)
             return "cold"
-        if await self.cache.restoreIntoEmptySlot(slot, template):
+        if await self.cache.restoreIntoEmptySlot(slot, head):
             return "restored"
-        self.warmer.request(template.prefix)
+        self.warmer.request(head.name)
         return "failed"
 
     def _learn(
         self,
         outcome: Outcome,
         reader: TimingsReader,
-        template: Template | None,
+        head: Head | None,
         prefix: str,
         slot: int,
         how: Prepared,
+        pinned: bool,
         text: str,
     ) -> Contents | None:
         """What the slot holds now, from how the exchange ended and its timings."""
@@ -170,11 +175,11 @@ class Dispatcher:
         timings = reader.timings
         if timings is not None:
             self.cache.count(prefix, timings)
-        if template is None:
+        if head is None:
             return holding(None, text)
         # Only a pinned request right after a restore tells whether restores work.
-        restored = how == "restored" and self.backend.pins
-        if timings is not None and not self.cache.learn(template, slot, timings, restored, how == "ram"):
-            self.warmer.request(template.prefix)
-        # Whatever the reuse was, the slot has just computed the template.
-        return self.cache.holding(template, text)
+        restored = how == "restored" and pinned
+        if timings is not None and not self.cache.learn(head, slot, timings, restored, how == "ram"):
+            self.warmer.request(head.name)
+        # Whatever the reuse was, the slot has just computed the head.
+        return self.cache.holding(head, text)

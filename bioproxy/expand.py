@@ -1,6 +1,13 @@
 """
-Template expansion inside request bodies: chat messages and completion
-prompts. Pure functions on parsed JSON; everything not expanded is kept.
+Template expansion inside request bodies, in each API's own shape, and the
+chat view of a body: the messages llama-server will render once it has
+turned an Anthropic or Responses request into a chat one. Placement and
+learned heads compare requests on that view, so that a prompt is matched
+as llama-server will see it, whichever API it came through.
+
+Pure functions on parsed JSON. Expansion is one pass and never recursive;
+it changes only the texts that start with a prefix, and keeps everything
+else as it came.
 """
 
 from __future__ import annotations
@@ -8,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
+from .routes import Shape
 from .templates import Template, TemplateLibrary
 
-CHAT_PATHS = frozenset({b"/v1/chat/completions", b"/chat/completions"})
-PROMPT_PATHS = frozenset({b"/v1/completions", b"/completions", b"/completion"})
+if TYPE_CHECKING:
+    from .heads import Head
 
 
 class BadRequest(Exception):
@@ -34,106 +44,289 @@ def parseBody(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def expandChat(body: dict[str, Any], library: TemplateLibrary) -> str | None:
-    """
-    Expand every user message that starts with a prefix, in place.
+# Roles whose text a user writes, and so may start with a prefix.
+WRITTEN_ROLES = frozenset({"user", "system", "developer"})
 
-    Every turn is expanded, not just the last, so a conversation's history
-    matches what the model saw on the turn it was sent. Returns the prefix of
-    the last expanded message.
+
+def _texts(shape: Shape, body: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise BadRequest("'messages' must be a list.")
-    used = None
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"messages[{i}] must be an object.")
-        content = message.get("content")
-        if content is None or isinstance(content, str):
-            pass
-        elif isinstance(content, list):
-            if not all(isinstance(part, dict) for part in content):
-                raise BadRequest(f"messages[{i}].content parts must be objects.")
-        else:
-            raise BadRequest(f"messages[{i}].content must be a string, a list of parts or null.")
-        if message.get("role") != "user":
-            continue
-        if isinstance(content, str):
-            expanded = _expand(content, library)
-            if expanded:
-                message["content"], used = expanded
-        elif isinstance(content, list):
-            part = next((p for p in content if p.get("type") == "text"), None)
-            if part is not None:
+    Every text a user wrote in body, in prompt order, as (container, key):
+    where expansion may write a template. Raises BadRequest where the body
+    is not of its route's shape.
+    """
+    if shape is Shape.PROMPT:
+        if isinstance(body.get("prompt"), str):
+            yield body, "prompt"
+    elif shape is Shape.CHAT:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise BadRequest("'messages' must be a list.")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BadRequest(f"messages[{i}] must be an object.")
+            yield from _contentTexts(message, "content", f"messages[{i}]", "text", chat=True)
+    elif shape is Shape.ANTHROPIC:
+        yield from _blockTexts(body, "system", "system", "text")
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise BadRequest("'messages' must be a list.")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BadRequest(f"messages[{i}] must be an object.")
+            if message.get("role") == "user":
+                yield from _blockTexts(message, "content", f"messages[{i}].content", "text")
+    elif shape is Shape.RESPONSES:
+        if isinstance(body.get("instructions"), str):
+            yield body, "instructions"
+        items = body.get("input")
+        if isinstance(items, str):
+            yield body, "input"
+        elif isinstance(items, list):
+            for i, item in enumerate(items):
+                if isinstance(item, dict):
+                    yield from _contentTexts(item, "content", f"input[{i}]", "input_text", chat=False)
+
+
+def _contentTexts(
+    message: dict[str, Any], key: str, where: str, textType: str, chat: bool
+) -> Iterator[tuple[dict[str, Any], str]]:
+    content = message.get(key)
+    if chat and not (content is None or isinstance(content, (str, list))):
+        raise BadRequest(f"{where}.content must be a string, a list of parts or null.")
+    if chat and isinstance(content, list) and not all(isinstance(p, dict) for p in content):
+        raise BadRequest(f"{where}.content parts must be objects.")
+    if message.get("role") not in WRITTEN_ROLES:
+        return
+    if isinstance(content, str):
+        yield message, key
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == textType:
                 if not isinstance(part.get("text"), str):
-                    raise BadRequest(f"messages[{i}].content text part must have a string 'text'.")
-                expanded = _expand(part["text"], library)
-                if expanded:
-                    part["text"], used = expanded
+                    raise BadRequest(f"{where}.content text part must have a string 'text'.")
+                yield part, "text"
+
+
+def _blockTexts(
+    holder: dict[str, Any], key: str, where: str, textType: str
+) -> Iterator[tuple[dict[str, Any], str]]:
+    value = holder.get(key)
+    if isinstance(value, str):
+        yield holder, key
+    elif isinstance(value, list):
+        for block in value:
+            if isinstance(block, dict) and block.get("type") == textType:
+                if not isinstance(block.get("text"), str):
+                    raise BadRequest(f"{where} text block must have a string 'text'.")
+                yield block, "text"
+
+
+def expand(shape: Shape, body: dict[str, Any], library: TemplateLibrary) -> str | None:
+    """
+    Expand, in place, every text a user wrote that starts with a prefix:
+    every turn, so that a conversation's history matches what the model saw
+    when it was sent. Returns the prefix of the last one expanded.
+    """
+    used = None
+    for holder, key in _texts(shape, body):
+        found = library.match(holder[key])
+        if found is not None:
+            template, message = found
+            holder[key] = template.render(message)
+            used = template.prefix
     return used
 
 
-def leading(body: dict[str, Any], library: TemplateLibrary) -> Template | None:
-    """
-    The template the chat's first message starts with: only then does the
-    prompt begin the way a warmed slot does, so only then can it reuse one.
-    """
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
-        return None
-    first = messages[0]
-    content = first.get("content")
-    # Warmups send string content; a list of parts may be rendered otherwise.
-    if first.get("role") != "user" or not isinstance(content, str):
-        return None
-    found = library.match(content)
-    return found[0] if found else None
-
-
-def expandPrompt(body: dict[str, Any], library: TemplateLibrary) -> str | None:
-    """Expand a string `prompt` that starts with a prefix, in place."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        expanded = _expand(prompt, library)
-        if expanded:
-            body["prompt"], used = expanded
-            return used
+def firstTemplate(shape: Shape, body: dict[str, Any], library: TemplateLibrary) -> Template | None:
+    """The template of the first text that starts with a prefix (before expansion)."""
+    for holder, key in _texts(shape, body):
+        found = library.match(holder[key])
+        if found is not None:
+            return found[0]
     return None
 
 
-def _expand(text: str, library: TemplateLibrary) -> tuple[str, str] | None:
-    found = library.match(text)
-    if found is None:
-        return None
-    template, message = found
-    return template.render(message), template.prefix
+# Claude Code opens its system prompt with a block such as
+# `x-anthropic-billing-header: cc_version=2.1.197.e77; cc_entrypoint=cli; cch=ab12c;`
+# whose version suffix and `cch` change with each conversation and mean
+# nothing to a model. llama-server rewrites `cch` only, so every new
+# conversation's prompt differed from its first tokens on.
+BILLING_HEADER = "x-anthropic-billing-header:"
+_BILLING_VALUES = re.compile(r"(cc_version=\d+\.\d+\.\d+\.)([0-9A-Za-z]+)(?=;)|(cch=)([0-9A-Za-z]+)(?=;)")
+
+
+def normaliseBillingHeader(body: dict[str, Any]) -> bool:
+    """Fix the per-conversation values of an Anthropic body's billing header, in place; True if changed."""
+    changed = False
+    for holder, key in _blockTexts(body, "system", "system", "text"):
+        text = holder[key]
+        if text.startswith(BILLING_HEADER):
+            line = text.split("\n", 1)[0]
+            fixed = _BILLING_VALUES.sub(_zeroed, line)
+            if fixed != line:
+                holder[key] = fixed + text[len(line) :]
+                changed = True
+    return changed
+
+
+def _zeroed(match: re.Match[str]) -> str:
+    name, value = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    return name + "0" * len(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatView:
+    """A body as llama-server's chat route sees it: the fields its chat template renders, and messages."""
+
+    head: dict[str, Any]
+    messages: list[dict[str, Any]]
+
+    def body(self) -> dict[str, Any]:
+        return {**self.head, "messages": self.messages}
 
 
 # Chat fields that a chat template renders ahead of the messages.
-_HEAD_FIELDS = ("tools", "chat_template_kwargs")
+HEAD_FIELDS = ("tools", "chat_template_kwargs")
+
+
+def chatView(shape: Shape, body: dict[str, Any]) -> ChatView | None:
+    """
+    The chat request llama-server turns body into (after its own
+    conversions of the Anthropic and Responses APIs, as build 11434 does
+    them, for text and tools; images and tool calls approximately). None for
+    a shape that is not a chat.
+    """
+    if shape is Shape.CHAT:
+        messages = body.get("messages")
+        return ChatView(_head(body), messages if isinstance(messages, list) else [])
+    if shape is Shape.ANTHROPIC:
+        return _anthropicView(body)
+    if shape is Shape.RESPONSES:
+        return _responsesView(body)
+    return None
+
+
+def _head(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in HEAD_FIELDS if k in body}
+
+
+def _anthropicView(body: dict[str, Any]) -> ChatView:
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if isinstance(system, str):
+        messages.append({"role": "system", "content": system})
+    elif isinstance(system, list):
+        text = "".join(
+            b["text"]
+            for b in system
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+        messages.append({"role": "system", "content": text})
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if not isinstance(content, list):
+            if content is not None or message.get("role") != "assistant":
+                messages.append(message)
+            continue
+        parts = [b for b in content if isinstance(b, dict) and b.get("type") == "text"]
+        calls = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+        results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if parts or calls:
+            converted: dict[str, Any] = {"role": message.get("role"), "content": parts or ""}
+            if calls:
+                converted["tool_calls"] = [
+                    {"id": c.get("id", ""), "type": "function", "function": {"name": c.get("name", "")}}
+                    for c in calls
+                ]
+            messages.append(converted)
+        for result in results:
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": result.get("tool_use_id", ""),
+                    "content": result.get("content"),
+                }
+            )
+    head: dict[str, Any] = {}
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        head["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name", ""),
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema", {}),
+                },
+            }
+            for t in tools
+            if isinstance(t, dict)
+        ]
+    if "chat_template_kwargs" in body:
+        head["chat_template_kwargs"] = body["chat_template_kwargs"]
+    return ChatView(head, messages)
+
+
+def _responsesView(body: dict[str, Any]) -> ChatView:
+    messages: list[dict[str, Any]] = []
+    if "instructions" in body:
+        instructions = body["instructions"]
+        messages.append({"role": "system", "content": instructions if isinstance(instructions, str) else ""})
+    items = body.get("input")
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list):
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            content = item.get("content")
+            if isinstance(content, str):
+                content = [{"text": content, "type": "input_text"}]
+            if item.get("role") in WRITTEN_ROLES and isinstance(content, list):
+                parts = [
+                    {"text": p.get("text"), "type": "text"}
+                    for p in content
+                    if isinstance(p, dict) and p.get("type") == "input_text"
+                ]
+                rest = {k: v for k, v in item.items() if k not in ("type", "status", "content")}
+                messages.append({**rest, "content": parts})
+            else:
+                messages.append(item)
+    head: dict[str, Any] = {}
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        converted = []
+        for tool in tools:
+            if isinstance(tool, dict) and tool.get("type") == "function":
+                function = {k: v for k, v in tool.items() if k != "type"}
+                function.setdefault("strict", True)
+                converted.append({"type": "function", "function": function})
+        if converted:
+            head["tools"] = converted
+    if "chat_template_kwargs" in body:
+        head["chat_template_kwargs"] = body["chat_template_kwargs"]
+    return ChatView(head, messages)
+
+
 # Enough of any prompt to tell where it is cached; bounds memory per slot.
 MAX_TEXT = 1 << 20
 
 
-def promptText(body: dict[str, Any], chat: bool) -> str:
+def promptText(view: ChatView | None, prompt: Any = None) -> str:
     """
-    A stand-in for the prompt llama-server will build from body: two
-    requests' texts start alike exactly as far as their prompts do, message
-    by message and within a message, which is what finding the slot that
-    already holds most of a prompt needs. Not the prompt itself: no chat
-    template is applied.
+    A stand-in for the prompt llama-server will build: two requests' texts
+    start alike exactly as far as their prompts do, message by message and
+    within a message, which is what finding the slot that already holds
+    most of a prompt needs. Not the prompt itself: no chat template is
+    applied. view: a chat's view; else prompt, a completion's prompt.
     """
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return ""
-        head = {k: body[k] for k in _HEAD_FIELDS if k in body}
-        parts = [json.dumps(head, sort_keys=True, ensure_ascii=False)]
-        parts += [json.dumps(m, sort_keys=True, ensure_ascii=False) for m in messages]
+    if view is not None:
+        parts = [json.dumps(view.head, sort_keys=True, ensure_ascii=False)]
+        parts += [json.dumps(m, sort_keys=True, ensure_ascii=False) for m in view.messages]
         text = "\n".join(parts)
     else:
-        prompt = body.get("prompt")
         text = prompt if isinstance(prompt, str) else json.dumps(prompt) if prompt is not None else ""
     return text[:MAX_TEXT]
 
@@ -154,17 +347,25 @@ def encode(body: dict[str, Any]) -> bytes:
 
 @dataclasses.dataclass
 class Body:
-    """A request body as it came, parsed, and whether expansion changed it."""
+    """A request body as it came, parsed, and whether bioproxy changed it."""
 
     raw: bytes
     parsed: dict[str, Any]
-    expanded: bool = False
-    chat: bool | None = None  # a chat or a completion prompt; None: neither
+    expanded: bool = False  # changed: a template expanded, or a header normalised
+    shape: Shape | None = None
+    head: Head | None = None  # the warm head the prompt starts with, if any
+    prefix: str = ""  # of the last template expanded: labels the metrics
+
+    @functools.cached_property
+    def view(self) -> ChatView | None:
+        return chatView(self.shape, self.parsed) if self.shape is not None else None
 
     @functools.cached_property
     def text(self) -> str:
-        """promptText, worked out only where placement compares prompts (retained slots)."""
-        return "" if self.chat is None else promptText(self.parsed, self.chat)
+        """promptText, worked out only where placement compares prompts."""
+        if self.shape is Shape.PROMPT:
+            return promptText(None, self.parsed.get("prompt"))
+        return promptText(self.view) if self.view is not None else ""
 
     def pinned(self, slot: int | None) -> bytes:
         """The body to forward, pinned to slot unless None; a client's own id_slot is left as it is."""

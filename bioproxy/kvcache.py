@@ -1,7 +1,7 @@
 """
-What bioproxy knows about each template's KV cache: its file on the
-backend's disk, how many tokens a warm slot saves, and whether restores of it
-can be trusted. Restores are checked twice: `n_restored > 0` at once, and
+What bioproxy knows about each head's KV cache (a template's, or one of
+heads.py's learned ones): its file on the backend's disk, how many tokens a
+warm slot saves, and whether restores of it can be trusted. Restores are checked twice: `n_restored > 0` at once, and
 `timings.cache_n` on the next request, since a restore can report success and
 still leave the slot cold.
 """
@@ -16,24 +16,21 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .backend import Backend, Persistence, SlotMode
-from .expand import promptText
+from .heads import MARK, Head
 from .llamacpp import BackendError, NoPersistence
 from .metrics import Metrics
 from .scheduler import Contents, commonLength, holding
-from .templates import Template
 
 log = Logger()
 
 # A request reused the cache when cache_n reaches this share of the
-# template's reusable tokens; token merges at the message boundary cost a few.
+# head's reusable tokens; token merges at the message boundary cost a few.
 HIT_SHARE = 0.9
-# Restore misses in a row after which restores of a template are distrusted.
+# Restore misses in a row after which restores of a head are distrusted.
 RESTORE_MISS_LIMIT = 2
-# Stands in for the user's message when finding where the template ends.
-_SENTINEL = "\u2063bioproxy-message\u2063"
 
 # How a slot was made ready for a templated request: it already held the
-# template; llama-server's RAM cache will supply it; its file was restored;
+# head; llama-server's RAM cache will supply it; its file was restored;
 # a restore was tried and failed (the slot is empty); or it runs cold.
 Prepared = Literal["warm", "ram", "restored", "failed", "cold"]
 
@@ -43,26 +40,13 @@ def sanitise(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix)[:64] or "_"
 
 
-def filename(template: Template, fingerprint: str) -> str:
-    return f"{sanitise(template.prefix)}-{template.hash[:12]}-{fingerprint}.bin"
-
-
-def warmBody(template: Template, slot: int | None) -> dict[str, Any]:
-    """The warmup request: the template with an empty message, one token, pinned unless slot is None."""
-    body: dict[str, Any] = {
-        "messages": [{"role": "user", "content": template.render("")}],
-        "max_tokens": 1,
-        "cache_prompt": True,
-        "stream": False,
-    }
-    if slot is not None:
-        body["id_slot"] = slot
-    return body
+def filename(head: Head, fingerprint: str) -> str:
+    return f"{sanitise(head.name)}-{head.digest[:12]}-{fingerprint}.bin"
 
 
 @dataclasses.dataclass
 class WarmState:
-    """One template version's cache facts; replaced when the template changes."""
+    """One head version's cache facts; replaced when the head changes."""
 
     key: str
     tokens: int | None = None  # prompt tokens of the warmup request
@@ -77,6 +61,7 @@ class WarmState:
     lastWarmup: float | None = None
     error: str | None = None  # why the backend refused the last warmup
     text: str | None = None  # what the warmup's slot starts with, as placement compares it
+    fileBytes: int = 0  # of its file, as llama-server reported the save
 
     def view(self, backend: Backend) -> dict[str, Any]:
         checked = self.hits + self.misses
@@ -107,53 +92,65 @@ class KVCache:
         self.states: dict[str, WarmState] = {}
         self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
 
-    def state(self, template: Template) -> WarmState:
-        state = self.states.get(template.prefix)
-        if state is None or state.key != template.key:
-            state = self.states[template.prefix] = WarmState(template.key)
+    def state(self, head: Head) -> WarmState:
+        state = self.states.get(head.name)
+        if state is None or state.key != head.key:
+            state = self.states[head.name] = WarmState(head.key)
         return state
 
-    def warmText(self, template: Template) -> str:
-        """What a slot that template's warmup computed starts with (worked out once per version)."""
-        state = self.state(template)
+    def warmText(self, head: Head) -> str:
+        """What a slot that head's warmup computed starts with (worked out once per version)."""
+        state = self.state(head)
         if state.text is None:
-            state.text = promptText(warmBody(template, None), chat=True)
+            state.text = head.warmText()
         return state.text
 
-    def forgetFile(self, template: Template) -> None:
+    def forgetFile(self, head: Head) -> None:
         """Its file must be written again: forced, or found to give no reuse."""
-        self.backend.saved.discard(self.filename(template) or "")
+        self.backend.saved.discard(self.filename(head) or "")
+
+    def forget(self, name: str) -> None:
+        """A learned head was given up: its facts go (its file stays on the backend's disk)."""
+        self.states.pop(name, None)
 
     def forgetProcess(self) -> None:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
         for state in self.states.values():
             state.warm = state.inRam = False
 
-    def filename(self, template: Template) -> str | None:
+    def filename(self, head: Head) -> str | None:
         fp = self.backend.fingerprint
-        return filename(template, fp) if fp else None
+        return filename(head, fp) if fp else None
 
-    def mayRestore(self, template: Template) -> bool:
-        name = self.filename(template)
+    def persists(self, head: Head) -> bool:
+        """head is kept in a file on the backend's disk (once saved)."""
         return (
-            name is not None
+            self.filename(head) is not None
             and self.backend.persistence is not Persistence.NONE
-            and name not in self.backend.missing
-            and not self.state(template).prefill
+            and not self.state(head).prefill
         )
 
-    def inRam(self, template: Template) -> bool:
+    def mayRestore(self, head: Head) -> bool:
+        name = self.filename(head)
+        return (
+            self.persists(head)
+            and name not in self.backend.missing
+            # A learned head has a file only if this process saved one.
+            and (not head.learned or name in self.backend.saved)
+        )
+
+    def inRam(self, head: Head) -> bool:
         """
-        True when llama-server will find template in its RAM prompt cache,
+        True when llama-server will find head in its RAM prompt cache,
         which is quicker than a restore from disk.
         """
-        return bool(self.backend.ramCache) and self.state(template).inRam
+        return bool(self.backend.ramCache) and self.state(head).inRam
 
     async def preserve(self, slot: int, held: str | None) -> None:
         """
         A restore overwrites a slot, and what it held is lost; a completion
         moves it into llama-server's RAM cache instead. So when that cache
-        works, a one-token completion goes first, and the template is kept.
+        works, a one-token completion goes first, and the head is kept.
         """
         state = self._version(held)
         if not self.backend.ramCache or state is None or state.inRam:
@@ -178,19 +175,19 @@ class KVCache:
             state.inRam = True
 
     def _version(self, key: str | None) -> WarmState | None:
-        """The state of the template version key names, if it is a current one."""
+        """The state of the head version key names, if it is a current one."""
         return next((s for s in self.states.values() if key is not None and s.key == key), None)
 
-    async def prepare(self, slot: int, template: Template, held: str | None, ram: bool) -> Prepared:
+    async def prepare(self, slot: int, head: Head, held: str | None, ram: bool) -> Prepared:
         """
-        Ready slot, which holds `held` and not template, for a completion of
-        template. ram: llama-server's RAM cache may be relied on.
+        Ready slot, which holds `held` and not head, for a completion of
+        head. ram: llama-server's RAM cache may be relied on.
         """
         how: Prepared
-        if ram and self.inRam(template):
+        if ram and self.inRam(head):
             how = "ram"
-        elif self.mayRestore(template):
-            if await self.restore(slot, template, held):
+        elif self.mayRestore(head):
+            if await self.restore(slot, head, held):
                 return "restored"
             return "cold" if self.backend.persistence is Persistence.NONE else "failed"
         else:
@@ -200,7 +197,7 @@ class KVCache:
 
     async def claimSlot(self, leased: int) -> int:
         """
-        Where a file can be restored or a template computed and saved without
+        Where a file can be restored or a head computed and saved without
         losing anything; give it back with unclaim(). In CLEARED mode the
         lease is only a share of capacity, and the slot that finished last
         still holds its prompt until the next task moves it into the RAM
@@ -225,22 +222,22 @@ class KVCache:
     def unclaim(self, slot: int) -> None:
         self.claimed.discard(slot)
 
-    async def restoreIntoEmptySlot(self, leased: int, template: Template) -> bool:
+    async def restoreIntoEmptySlot(self, leased: int, head: Head) -> bool:
         slot = await self.claimSlot(leased)
         try:
-            return await self.restore(slot, template)
+            return await self.restore(slot, head)
         finally:
             self.unclaim(slot)
 
-    async def restore(self, slot: int, template: Template, held: str | None = None) -> bool:
+    async def restore(self, slot: int, head: Head, held: str | None = None) -> bool:
         """
-        Load the template's file into slot, which holds the template version
+        Load the head's file into slot, which holds the head version
         `held`; False (never an error) when that cannot be done.
         """
-        name = self.filename(template)
+        name = self.filename(head)
         if name is None:
             return False
-        prefix = template.prefix
+        prefix = head.name
         try:
             if self.backend.pins:
                 await self.preserve(slot, held)
@@ -270,21 +267,21 @@ class KVCache:
         self.backend.saved.add(name)
         return True
 
-    def saved(self, template: Template) -> bool:
-        return self.filename(template) in self.backend.saved
+    def saved(self, head: Head) -> bool:
+        return self.filename(head) in self.backend.saved
 
-    def holding(self, template: Template, text: str) -> Contents:
-        """What a slot holds after computing text, which starts with template: as much as its file backs."""
-        backed = commonLength(text, self.warmText(template)) if self.saved(template) else 0
-        return holding(template.key, text, backed)
+    def holding(self, head: Head, text: str) -> Contents:
+        """What a slot holds after computing text, which starts with head: as much as its file backs."""
+        backed = commonLength(text, self.warmText(head)) if self.saved(head) else 0
+        return holding(head.key, text, backed)
 
-    async def save(self, slot: int, template: Template, tokens: int | None) -> bool:
+    async def save(self, slot: int, head: Head, tokens: int | None) -> bool:
         """
-        Save once per template version and backend: the file never changes
+        Save once per head version and backend: the file never changes
         after. tokens: what the slot should hold; a save of fewer (another
-        task cleared the slot first) is not counted as the template's file.
+        task cleared the slot first) is not counted as the head's file.
         """
-        name = self.filename(template)
+        name = self.filename(head)
         backend = self.backend
         if name is None or name in backend.saved or backend.persistence is Persistence.NONE:
             return name in backend.saved
@@ -299,35 +296,40 @@ class KVCache:
                 "slot {slot} held {n} tokens, not {prefix}'s {tokens}, when saved; saving again later",
                 slot=slot,
                 n=written,
-                prefix=template.prefix,
+                prefix=head.name,
                 tokens=tokens,
             )
             return False
         backend.saved.add(name)
         backend.missing.discard(name)
-        self.metrics.kvSaves.labels(prefix=template.prefix).inc()
-        log.info("saved {prefix} from slot {slot} to {name}", prefix=template.prefix, slot=slot, name=name)
+        size = result.get("n_written") if isinstance(result, dict) else None
+        self.state(head).fileBytes = size if isinstance(size, int) else 0
+        self.metrics.kvSaves.labels(prefix=head.name).inc()
+        log.info("saved {prefix} from slot {slot} to {name}", prefix=head.name, slot=slot, name=name)
         return True
 
-    async def measure(self, template: Template) -> int | None:
+    async def measure(self, head: Head) -> int | None:
         """
-        How many prompt tokens come before the user's message once the chat
+        How many prompt tokens come before the head's mark once the chat
         template is applied: what a warm slot lets a request skip.
         """
         try:
-            content = template.render(_SENTINEL)
-            prompt = await self.llama.applyTemplate([{"role": "user", "content": content}])
-            head, found, _ = prompt.partition(_SENTINEL)
-            return await self.llama.countTokens(head) if found else None
+            if head.prompt is not None:
+                return await self.llama.countTokens(head.prompt.partition(MARK)[0])
+            body = head.measureBody()
+            assert body is not None
+            prompt = await self.llama.applyTemplate(body)
+            before, found, _ = prompt.partition(MARK)
+            return await self.llama.countTokens(before) if found else None
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - without it, the warmup's own count is used
-            log.info("cannot measure {prefix}'s reusable tokens: {why}", prefix=template.prefix, why=str(e))
+            log.info("cannot measure {prefix}'s reusable tokens: {why}", prefix=head.name, why=str(e))
             return None
 
     def learn(
         self,
-        template: Template,
+        head: Head,
         slot: int | None,
         timings: dict[str, Any],
         restored: bool,
@@ -341,7 +343,7 @@ class KVCache:
         any other miss (eviction, another task in between) is not.
         fromRam: the request relied on llama-server's RAM cache.
         """
-        state = self.state(template)
+        state = self.state(head)
         expected = state.reusable if state.reusable is not None else state.tokens
         if not expected:
             return True
@@ -353,10 +355,10 @@ class KVCache:
                 state.inRam = True  # the next task moves it into the RAM cache, where the next finds it
             return True
         state.misses += 1
-        self.metrics.cacheMisses.labels(prefix=template.prefix).inc()
+        self.metrics.cacheMisses.labels(prefix=head.name).inc()
         log.warn(
             "cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens",
-            prefix=template.prefix,
+            prefix=head.name,
             slot=slot,
             got=timings.get("cache_n"),
             want=expected,
@@ -368,7 +370,7 @@ class KVCache:
             if state.restoreMisses >= RESTORE_MISS_LIMIT and not state.prefill:
                 state.prefill = True
                 state.prefillWhy = f"{state.restoreMisses} restores in a row reported success and gave no reuse on their slot"
-                log.warn("restores of {prefix} give no reuse; warming it by prefill", prefix=template.prefix)
+                log.warn("restores of {prefix} give no reuse; warming it by prefill", prefix=head.name)
         return False
 
     def count(self, prefix: str, timings: dict[str, Any]) -> None:

@@ -106,8 +106,9 @@ class LlamaClient:
         """A non-streaming /completion: a raw prompt, no chat template."""
         return await self._json("POST", "/completion", body, timeout)
 
-    async def applyTemplate(self, messages: list[dict[str, Any]]) -> str:
-        result = await self._json("POST", "/apply-template", {"messages": messages})
+    async def applyTemplate(self, body: dict[str, Any]) -> str:
+        """The prompt llama-server's chat template makes of a chat body (its messages and tools)."""
+        result = await self._json("POST", "/apply-template", body)
         prompt: str = result["prompt"]
         return prompt
 

@@ -21,40 +21,11 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .routes import ROUTES
+
 # llama-server's routes; anything else is counted as "other" so a client
 # cannot blow up the label cardinality with made-up paths.
-KNOWN_PATHS = frozenset(
-    {
-        "/",
-        "/health",
-        "/v1/health",
-        "/props",
-        "/slots",
-        "/metrics",
-        "/models",
-        "/v1/models",
-        "/chat/completions",
-        "/v1/chat/completions",
-        "/completions",
-        "/v1/completions",
-        "/completion",
-        "/infill",
-        "/tokenize",
-        "/detokenize",
-        "/apply-template",
-        "/embedding",
-        "/embeddings",
-        "/v1/embeddings",
-        "/rerank",
-        "/reranking",
-        "/v1/rerank",
-        "/v1/reranking",
-        "/lora-adapters",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/responses",
-    }
-)
+KNOWN_PATHS = frozenset(path.decode("ascii") for path in ROUTES)
 _SLOT_PATH = re.compile(r"^/slots/\d+$")
 
 LATENCY_BUCKETS = (

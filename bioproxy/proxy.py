@@ -16,38 +16,21 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .dispatch import Dispatcher
 from .errors import writeError
 from .expand import (
-    CHAT_PATHS,
-    PROMPT_PATHS,
     BadRequest,
     Body,
+    chatView,
     encode,
-    expandChat,
-    expandPrompt,
-    leading,
+    expand,
+    firstTemplate,
+    normaliseBillingHeader,
     parseBody,
 )
 from .forward import Forwarder
-from .templates import Template, TemplateLibrary
+from .heads import HeadBook, locate, shellOf
+from .routes import Route, Shape, route
+from .templates import TemplateLibrary
 
 log = Logger()
-
-# Routes whose work runs on a llama-server slot.
-SLOT_PATHS = (
-    CHAT_PATHS
-    | PROMPT_PATHS
-    | frozenset(
-        {
-            b"/infill",
-            b"/embedding",
-            b"/embeddings",
-            b"/v1/embeddings",
-            b"/rerank",
-            b"/reranking",
-            b"/v1/rerank",
-            b"/v1/reranking",
-        }
-    )
-)
 
 
 class ProxyResource(Resource):
@@ -60,50 +43,62 @@ class ProxyResource(Resource):
         forwarder: Forwarder,
         library: TemplateLibrary | None = None,
         dispatcher: Dispatcher | None = None,
+        book: HeadBook | None = None,
+        normaliseHeaders: bool = True,
     ) -> None:
         super().__init__()
         self.forwarder = forwarder
         self.library = library or TemplateLibrary()
         self.dispatcher = dispatcher
+        self.book = book
+        self.normaliseHeaders = normaliseHeaders
 
     def render(self, request: Request) -> int:
-        if request.method != b"POST" or request.path not in SLOT_PATHS:
+        found = route(request.method, request.path)
+        if found is None:
             self.forwarder.forward(request)
             return NOT_DONE_YET
         content: Any = request.content
         content.seek(0)
         raw = content.read()
         try:
-            body = Body(raw, parseBody(raw))
-            template, prefix = self._expand(request, body.parsed)
+            body = self._read(request, found, raw)
         except BadRequest as e:
             writeError(request, 400, str(e))
             return NOT_DONE_YET
-        body.expanded = bool(prefix)
-        if request.path in CHAT_PATHS or request.path in PROMPT_PATHS:
-            body.chat = request.path in CHAT_PATHS
-        if self.dispatcher is None:
-            self.forwarder.forward(request, encode(body.parsed) if prefix else None)
-        else:
-            d = defer.ensureDeferred(self.dispatcher.send(request, body, template, prefix))
-            d.addErrback(lambda f: log.failure("dispatch failed", f))
+        if self.dispatcher is None or not found.slot:
+            self.forwarder.forward(request, encode(body.parsed) if body.expanded else None)
+            return NOT_DONE_YET
+        d = defer.ensureDeferred(self.dispatcher.send(request, body, body.head, found.pins))
+        d.addErrback(lambda f: log.failure("dispatch failed", f))
         return NOT_DONE_YET
 
-    def _expand(self, request: Request, body: dict[str, Any]) -> tuple[Template | None, str]:
+    def _read(self, request: Request, found: Route, raw: bytes) -> Body:
         """
-        Expand templates in body, in place. Returns the template a chat's
-        prompt starts with (whose warm cache it can reuse) and the prefix used.
+        The body, parsed, its templates expanded in place, and (for a
+        request that runs on a slot) the head it starts with.
         """
-        if request.path in CHAT_PATHS:
-            first = leading(body, self.library)
-            prefix = expandChat(body, self.library)
-        elif request.path in PROMPT_PATHS:
-            first, prefix = None, expandPrompt(body, self.library)
-        else:
-            return None, ""
-        if prefix is None:
-            return None, ""
-        request.setHeader(b"x-bioproxy-template", prefix.encode("utf-8"))
-        request.prefix = prefix  # type: ignore[attr-defined]
-        log.info("expanded {prefix} for {path}", prefix=prefix, path=request.path.decode())
-        return first, prefix
+        if found.shape is None:
+            return Body(raw, {})  # a form llama-server reads; bioproxy only queues it
+        body = Body(raw, parseBody(raw), shape=found.shape)
+        shape, parsed = found.shape, body.parsed
+        if shape is Shape.OTHER:
+            return body
+        # Where the first template is, found before expansion changes the texts.
+        template = firstTemplate(shape, parsed, self.library)
+        position = locate(chatView(shape, parsed), self.library) if shape is not Shape.PROMPT else None
+        prefix = expand(shape, parsed, self.library)
+        normalised = shape is Shape.ANTHROPIC and self.normaliseHeaders and normaliseBillingHeader(parsed)
+        body.expanded = bool(prefix) or normalised
+        if prefix is not None:
+            body.prefix = prefix
+            request.setHeader(b"x-bioproxy-template", prefix.encode("utf-8"))
+            request.prefix = prefix  # type: ignore[attr-defined]
+            log.info("expanded {prefix} for {path}", prefix=prefix, path=request.path.decode())
+        if found.slot and self.book is not None:
+            if shape is Shape.PROMPT:
+                shell = shellOf(shape, None, (template, 0, None) if template else None)
+            else:
+                shell = shellOf(shape, body.view, position)
+            body.head = self.book.observe(shell, position[0] if position and shell is None else None)
+        return body

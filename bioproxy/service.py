@@ -23,6 +23,7 @@ from .backend import Backend
 from .config import Config
 from .dispatch import Dispatcher
 from .forward import Forwarder
+from .heads import HeadBook
 from .kvcache import KVCache
 from .llamacpp import LlamaClient
 from .metrics import Metrics
@@ -149,7 +150,12 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     backend = Backend(llama, scheduler, config.slots, config.backend_timeout)
     cache = KVCache(backend, metrics)
     backend.onNewProcess.append(cache.forgetProcess)
-    warmer = Warmer(library, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
+    book = HeadBook(
+        library, reactor.seconds, config.learn_after, config.max_learned, config.max_learned_bytes
+    )
+    warmer = Warmer(book, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
+    book.listeners.append(warmer.learned)
+    book.dropped.append(cache.forget)
     warmer.setName("warmup")
     watcher.listeners.append(warmer.templateChanged)
     monitor.listeners.append(backend)
@@ -157,7 +163,10 @@ def makeService(config: Config, reactor: Any) -> MultiService:
 
     dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
     proxySite = ProxySite(
-        ProxyResource(forwarder, library, dispatcher), metrics, reactor, config.max_body_bytes
+        ProxyResource(forwarder, library, dispatcher, book, config.normalise_billing_header),
+        metrics,
+        reactor,
+        config.max_body_bytes,
     )
     adminSite = Site(
         adminRoot(
@@ -170,6 +179,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
             scheduler,
             cache,
             warmer,
+            book,
         )
     )
 

@@ -3,7 +3,10 @@ Reads llama-server's `timings` out of a response as it streams past.
 
 `timings.cache_n` is the ground truth for whether a slot's cache was reused.
 For a stream it is in the last event; the reader keeps only the unfinished
-tail of the stream, so nothing is buffered beyond one event.
+tail of the stream, so nothing is buffered beyond one event. Anthropic
+Messages answers carry no timings: their `usage` (`cache_read_input_tokens`,
+in `message_start` when streamed) says the same, and so does a Responses
+answer's `usage.input_tokens_details.cached_tokens`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import Any
 
 # A JSON answer larger than this is not a completion; its timings are not looked for.
 MAX_JSON_BYTES = 4 * 1024 * 1024
+
+
+# What an event must contain to be worth parsing.
+_COUNTS = (b'"timings"', b'"cache_read_input_tokens"', b'"cached_tokens"')
 
 
 class TimingsReader:
@@ -33,7 +40,7 @@ class TimingsReader:
             self._buffer += data
             *events, self._buffer = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
             for event in events:
-                if b'"timings"' in event:
+                if any(k in event for k in _COUNTS):
                     self._event(event)
         elif not self._overflow:
             self._buffer += data
@@ -60,7 +67,23 @@ def _timingsOf(raw: bytes) -> dict[str, Any] | None:
         value = json.loads(raw)
     except ValueError:
         return None
-    timings = value.get("timings") if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    timings = value.get("timings")
     if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
         return timings
+    message = value.get("message") or value.get("response")
+    usage = value.get("usage") or (message.get("usage") if isinstance(message, dict) else None)
+    return _fromUsage(usage) if isinstance(usage, dict) else None
+
+
+def _fromUsage(usage: dict[str, Any]) -> dict[str, Any] | None:
+    """timings' two counts from an Anthropic or Responses `usage`."""
+    cached, total = usage.get("cache_read_input_tokens"), usage.get("input_tokens")
+    if isinstance(cached, int) and isinstance(total, int):
+        return {"cache_n": cached, "prompt_n": total}  # Anthropic's input_tokens are the computed ones
+    details = usage.get("input_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and isinstance(total, int):
+        return {"cache_n": cached, "prompt_n": max(0, total - cached)}
     return None

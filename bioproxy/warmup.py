@@ -1,15 +1,15 @@
 """
-Warmups: every template is put into a slot and onto the backend's disk
+Warmups: every head is put into a slot and onto the backend's disk
 before a user needs it, at warmup priority so that users never wait for one.
 
-A warmup restores the template's file when there is one and prefills it when
-there is not, then sends the template with an empty message and one token to
+A warmup restores the head's file when there is one and prefills it when
+there is not, then sends the head with an empty message and one token to
 generate. That request is cheap on a warm slot, makes a cold one warm, and
 its `cache_n` tells whether a restore really worked.
 
 Where llama-server clears idle slots into its RAM cache (its default), the
 warmup works in an idle, empty slot, checks a restore with an unpinned
-request (reaching the template the way users' requests will), and warmups
+request (reaching the head the way users' requests will), and warmups
 run one at a time: each task llama-server starts clears the idle slots, so a
 second warmup would empty the first one's slot before it is saved.
 """
@@ -25,22 +25,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .backend import Backend
-from .kvcache import KVCache, WarmState, warmBody
+from .heads import Head, HeadBook
+from .kvcache import KVCache, WarmState
 from .llamacpp import Refused, Unauthorized
 from .metrics import Metrics
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
-from .templates import Template, TemplateLibrary
+from .templates import Template
 
 log = Logger()
 
-# How a warmup made its template warm (the `how` label of bioproxy_warmup_total).
+# How a warmup made its head warm (the `how` label of bioproxy_warmup_total).
 Warmed = Literal["prefill", "restore", "resident"]
 
 
 class Warmer(Service):
     def __init__(
         self,
-        library: TemplateLibrary,
+        book: HeadBook,
         scheduler: SlotScheduler,
         cache: KVCache,
         backend: Backend,
@@ -49,7 +50,7 @@ class Warmer(Service):
         timeout: float,
         retryDelay: float = 5.0,
     ) -> None:
-        self.library = library
+        self.book = book
         self.scheduler = scheduler
         self.cache = cache
         self.backend = backend
@@ -71,7 +72,7 @@ class Warmer(Service):
 
     def backendReady(self) -> None:
         """The backend was found or came back, and has been probed: warm everything."""
-        log.info("warming {n} template(s)", n=len(self.library.templates))
+        log.info("warming {n} head(s)", n=len(self.book.wanted()))
         self.warmAll()
 
     def backendLost(self) -> None:
@@ -81,19 +82,26 @@ class Warmer(Service):
             job.cancel()
 
     def templateChanged(self, template: Template) -> None:
+        """A template's new version: warm it, and every head built on it."""
         self.request(template.prefix)
+        for head in self.book.variantsOf(template.prefix):
+            self.request(head.name)
+
+    def learned(self, head: Head) -> None:
+        """The book found a head worth keeping warm."""
+        self.request(head.name)
 
     def warmAll(self) -> None:
-        for prefix in self.library.templates:
-            self.request(prefix)
+        for head in self.book.wanted():
+            self.request(head.name)
 
     def request(self, prefix: str, force: bool = False) -> bool:
         """Queue a warmup of prefix; force also writes its file again."""
-        template = self.library.templates.get(prefix)
-        if template is None:
+        head = self.book.get(prefix)
+        if head is None:
             return False
         if force:
-            self.cache.forgetFile(template)
+            self.cache.forgetFile(head)
         self.wanted.add(prefix)
         self._kick()
         return True
@@ -134,16 +142,16 @@ class Warmer(Service):
         self._kick()
 
     async def _run(self, prefix: str) -> None:
-        template = self.library.templates.get(prefix)
-        if template is None:
+        head = self.book.get(prefix)
+        if head is None:
             return
-        state = self.cache.state(template)
+        state = self.cache.state(head)
         if state.reusable is None:
-            state.reusable = await self.cache.measure(template)
-        lease = await self.scheduler.lease(template.key, WARMUP, text=self.cache.warmText(template))
+            state.reusable = await self.cache.measure(head)
+        lease = await self.scheduler.lease(head.key, WARMUP, text=self.cache.warmText(head))
         started = self.clock.seconds()
         try:
-            how = await yielding([lease], self._warm(lease, template, state))
+            how = await yielding([lease], self._warm(lease, head, state))
         except Exception as e:  # noqa: BLE001 - a failed warmup is retried, never fatal
             lease.release(UNKNOWN)
             # A cancelled request surfaces as the HTTP client's own failure,
@@ -161,8 +169,8 @@ class Warmer(Service):
                     fix=e.fix,
                 )
             elif isinstance(e, Refused):
-                # The backend refuses this template (too long for a slot, say):
-                # retrying cannot help until the template or the backend changes.
+                # The backend refuses this head (too long for a slot, say):
+                # retrying cannot help until the head or the backend changes.
                 state.error = str(e)
                 log.error("warmup of {prefix} refused by the backend: {why}", prefix=prefix, why=str(e))
             elif not isinstance(e, defer.CancelledError):
@@ -170,9 +178,7 @@ class Warmer(Service):
                 self._retryLater(prefix)
             return
         state.error = None
-        lease.release(
-            self.cache.holding(template, self.cache.warmText(template)) if self.backend.pins else UNKNOWN
-        )
+        lease.release(self.cache.holding(head, self.cache.warmText(head)) if self.backend.pins else UNKNOWN)
         self.metrics.warmups.labels(prefix=prefix, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)
         log.info(
@@ -183,67 +189,71 @@ class Warmer(Service):
             tokens=state.tokens,
         )
 
-    async def _warm(self, lease: Lease, template: Template, state: WarmState) -> Warmed:
-        """Make template reachable the way users' requests reach it, and its file exist; returns how."""
+    async def _warm(self, lease: Lease, head: Head, state: WarmState) -> Warmed:
+        """Make head reachable the way users' requests reach it, and its file exist; returns how."""
         assert lease.slot is not None
         if self.backend.pins:
-            how = await self._warmPinned(lease, template, state)
+            how = await self._warmPinned(lease, head, state)
         else:
             slot = await self.cache.claimSlot(lease.slot.id)
             try:
-                how = await self._warmUnpinned(slot, template, state)
+                how = await self._warmUnpinned(slot, head, state)
             finally:
                 self.cache.unclaim(slot)
         state.warm = True
         state.lastWarmup = self.clock.seconds()
         return how
 
-    async def _warmPinned(self, lease: Lease, template: Template, state: WarmState) -> Warmed:
-        """Slots keep their contents: the leased slot is made to hold the template."""
+    async def _warmPinned(self, lease: Lease, head: Head, state: WarmState) -> Warmed:
+        """Slots keep their contents: the leased slot is made to hold the head."""
         assert lease.slot is not None
         slot = lease.slot.id
-        if lease.warm and self.cache.saved(template):
+        if lease.warm and self.cache.saved(head):
             return "resident"
         restored = not lease.warm and (
-            await self.cache.prepare(slot, template, lease.slot.contents.key, ram=False) == "restored"
+            await self.cache.prepare(slot, head, lease.slot.contents.key, ram=False) == "restored"
         )
-        timings = await self._complete(template, state, slot)
-        trusted = restored and self._verified(template, slot, timings)
-        await self.cache.save(slot, template, state.tokens)
+        timings = await self._complete(head, state, slot)
+        trusted = restored and self._verified(head, slot, timings)
+        await self.cache.save(slot, head, state.tokens)
         if lease.warm:
             return "resident"
         return "restore" if trusted else "prefill"
 
-    async def _warmUnpinned(self, slot: int, template: Template, state: WarmState) -> Warmed:
+    async def _warmUnpinned(self, slot: int, head: Head, state: WarmState) -> Warmed:
         """
-        llama-server clears idle slots into its RAM cache: the template is
+        llama-server clears idle slots into its RAM cache: the head is
         restored into (or computed on) an empty slot, from where the next
         task moves it into the RAM cache, where users' unpinned requests find
         it. The check after a restore is unpinned too, to reach it as they do.
         """
-        if state.inRam and (self.cache.saved(template) or not self.cache.mayRestore(template)):
+        if state.inRam and (self.cache.saved(head) or not self.cache.persists(head)):
             return "resident"
-        if self.cache.mayRestore(template) and await self.cache.restore(slot, template):
-            if self._verified(template, None, await self._complete(template, state, None)):
+        if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
+            if self._verified(head, None, await self._complete(head, state, None)):
                 state.inRam = True
                 return "restore"
-        await self._complete(template, state, slot)
-        if not await self.cache.save(slot, template, state.tokens) and self.cache.mayRestore(template):
-            self._retryLater(template.prefix)  # another task cleared the slot first
+        await self._complete(head, state, slot)
+        if not await self.cache.save(slot, head, state.tokens) and self.cache.persists(head):
+            self._retryLater(head.name)  # another task cleared the slot first
         state.inRam = True
         return "prefill"
 
-    async def _complete(self, template: Template, state: WarmState, slot: int | None) -> dict[str, Any]:
-        result = await self.llama.chat(warmBody(template, slot), self.timeout)
+    async def _complete(self, head: Head, state: WarmState, slot: int | None) -> dict[str, Any]:
+        body = head.warmBody(slot)
+        if head.prompt is not None:
+            result = await self.llama.complete(body, self.timeout)
+        else:
+            result = await self.llama.chat(body, self.timeout)
         timings: dict[str, Any] = (result or {}).get("timings") or {}
         state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
         return timings
 
-    def _verified(self, template: Template, slot: int | None, timings: dict[str, Any]) -> bool:
+    def _verified(self, head: Head, slot: int | None, timings: dict[str, Any]) -> bool:
         """A restore that reported success: did the request right after it reuse it?"""
-        if self.cache.learn(template, slot, timings, restored=True):
+        if self.cache.learn(head, slot, timings, restored=True):
             return True
-        self.cache.forgetFile(template)  # the file is no good: write it anew
+        self.cache.forgetFile(head)  # the file is no good: write it anew
         return False
 
     def _retryLater(self, prefix: str) -> None:

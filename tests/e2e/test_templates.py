@@ -57,8 +57,9 @@ class ExpansionTests(TestCase):
                 "stream": stream,
                 "x_custom": {"keep": [1, 2.5, None]},
                 "messages": [
-                    {"role": "system", "content": "@code not a user message"},
+                    {"role": "system", "content": "@code as a system prompt"},
                     {"role": "user", "content": "@code why <{/etc/passwd}>?"},
+                    {"role": "assistant", "content": "@code not written by a user"},
                 ],
             }
             response = await self.http.post(self.proxy + "/v1/chat/completions", json=body)
@@ -66,6 +67,7 @@ class ExpansionTests(TestCase):
             await treq.content(response)
             sent = self.received()
             self.assertEqual(sent["messages"][1]["content"], self.expanded)
+            body["messages"][0]["content"] = self.expanded.replace("why <{/etc/passwd}>?", "as a system prompt")
             body["messages"][1]["content"] = self.expanded
             # A backend without /props is not llama-server: nothing is pinned.
             self.assertEqual(sent, body)

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from bioproxy.backend import Backend
 from bioproxy.dispatch import Dispatcher
 from bioproxy.forward import Forwarder
+from bioproxy.heads import HeadBook
 from bioproxy.kvcache import KVCache
 from bioproxy.llamacpp import LlamaClient
 from bioproxy.metrics import Metrics
@@ -53,9 +54,10 @@ class Memory:
         self.cache = KVCache(self.backend, self.metrics)
         self.backend.onNewProcess.append(self.cache.forgetProcess)
         self.library = TemplateLibrary()
-        self.warmer = Warmer(
-            self.library, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
-        )
+        self.book = HeadBook(self.library, self.clock.seconds)
+        self.warmer = Warmer(self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30)
+        self.book.listeners.append(self.warmer.learned)
+        self.book.dropped.append(self.cache.forget)
         self.backend.listeners.append(self.warmer)
         self.warmer.startService()
         self.monitor = BackendMonitor(self.llama, self.clock, self.metrics, 60)
@@ -65,7 +67,7 @@ class Memory:
             self.scheduler, self.cache, forwarder, self.warmer, self.monitor, self.backend
         )
         self.site = ProxySite(
-            ProxyResource(forwarder, self.library, dispatcher), self.metrics, self.clock, 1 << 20
+            ProxyResource(forwarder, self.library, dispatcher, self.book), self.metrics, self.clock, 1 << 20
         )
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from bioproxy.expand import BadRequest, expandChat, expandPrompt, parseBody
+from bioproxy.expand import BadRequest, expand, parseBody
+from bioproxy.routes import Shape
 from bioproxy.templates import Sources, TemplateLibrary, load
 
 json_values = st.recursive(
@@ -45,19 +46,19 @@ class ExpandTests(TestCase):
     def test_everythingElseSurvives(self, extra: dict[str, object], msgs: list[dict[str, str]]) -> None:
         body = {**extra, "messages": msgs}
         before = copy.deepcopy(body)
-        used = expandChat(body, self.library)
+        used = expand(Shape.CHAT, body, self.library)
         self.assertEqual({k: v for k, v in body.items() if k != "messages"}, extra)
         self.assertEqual(len(body["messages"]), len(before["messages"]))
         expandedAny = False
         for old, new in zip(before["messages"], body["messages"], strict=True):
-            if old["role"] == "user" and old["content"] == "@t hello":
+            if old["role"] in ("user", "system") and old["content"] == "@t hello":
                 self.assertEqual(new, {**old, "content": "T[hello]"})
                 expandedAny = True
             else:
                 self.assertEqual(new, old)
         self.assertEqual(used, "@t" if expandedAny else None)
 
-    def test_firstTextPartOfAList(self) -> None:
+    def test_everyTextPartThatStartsWithAPrefix(self) -> None:
         body = {
             "messages": [
                 {
@@ -70,16 +71,16 @@ class ExpandTests(TestCase):
                 }
             ]
         }
-        self.assertEqual(expandChat(body, self.library), "@t")
+        self.assertEqual(expand(Shape.CHAT, body, self.library), "@t")
         parts = body["messages"][0]["content"]
-        self.assertEqual([p.get("text") for p in parts], [None, "T[look]", "@t not me"])
+        self.assertEqual([p.get("text") for p in parts], [None, "T[look]", "T[not me]"])
 
     def test_prompt(self) -> None:
         body = {"prompt": "@t go", "n_predict": 3}
-        self.assertEqual(expandPrompt(body, self.library), "@t")
+        self.assertEqual(expand(Shape.PROMPT, body, self.library), "@t")
         self.assertEqual(body, {"prompt": "T[go]", "n_predict": 3})
         unknown = {"prompt": "@other go"}
-        self.assertIsNone(expandPrompt(unknown, self.library))
+        self.assertIsNone(expand(Shape.PROMPT, unknown, self.library))
         self.assertEqual(unknown, {"prompt": "@other go"})
 
     def test_badBodies(self) -> None:
@@ -94,4 +95,4 @@ class ExpandTests(TestCase):
             {},
         ):
             with self.assertRaises(BadRequest):
-                expandChat(json.loads(json.dumps(body)), self.library)
+                expand(Shape.CHAT, json.loads(json.dumps(body)), self.library)

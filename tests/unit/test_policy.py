@@ -12,6 +12,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend import Persistence, SlotMode
+from bioproxy.heads import templateHead
 from bioproxy.kvcache import RESTORE_MISS_LIMIT
 from bioproxy.llamacpp import Unauthorized
 
@@ -112,12 +113,12 @@ class WarmupTests(SynchronousTestCase):
         """The template ends up where an unpinned request finds it, and on disk."""
         m = self.warmed(unified=True)
         template = m.library.templates["@t"]
-        self.assertTrue(m.cache.state(template).inRam)
-        self.assertTrue(m.cache.saved(template))
+        self.assertTrue(m.cache.state(templateHead(template)).inRam)
+        self.assertTrue(m.cache.saved(templateHead(template)))
         m.fake.log.clear()
         body = {"messages": [{"role": "user", "content": template.render("a question")}], "max_tokens": 1}
         timings = m.run(m.llama.chat(body, 10))["timings"]
-        self.assertGreaterEqual(timings["cache_n"], 0.9 * m.cache.state(template).reusable)
+        self.assertGreaterEqual(timings["cache_n"], 0.9 * m.cache.state(templateHead(template)).reusable)
 
     def test_clearedModeRestoreIsVerifiedUnpinned(self) -> None:
         m = self.warmed(unified=True)
@@ -136,7 +137,7 @@ class WarmupTests(SynchronousTestCase):
         m.advanceUntil(lambda: running.append(len(m.warmer.jobs)) or not (m.warmer.jobs or m.warmer.wanted))
         self.assertEqual(max(running), 1)
         for template in m.library.templates.values():
-            self.assertTrue(m.cache.saved(template), template.prefix)
+            self.assertTrue(m.cache.saved(templateHead(template)), template.prefix)
 
     def test_lossyRestoresCountOnlyRightAfterTheRestore(self) -> None:
         for unified in (True, False):
@@ -144,7 +145,7 @@ class WarmupTests(SynchronousTestCase):
             m.fake.faults.lossyRestore = True
             for _ in range(RESTORE_MISS_LIMIT):
                 m.restarted()
-            state = m.cache.state(m.library.templates["@t"])
+            state = m.cache.state(templateHead(m.library.templates["@t"]))
             self.assertTrue(state.prefill, unified)
             self.assertIn("gave no reuse", state.prefillWhy or "")
 
@@ -156,7 +157,7 @@ class WarmupTests(SynchronousTestCase):
         m.clock.advance(60)
         m.settle()
         self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t", how="prefill"), 1, "no retry loop")
-        view = m.cache.state(template).view(m.backend)
+        view = m.cache.state(templateHead(template)).view(m.backend)
         self.assertEqual(view["warmup_mode"], "prefill")
 
     def test_lostBackendCancelsWarmups(self) -> None:
@@ -178,9 +179,9 @@ class VerificationTests(SynchronousTestCase):
         m = Memory(Path(self.mktemp()), unified=True)
         template = m.template("@t", TEMPLATE)
         m.found()
-        state = m.cache.state(template)
+        state = m.cache.state(templateHead(template))
         for _ in range(RESTORE_MISS_LIMIT + 2):
-            self.assertFalse(m.cache.learn(template, None, {"cache_n": 0}, restored=False, fromRam=True))
+            self.assertFalse(m.cache.learn(templateHead(template), None, {"cache_n": 0}, restored=False, fromRam=True))
         self.assertFalse(state.prefill)
         self.assertFalse(state.inRam, "restored from disk next time")
         self.assertEqual(state.misses, RESTORE_MISS_LIMIT + 2)
@@ -215,12 +216,12 @@ class DispatchTests(SynchronousTestCase):
             slot.tokens = b""
         missed = self.ask(m, "@t evicted")
         self.assertGreater(missed["prompt_n"], 500)
-        self.assertFalse(m.cache.state(template).inRam)
+        self.assertFalse(m.cache.state(templateHead(template)).inRam)
         restores = m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok")
         record = self.ask(m, "@t after the miss")
         self.assertLess(record["prompt_n"], 60, record)
         self.assertGreater(m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok"), restores)
-        self.assertFalse(m.cache.state(template).prefill)
+        self.assertFalse(m.cache.state(templateHead(template)).prefill)
 
     def test_untemplatedChatsStayOnTheirSlot(self) -> None:
         m = Memory(Path(self.mktemp()), unified=False)

@@ -1,0 +1,333 @@
+"""
+Heads: the starts of prompts that bioproxy keeps warm. A template as a
+chat's first message is one; so is a template behind a system prompt or a
+few-shot preamble (a variant), a template sent as a completion prompt, and
+a long untemplated start that recurs, such as an agent's system prompt and
+tools (learned).
+
+A head is a chat view (or a prompt) with a mark where the part that varies
+begins. Its warmup sends it with the mark emptied; measuring it asks
+llama-server how many tokens come before the mark. Variants and learned
+heads are kept in a book, least recently used first out, within a count
+and a disk budget; they are learned from requests as they arrive, warmed
+after `learn_after` uses, and saved like templates, so that a llama-server
+restart keeps them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .expand import WRITTEN_ROLES, ChatView, promptText
+from .routes import Shape
+from .templates import Template, TemplateLibrary
+
+# Where the varying part of a head begins (the user's message, or prompt).
+MARK = "\u2063bioproxy-message\u2063"
+# Where a variant's template text goes, until the template's version is known.
+_TEMPLATE = "\u2063bioproxy-template\u2063"
+# A learned head shorter than this (in characters of its messages) is not
+# worth a warmup and a file: llama-server computes it in moments.
+MIN_LEARNED_CHARS = 2048
+
+
+class Kind(enum.Enum):
+    TEMPLATE = "template"  # the template as a chat's first and only user text
+    PROMPT = "prompt"  # the template as a completion prompt
+    VARIANT = "variant"  # the template behind leading messages or tools
+    LEARNED = "learned"  # an untemplated start that recurs
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    name: str  # labels metrics, warmups and files: "@code", "@code+1a2b3c4d", "~1a2b3c4d"
+    kind: Kind
+    template: Template | None
+    view: ChatView | None  # a chat head, with MARK where the message goes
+    prompt: str | None  # a completion head, with MARK
+    digest: str  # of what the warmup sends; a template's own hash for a plain template
+
+    @property
+    def key(self) -> str:
+        """Names this version of the head: what a slot holds, and its cache file."""
+        return f"{self.name}@{self.digest[:12]}"
+
+    @property
+    def learned(self) -> bool:
+        """Known only from requests since bioproxy started, so any file of it is one this process wrote."""
+        return self.kind is not Kind.TEMPLATE
+
+    def warmBody(self, slot: int | None) -> dict[str, Any]:
+        """The warmup request: the head with the mark emptied, one token, pinned unless slot is None."""
+        body: dict[str, Any]
+        if self.prompt is not None:
+            body = {"prompt": self.prompt.replace(MARK, ""), "n_predict": 1, "cache_prompt": True}
+        else:
+            assert self.view is not None
+            body = {**_filled(self.view, ""), "max_tokens": 1, "cache_prompt": True, "stream": False}
+        if slot is not None:
+            body["id_slot"] = slot
+        return body
+
+    def measureBody(self) -> dict[str, Any] | None:
+        """The chat whose rendering, cut at MARK, is what a warm slot saves; None for a prompt head."""
+        return _filled(self.view, MARK) if self.view is not None else None
+
+    def warmText(self) -> str:
+        """What a slot that computed the warmup starts with, as placement compares prompts."""
+        if self.prompt is not None:
+            return promptText(None, self.prompt.replace(MARK, ""))
+        assert self.view is not None
+        return promptText(ChatView(*_split(_filled(self.view, ""))))
+
+
+def _filled(view: ChatView, message: str) -> dict[str, Any]:
+    body: dict[str, Any] = _replace(view.body(), MARK, message)
+    return body
+
+
+def _replace(value: Any, old: str, new: str) -> Any:
+    """value with old replaced by new in every string, as new containers."""
+    if isinstance(value, str):
+        return value.replace(old, new) if old in value else value
+    if isinstance(value, list):
+        return [_replace(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace(v, old, new) for k, v in value.items()}
+    return value
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def templateHead(template: Template) -> Head:
+    """The template as a chat's only message: what every template's warmup has always sent."""
+    view = ChatView({}, [{"role": "user", "content": template.render(MARK)}])
+    return Head(template.prefix, Kind.TEMPLATE, template, view, None, template.hash)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shell:
+    """What a request starts with, before any template version is filled in: how a head is learned."""
+
+    kind: Kind
+    prefix: str | None  # the template's, for variants and prompts
+    view: ChatView | None  # with _TEMPLATE where the template goes, and MARK where the message goes
+    digest: str
+
+    @property
+    def name(self) -> str:
+        if self.kind is Kind.PROMPT:
+            return f"{self.prefix}:prompt"
+        if self.kind is Kind.VARIANT:
+            return f"{self.prefix}+{self.digest[:8]}"
+        return f"~{self.digest[:8]}"
+
+    def head(self, library: TemplateLibrary) -> Head | None:
+        """The head with the template's current version; None when the template is gone."""
+        if self.kind is Kind.LEARNED:
+            return Head(self.name, self.kind, None, self.view, None, self.digest)
+        template = library.templates.get(self.prefix or "")
+        if template is None:
+            return None
+        rendered = template.render(MARK)
+        if self.kind is Kind.PROMPT:
+            return Head(self.name, self.kind, template, None, rendered, _digest([template.hash, "prompt"]))
+        assert self.view is not None
+        view = ChatView(*_split(_replace(self.view.body(), _TEMPLATE, rendered)))
+        return Head(self.name, self.kind, template, view, None, _digest([template.hash, self.digest]))
+
+
+def _split(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    messages = body.pop("messages")
+    return body, messages
+
+
+def shellOf(
+    shape: Shape, view: ChatView | None, found: tuple[Template, int, int | None] | None
+) -> Shell | None:
+    """
+    What a request (its chat view after expansion, and where its first
+    template was before) starts with, when that is worth keeping warm:
+    a variant, a prompt head, or a long untemplated start. None for a plain
+    template (always warm) and for starts too short to matter.
+    """
+    if shape is Shape.PROMPT:
+        return None if found is None else Shell(Kind.PROMPT, found[0].prefix, None, "")
+    if view is None:
+        return None
+    if found is not None:
+        template, i, j = found
+        messages = view.messages[:i] + [_cut(view.messages[i], j, _TEMPLATE)]
+        if not view.head and i == 0 and j is None and messages[0].get("role") == "user":
+            return None  # the template itself
+        shell = ChatView(view.head, messages)
+        return Shell(Kind.VARIANT, template.prefix, shell, _digest(shell.body()))
+    opening = list(_opening(view.messages))
+    if not opening or opening[-1].get("role") != "user":
+        return None
+    last = opening[-1]
+    content = last.get("content")
+    if isinstance(content, list):
+        texts = [k for k, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text"]
+        if not texts:
+            return None
+        messages = opening[:-1] + [_cut(last, texts[-1], MARK)]
+    else:
+        messages = opening[:-1] + [{"role": "user", "content": MARK}]
+    shell = ChatView(view.head, messages)
+    if len(promptText(shell)) < MIN_LEARNED_CHARS:
+        return None
+    return Shell(Kind.LEARNED, None, shell, _digest(shell.body()))
+
+
+def _opening(messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The messages before the first answer: what every turn of a conversation starts with."""
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in WRITTEN_ROLES:
+            return
+        yield message
+
+
+def _cut(message: dict[str, Any], part: int | None, text: str) -> dict[str, Any]:
+    """message up to its content part (or its string content), which becomes text."""
+    if part is None:
+        return {**message, "content": text}
+    parts = list(message["content"][:part]) + [{**message["content"][part], "text": text}]
+    return {**message, "content": parts}
+
+
+def locate(view: ChatView | None, library: TemplateLibrary) -> tuple[Template, int, int | None] | None:
+    """The first text of view a user wrote that starts with a prefix: template, message, part."""
+    if view is None:
+        return None
+    for i, message in enumerate(view.messages):
+        if not isinstance(message, dict) or message.get("role") not in WRITTEN_ROLES:
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            found = library.match(content)
+            if found is not None:
+                return found[0], i, None
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    found = library.match(part["text"])
+                    if found is not None:
+                        return found[0], i, j
+    return None
+
+
+@dataclasses.dataclass
+class Entry:
+    shell: Shell
+    uses: int = 0
+    lastUsed: float = 0.0
+    bytes: int = 0  # of its file, once saved
+
+
+class HeadBook:
+    """
+    Every head bioproxy knows: each template's own, and the variants and
+    learned heads seen in requests, with their uses. The one owner of which
+    heads exist; the warmer warms them, the cache keeps their facts.
+    """
+
+    def __init__(
+        self,
+        library: TemplateLibrary,
+        clock: Callable[[], float],
+        learnAfter: int = 1,
+        maxLearned: int = 32,
+        maxBytes: int = 0,
+    ) -> None:
+        self.library = library
+        self.clock = clock
+        self.learnAfter = learnAfter
+        self.maxLearned = maxLearned
+        self.maxBytes = maxBytes  # 0: no disk budget
+        self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()  # least recent first
+        self.listeners: list[Callable[[Head], None]] = []  # told of a head that is now worth warming
+        self.dropped: list[Callable[[str], None]] = []  # told of a head given up
+
+    def get(self, name: str) -> Head | None:
+        template = self.library.templates.get(name)
+        if template is not None:
+            return templateHead(template)
+        entry = self.entries.get(name)
+        if entry is None or entry.uses < self.learnAfter:
+            return None
+        return entry.shell.head(self.library)
+
+    def wanted(self) -> list[Head]:
+        """Every head to keep warm: each template's, then those learned, most recently used first."""
+        heads = [templateHead(t) for t in self.library.templates.values()]
+        for entry in reversed(self.entries.values()):
+            head = entry.shell.head(self.library) if entry.uses >= self.learnAfter else None
+            if head is not None:
+                heads.append(head)
+        return heads
+
+    def variantsOf(self, prefix: str) -> list[Head]:
+        return [
+            h for h in self.wanted() if h.template is not None and h.template.prefix == prefix and h.learned
+        ]
+
+    def observe(self, shell: Shell | None, template: Template | None) -> Head | None:
+        """
+        A request starts with shell (or, if None, with template alone, or
+        nothing known): count a use, and return the head it starts with, to
+        place it and make its slot ready. Once warm-worthy, listeners hear.
+        """
+        if shell is None:
+            return templateHead(template) if template is not None else None
+        entry = self.entries.pop(shell.name, None) or Entry(shell)
+        entry.uses += 1
+        entry.lastUsed = self.clock()
+        self.entries[shell.name] = entry
+        self._bound()
+        head = entry.shell.head(self.library)
+        if head is not None and entry.uses == self.learnAfter:
+            for listener in self.listeners:
+                listener(head)
+        return head
+
+    def savedBytes(self, name: str, size: int) -> None:
+        entry = self.entries.get(name)
+        if entry is not None:
+            entry.bytes = size
+            self._bound()
+
+    def _bound(self) -> None:
+        while len(self.entries) > self.maxLearned or (
+            self.maxBytes
+            and sum(e.bytes for e in self.entries.values()) > self.maxBytes
+            and len(self.entries) > 1
+        ):
+            name, _ = self.entries.popitem(last=False)
+            for listener in self.dropped:
+                listener(name)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            name: {
+                "kind": e.shell.kind.value,
+                "template": e.shell.prefix,
+                "uses": e.uses,
+                "last_used": e.lastUsed,
+                "file_bytes": e.bytes,
+                "warmed": e.uses >= self.learnAfter,
+            }
+            for name, e in self.entries.items()
+        }
