@@ -67,7 +67,9 @@ class ExpansionTests(TestCase):
             await treq.content(response)
             sent = self.received()
             self.assertEqual(sent["messages"][1]["content"], self.expanded)
-            body["messages"][0]["content"] = self.expanded.replace("why <{/etc/passwd}>?", "as a system prompt")
+            body["messages"][0]["content"] = self.expanded.replace(
+                "why <{/etc/passwd}>?", "as a system prompt"
+            )
             body["messages"][1]["content"] = self.expanded
             # A backend without /props is not llama-server: nothing is pinned.
             self.assertEqual(sent, body)

@@ -55,7 +55,9 @@ class Memory:
         self.backend.onNewProcess.append(self.cache.forgetProcess)
         self.library = TemplateLibrary()
         self.book = HeadBook(self.library, self.clock.seconds)
-        self.warmer = Warmer(self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30)
+        self.warmer = Warmer(
+            self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
+        )
         self.book.listeners.append(self.warmer.learned)
         self.book.dropped.append(self.cache.forget)
         self.backend.listeners.append(self.warmer)
