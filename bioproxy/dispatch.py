@@ -135,7 +135,7 @@ class Dispatcher:
             return "warm"
         how = await self.cache.prepare(lease.slot.id, head, held, ram=True)
         if how in ("failed", "cold"):
-            self.warmer.request(head.name)
+            self._rewarm(head)
         return how
 
     async def _prepareUnpinned(self, slot: int, head: Head) -> Prepared:
@@ -147,12 +147,21 @@ class Dispatcher:
         if self.cache.state(head).inRam:
             return "ram"
         if not self.cache.mayRestore(head):
-            self.warmer.request(head.name)
+            self._rewarm(head)
             return "cold"
         if await self.cache.restoreIntoEmptySlot(slot, head):
             return "restored"
-        self.warmer.request(head.name)
+        self._rewarm(head)
         return "failed"
+
+    def _rewarm(self, head: Head) -> None:
+        """
+        A template that was not warm is warmed again, for the next request.
+        A learned head is warmed only once its request is answered (_learn):
+        the request computes it first, so its warmup is then cheap.
+        """
+        if not head.learned:
+            self.warmer.request(head.name)
 
     def _learn(
         self,
@@ -177,9 +186,11 @@ class Dispatcher:
             self.cache.count(prefix, timings)
         if head is None:
             return holding(None, text)
+        if head.learned and not self.cache.saved(head):
+            self.warmer.request(head.name)  # once the book holds it worth keeping
         # Only a pinned request right after a restore tells whether restores work.
         restored = how == "restored" and pinned
         if timings is not None and not self.cache.learn(head, slot, timings, restored, how == "ram"):
-            self.warmer.request(head.name)
+            self.warmer.request(head.name)  # a miss: warm it again
         # Whatever the reuse was, the slot has just computed the head.
         return self.cache.holding(head, text)

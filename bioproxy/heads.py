@@ -258,7 +258,6 @@ class HeadBook:
         self.maxLearned = maxLearned
         self.maxBytes = maxBytes  # 0: no disk budget
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()  # least recent first
-        self.listeners: list[Callable[[Head], None]] = []  # told of a head that is now worth warming
         self.dropped: list[Callable[[str], None]] = []  # told of a head given up
 
     def get(self, name: str) -> Head | None:
@@ -288,7 +287,8 @@ class HeadBook:
         """
         A request starts with shell (or, if None, with template alone, or
         nothing known): count a use, and return the head it starts with, to
-        place it and make its slot ready. Once warm-worthy, listeners hear.
+        place it and make its slot ready. The dispatcher asks for its
+        warmup once the request is answered.
         """
         if shell is None:
             return templateHead(template) if template is not None else None
@@ -297,11 +297,7 @@ class HeadBook:
         entry.lastUsed = self.clock()
         self.entries[shell.name] = entry
         self._bound()
-        head = entry.shell.head(self.library)
-        if head is not None and entry.uses == self.learnAfter:
-            for listener in self.listeners:
-                listener(head)
-        return head
+        return entry.shell.head(self.library)
 
     def savedBytes(self, name: str, size: int) -> None:
         entry = self.entries.get(name)

@@ -154,7 +154,6 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         library, reactor.seconds, config.learn_after, config.max_learned, config.max_learned_bytes
     )
     warmer = Warmer(book, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
-    book.listeners.append(warmer.learned)
     book.dropped.append(cache.forget)
     warmer.setName("warmup")
     watcher.listeners.append(warmer.templateChanged)

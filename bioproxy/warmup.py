@@ -87,10 +87,6 @@ class Warmer(Service):
         for head in self.book.variantsOf(template.prefix):
             self.request(head.name)
 
-    def learned(self, head: Head) -> None:
-        """The book found a head worth keeping warm."""
-        self.request(head.name)
-
     def warmAll(self) -> None:
         for head in self.book.wanted():
             self.request(head.name)

@@ -58,7 +58,6 @@ class Memory:
         self.warmer = Warmer(
             self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
         )
-        self.book.listeners.append(self.warmer.learned)
         self.book.dropped.append(self.cache.forget)
         self.backend.listeners.append(self.warmer)
         self.warmer.startService()

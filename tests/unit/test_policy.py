@@ -231,3 +231,42 @@ class DispatchTests(SynchronousTestCase):
         head = "You answer in haiku, always, about the sea. " * 20
         slots = {self.ask(m, head + question)["slot"] for question in ("why", "how", "when", "where")}
         self.assertEqual(len(slots), 1, "rotated across slots")
+
+
+class VariantTests(SynchronousTestCase):
+    """A template behind a system prompt is learned, warmed, saved, and restored after a restart."""
+
+    SYSTEM = "You speak as a pirate and never break character. " * 10
+
+    def ask(self, m: Memory, question: str) -> dict[str, Any]:
+        body = {
+            "messages": [
+                {"role": "system", "content": self.SYSTEM},
+                {"role": "user", "content": f"@t {question}"},
+            ]
+        }
+        status, answer = m.post("/v1/chat/completions", body)
+        self.assertEqual(status, 200, answer)
+        record: dict[str, Any] = [r for r in m.completions() if question.encode() in r["prompt"]][-1]
+        return record
+
+    def test_secondIsWarmAfterRestart(self) -> None:
+        for unified in (True, False):
+            self.secondIsWarmAfterRestart(unified)
+
+    def secondIsWarmAfterRestart(self, unified: bool) -> None:
+        if True:
+            m = Memory(Path(self.mktemp()), unified=unified)
+            m.template("@t", TEMPLATE)
+            m.found()
+            first = self.ask(m, "first question")
+            cold = first["prompt_n"] + first["cache_n"]
+            self.assertGreater(first["prompt_n"], 0.5 * cold, first)  # a new system prompt pays its prefill
+            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+            variants = m.book.variantsOf("@t")
+            self.assertEqual(len(variants), 1, unified)
+            self.assertTrue(m.cache.saved(variants[0]), unified)
+            m.restarted()
+            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+            record = self.ask(m, "after the restart")  # the new process had only the file
+            self.assertLess(record["prompt_n"], 0.2 * cold, (unified, record))
