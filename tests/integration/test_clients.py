@@ -1,0 +1,139 @@
+"""
+The clients people use, through bioproxy to the real llama-server in its
+default mode: the `openai` SDK with a system message first, the
+`anthropic` SDK on /v1/messages, and the Responses API. Each gets its
+template expanded and, on the repeat of its shape after other traffic and
+after a llama-server restart, a warm start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+
+from ..helpers import asyncTest, sleep, until
+from .test_llama import RealStack, RealTestCase, texts
+
+R: Any = reactor
+SYSTEM = "You answer as a ship's captain would, briefly and in the present tense. " * 12
+
+
+def learned(stack: RealStack, name: str) -> float:
+    """A per-prefix metric summed over the learned heads (labelled `@t0+…`, `~…`)."""
+    registry = stack.service.getServiceNamed("warmup").metrics.registry
+    return sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name
+        and sample.labels.get("prefix", "") not in stack.prefixes
+        and sample.labels.get("prefix", "")[:1] in ("@", "~")
+    )
+
+
+class ClientTests(RealTestCase):
+    timeout = 300
+
+    def closed(self, api: Any) -> Any:
+        """Close a client's kept-alive connections, and let bioproxy see them go."""
+        api.close()
+        return defer.ensureDeferred(sleep(R, 0.2))
+
+    async def stack(self) -> RealStack:
+        stack = RealStack(self, await self.llamaServer(), texts(3))
+        await stack.allWarm()
+        return stack
+
+    @asyncTest
+    async def test_openaiSystemFirst(self) -> None:
+        import openai
+
+        stack = await self.stack()
+        api = openai.OpenAI(base_url=stack.proxy + "/v1", api_key="unused", max_retries=0)
+        self.addCleanup(self.closed, api)
+
+        def ask(content: str) -> Any:
+            raw = api.chat.completions.with_raw_response.create(
+                model="tiny",
+                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
+                max_tokens=2,
+                temperature=0,
+            )
+            self.assertEqual(raw.headers.get("x-bioproxy-template"), "@t0")
+            return raw.parse().model_extra["timings"]
+
+        first = await threads.deferToThread(ask, "@t0 the first question")
+        for prefix in ("@t1", "@t2"):
+            await stack.ask(prefix, "traffic in between")
+        second = await threads.deferToThread(ask, "@t0 the second question")
+        self.assertGreater(first["prompt_n"], 300, first)
+        self.assertLess(second["prompt_n"], 60, second)
+        await until(
+            R, lambda: learned(stack, "bioproxy_kv_cache_saves_total") >= 1, what="the variant's save"
+        )
+
+        await stack.llama.stop()
+        await stack.llama.start()
+        await until(R, lambda: stack.metric("bioproxy_backend_restarts_total") == 1, what="the restart")
+        await stack.allWarm(6)
+        await until(R, lambda: learned(stack, "bioproxy_warmup_total") >= 2, what="the variant's restore")
+        after = await threads.deferToThread(ask, "@t0 after the restart")
+        self.assertLess(after["prompt_n"], 60, after)
+
+    @asyncTest
+    async def test_anthropicMessages(self) -> None:
+        import anthropic
+
+        stack = await self.stack()
+        api = anthropic.Anthropic(base_url=stack.proxy, api_key="unused", max_retries=0)
+        self.addCleanup(self.closed, api)
+
+        def ask(message: str, stream: bool) -> tuple[str | None, Any]:
+            kwargs: dict[str, Any] = {
+                "model": "tiny",
+                "max_tokens": 2,
+                "system": [{"type": "text", "text": SYSTEM}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": message}]}],
+            }
+            if stream:
+                with api.messages.stream(**kwargs) as events:
+                    header = events.response.headers.get("x-bioproxy-template")
+                    final = events.get_final_message()
+                return header, final.usage
+            raw = api.messages.with_raw_response.create(**kwargs)
+            return raw.headers.get("x-bioproxy-template"), raw.parse().usage
+
+        header, first = await threads.deferToThread(ask, "@t0 the first question", False)
+        self.assertEqual(header, "@t0")
+        await stack.ask("@t1", "traffic in between")
+        header, second = await threads.deferToThread(ask, "@t0 the second question", True)
+        self.assertEqual(header, "@t0")
+        self.assertGreater(first.input_tokens, 300, first)
+        self.assertLess(second.input_tokens, 60, second)
+        self.assertGreater(second.cache_read_input_tokens, 300, second)
+
+    @asyncTest
+    async def test_responses(self) -> None:
+        import openai
+
+        stack = await self.stack()
+        api = openai.OpenAI(base_url=stack.proxy + "/v1", api_key="unused", max_retries=0)
+        self.addCleanup(self.closed, api)
+
+        def ask(text: str) -> Any:
+            raw = api.responses.with_raw_response.create(
+                model="tiny", instructions=SYSTEM, input=text, max_output_tokens=2, temperature=0
+            )
+            self.assertEqual(raw.headers.get("x-bioproxy-template"), "@t0")
+            return raw.parse().usage
+
+        computed = "bioproxy_prompt_tokens_total"
+        before = stack.metric(computed, prefix="@t0", kind="computed")
+        first = await threads.deferToThread(ask, "@t0 the first question")
+        await stack.ask("@t1", "traffic in between")
+        second = await threads.deferToThread(ask, "@t0 the second question")
+        # Counted from their usage by the dispatcher: they went through a lease.
+        self.assertGreater(stack.metric(computed, prefix="@t0", kind="computed"), before)
+        self.assertGreater(first.input_tokens - first.input_tokens_details.cached_tokens, 300, first)
+        self.assertLess(second.input_tokens - second.input_tokens_details.cached_tokens, 60, second)
