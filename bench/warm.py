@@ -55,7 +55,19 @@ CONFIGS: dict[str, tuple[tuple[str, ...], bool, str | None]] = {
     "no-slot-save-path": ((), False, None),
     "api-key": (("--api-key", KEY), True, KEY),
 }
-SCENARIOS = ("start", "switch", "edit", "conversation", "system", "restart")
+SCENARIOS = (
+    "start",
+    "switch",
+    "edit",
+    "conversation",
+    "system",
+    "restart",
+    "system+template, first",
+    "system+template, repeat",
+    "system+template, restart",
+    "anthropic, repeat",
+    "anthropic, restart",
+)
 
 
 def freePort() -> int:
@@ -136,8 +148,9 @@ class Bioproxy:
     def warm(self) -> bool:
         view = call(self.admin + "/templates")
         slots = call(self.admin + "/slots")
+        heads = [*view["templates"], *(v for t in view["templates"] for v in t.get("variants", [])), *view["learned"]]
         return bool(view["backend"] and view["backend"]["slot_mode"] != "unknown") and all(
-            t["warm"] for t in view["templates"]
+            t["warm"] for t in heads
         ) and slots["waiting"]["warmup"] == 0 and not any(s["holder"] == "warmup" for s in slots["slots"])
 
     def restarts(self) -> float:
@@ -170,6 +183,28 @@ def stream(base: str, messages: list[dict[str, Any]], key: str | None) -> tuple[
             if "timings" in event:
                 computed = event["timings"]["prompt_n"]
     return first or float("nan"), computed, "".join(reply)
+
+
+def anthropic(base: str, system: str, content: str, key: str | None) -> tuple[float, int, str]:
+    """The same, through the Anthropic Messages API: computed tokens from message_start's usage."""
+    body = json.dumps({
+        "model": "m", "max_tokens": 4, "temperature": 0, "stream": True, "system": system,
+        "messages": [{"role": "user", "content": content}],
+    }).encode()
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(base + "/v1/messages", data=body, headers=headers)
+    started = time.perf_counter()
+    first, computed = None, -1
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            if first is None:
+                first = time.perf_counter() - started
+            event = json.loads(line[6:])
+            if event.get("type") == "message_start":
+                computed = event["message"]["usage"]["input_tokens"]
+    return first or float("nan"), computed, ""
 
 
 def template(i: int, rules: int, version: str = "v1") -> str:
@@ -238,6 +273,25 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                 stream(proxy.url, [*first, {"role": "assistant", "content": replyProxied}, *second], key)[:2])
             both("system", [system, {"role": "user", "content": "and the weather?"}])
 
+        # A template behind a system prompt (a variant), and the Anthropic API.
+        pirate = {"role": "system", "content": "You speak as a pirate and never break character. " * 12}
+        both("system+template, first", [pirate, {"role": "user", "content": "@t0 the first question"}])
+        ahoy = "You answer as a lighthouse keeper would. " * 15
+
+        def messages(scenario: str, content: str) -> None:
+            a = anthropic(direct.url, ahoy, expand(content), key)[:2]
+            b = anthropic(proxy.url, ahoy, content, key)[:2]
+            if scenario:
+                samples[scenario]["alone"].append(a)
+                samples[scenario]["bioproxy"].append(b)
+
+        messages("", "@t1 the first question")
+        for r in range(2):
+            for prefix in texts:
+                both("", user(f"{prefix} switching, take {r}"))
+            both("system+template, repeat", [pirate, {"role": "user", "content": f"@t0 again, take {r}"}])
+            messages("anthropic, repeat", f"@t1 again, take {r}")
+
         before = proxy.restarts()
         direct.stop()
         behind.stop()
@@ -247,6 +301,8 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         waitFor(proxy.warm, "bioproxy's re-warm")
         for prefix in texts:
             both("restart", user(f"{prefix} after the restart"))
+        both("system+template, restart", [pirate, {"role": "user", "content": "@t0 after the restart"}])
+        messages("anthropic, restart", "@t1 after the restart")
     finally:
         proxy.stop()
         direct.stop()
