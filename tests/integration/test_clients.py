@@ -8,6 +8,7 @@ after a llama-server restart, a warm start.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import defer, reactor, threads
@@ -137,3 +138,77 @@ class ClientTests(RealTestCase):
         self.assertGreater(stack.metric(computed, prefix="@t0", kind="computed"), before)
         self.assertGreater(first.input_tokens - first.input_tokens_details.cached_tokens, 300, first)
         self.assertLess(second.input_tokens - second.input_tokens_details.cached_tokens, 60, second)
+
+    @asyncTest
+    async def test_claudeCodeShaped(self) -> None:
+        """
+        Claude Code's request shape: a billing-header block whose version
+        suffix changes per conversation, its system prompt, tools, a
+        `<system-reminder>` part before the user's prompt, `?beta=true`, a
+        stream. A new conversation, and the first after a restart, compute
+        only what follows the shared start.
+        """
+        stack = await self.stack()
+        tools = [
+            {
+                "name": f"tool_{n}",
+                "description": f"Does thing {n} to the files of the project, carefully. " * 4,
+                "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+            }
+            for n in range(4)
+        ]
+
+        async def conversation(suffix: str, prompt: str) -> dict[str, Any]:
+            body = {
+                "model": "tiny",
+                "max_tokens": 2,
+                "stream": True,
+                "system": [
+                    {
+                        "type": "text",
+                        "text": f"x-anthropic-billing-header: cc_version=2.1.197.{suffix}; cc_entrypoint=cli;",
+                    },
+                    {
+                        "type": "text",
+                        "text": "You are an agent for software engineering. " * 40,
+                        "cache_control": {"type": "ephemeral"},
+                    },
+                ],
+                "tools": tools,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "text",
+                                "text": "<system-reminder>CLAUDE.md: keep it short.</system-reminder>",
+                            },
+                            {"type": "text", "text": prompt},
+                        ],
+                    }
+                ],
+            }
+            response = await stack.http.post(stack.proxy + "/v1/messages?beta=true", json=body)
+            text = (await response.content()).decode()
+            self.assertEqual(response.code, 200, text)
+            start = next(
+                line for line in text.splitlines() if '"message_start"' in line and line.startswith("data:")
+            )
+            usage: dict[str, Any] = json.loads(start[5:])["message"]["usage"]
+            return usage
+
+        first = await conversation("e77", "list the files")
+        self.assertGreater(first["input_tokens"], 500, first)
+        await stack.ask("@t1", "traffic in between")
+        second = await conversation("db3", "fix the failing test")
+        self.assertLess(second["input_tokens"], 60, second)
+
+        await stack.llama.stop()
+        await stack.llama.start()
+        await until(R, lambda: stack.metric("bioproxy_backend_restarts_total") == 1, what="the restart")
+        await stack.allWarm(6)
+        await until(
+            R, lambda: learned(stack, "bioproxy_warmup_total") >= 2, what="the learned head's restore"
+        )
+        after = await conversation("3d0", "write the release notes")
+        self.assertLess(after["input_tokens"], 60, after)
