@@ -67,6 +67,8 @@ SCENARIOS = (
     "system+template, restart",
     "anthropic, repeat",
     "anthropic, restart",
+    "claude-code-shaped, new conversation",
+    "claude-code-shaped, restart",
 )
 
 
@@ -185,26 +187,45 @@ def stream(base: str, messages: list[dict[str, Any]], key: str | None) -> tuple[
     return first or float("nan"), computed, "".join(reply)
 
 
-def anthropic(base: str, system: str, content: str, key: str | None) -> tuple[float, int, str]:
-    """The same, through the Anthropic Messages API: computed tokens from message_start's usage."""
+def anthropic(base: str, system: Any, content: Any, key: str | None, **extra: Any) -> tuple[float, int, str]:
+    """
+    The same, through the Anthropic Messages API, not streamed (llama-server
+    11434 can leave message_start, and so the usage, out of a stream) and
+    with one token, so that its time is its time to first token.
+    """
     body = json.dumps({
-        "model": "m", "max_tokens": 4, "temperature": 0, "stream": True, "system": system,
-        "messages": [{"role": "user", "content": content}],
+        "model": "m", "max_tokens": 1, "temperature": 0, "stream": False, "system": system,
+        "messages": [{"role": "user", "content": content}], **extra,
     }).encode()
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(base + "/v1/messages", data=body, headers=headers)
+    request = urllib.request.Request(base + "/v1/messages?beta=true", data=body, headers=headers)
     started = time.perf_counter()
-    first, computed = None, -1
     with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            if first is None:
-                first = time.perf_counter() - started
-            event = json.loads(line[6:])
-            if event.get("type") == "message_start":
-                computed = event["message"]["usage"]["input_tokens"]
-    return first or float("nan"), computed, ""
+        answer = json.loads(response.read())
+    return time.perf_counter() - started, answer["usage"]["input_tokens"], ""
+
+
+CLAUDE_TOOLS = [
+    {
+        "name": f"tool_{n}",
+        "description": f"Does thing {n} to the files of the project, carefully. " * 4,
+        "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+    }
+    for n in range(8)
+]
+
+
+def claudeCode(base: str, suffix: str, prompt: str, key: str | None) -> tuple[float, int, str]:
+    """A request shaped as Claude Code sends it: billing header, system blocks, tools, a reminder part."""
+    system = [
+        {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{suffix}; cc_entrypoint=cli;"},
+        {"type": "text", "text": "You are an agent for software engineering. " * 60, "cache_control": {"type": "ephemeral"}},
+    ]
+    content = [
+        {"type": "text", "text": "<system-reminder>CLAUDE.md: keep it short.</system-reminder>"},
+        {"type": "text", "text": prompt},
+    ]
+    return anthropic(base, system, content, key, tools=CLAUDE_TOOLS)
 
 
 def template(i: int, rules: int, version: str = "v1") -> str:
@@ -286,11 +307,21 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                 samples[scenario]["bioproxy"].append(b)
 
         messages("", "@t1 the first question")
+
+        def claude(scenario: str, suffix: str, prompt: str) -> None:
+            a = claudeCode(direct.url, suffix, prompt, key)[:2]
+            b = claudeCode(proxy.url, suffix, prompt, key)[:2]
+            if scenario:
+                samples[scenario]["alone"].append(a)
+                samples[scenario]["bioproxy"].append(b)
+
+        claude("", "e77", "list the files")
         for r in range(2):
             for prefix in texts:
                 both("", user(f"{prefix} switching, take {r}"))
             both("system+template, repeat", [pirate, {"role": "user", "content": f"@t0 again, take {r}"}])
             messages("anthropic, repeat", f"@t1 again, take {r}")
+            claude("claude-code-shaped, new conversation", ("db3", "a1c")[r], f"fix test {r}")
 
         before = proxy.restarts()
         direct.stop()
@@ -303,6 +334,7 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
             both("restart", user(f"{prefix} after the restart"))
         both("system+template, restart", [pirate, {"role": "user", "content": "@t0 after the restart"}])
         messages("anthropic, restart", "@t1 after the restart")
+        claude("claude-code-shaped, restart", "3d0", "write the release notes")
     finally:
         proxy.stop()
         direct.stop()
