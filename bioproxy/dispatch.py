@@ -56,14 +56,15 @@ class Dispatcher:
         self.monitor = monitor
         self.backend = backend
 
-    async def send(self, request: Request, body: Body, head: Head | None, pinnable: bool = True) -> None:
+    async def send(self, request: Request, body: Body, pinnable: bool = True) -> None:
         """
-        Forward body on a leased slot. head is the one the prompt starts
-        with, whose cache the slot can reuse. pinnable: llama-server reads
+        Forward body on a leased slot. body.head is the head the prompt
+        starts with, whose cache the slot can reuse. pinnable: llama-server reads
         id_slot on this route; where it does not (Anthropic Messages), the
         request still takes a lease, and the slot it is placed on is where
         llama-server's own choice will find what it starts with.
         """
+        head = body.head
         pin = body.parsed.get("id_slot") if pinnable else None
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
         # Only where slots keep their contents does placement compare prompts.

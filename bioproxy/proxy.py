@@ -69,7 +69,7 @@ class ProxyResource(Resource):
         if self.dispatcher is None or not found.slot:
             self.forwarder.forward(request, encode(body.parsed) if body.expanded else None)
             return NOT_DONE_YET
-        d = defer.ensureDeferred(self.dispatcher.send(request, body, body.head, found.pins))
+        d = defer.ensureDeferred(self.dispatcher.send(request, body, found.pins))
         d.addErrback(lambda f: log.failure("dispatch failed", f))
         return NOT_DONE_YET
 
