@@ -88,6 +88,7 @@ class TemplatesResource(Resource):
         if request.postpath and request.postpath != [b""]:
             return jsonError(request, 404, "No such admin resource.")
         out = []
+        uses = self.book.view() if self.book is not None else {}
         for prefix, status in sorted(self.watcher.status.items()):
             template = self.watcher.library.templates.get(prefix)
             entry: dict[str, Any] = (
@@ -100,21 +101,21 @@ class TemplatesResource(Resource):
                 entry.update(self.cache.state(head).view(self.cache.backend))
                 entry["cache_file"] = self.cache.filename(head)
                 if self.book is not None:
-                    entry["variants"] = [self._variant(h) for h in self.book.variantsOf(prefix)]
+                    entry["variants"] = [self._variant(h, uses) for h in self.book.variantsOf(prefix)]
             out.append(entry)
         learned = []
         if self.book is not None and self.cache is not None:
-            learned = [self._variant(h) for h in self.book.wanted() if h.kind is Kind.LEARNED]
+            learned = [self._variant(h, uses) for h in self.book.wanted() if h.kind is Kind.LEARNED]
         backend = self.cache.backend.view() if self.cache is not None else None
         return jsonBody(request, {"templates": out, "learned": learned, "backend": backend})
 
-    def _variant(self, head: Head) -> dict[str, Any]:
-        """A learned head: its cache facts, and its uses from the book."""
-        assert self.cache is not None and self.book is not None
+    def _variant(self, head: Head, uses: dict[str, Any]) -> dict[str, Any]:
+        """A learned head: its cache facts, and its uses from the book's view."""
+        assert self.cache is not None
         entry: dict[str, Any] = {"name": head.name, "kind": head.kind.value}
         entry.update(self.cache.state(head).view(self.cache.backend))
         entry["cache_file"] = self.cache.filename(head)
-        entry.update(self.book.view().get(head.name, {}))
+        entry.update(uses.get(head.name, {}))
         return entry
 
     def render_POST(self, request: Request) -> bytes:

@@ -64,7 +64,7 @@ def _texts(shape: Shape, body: dict[str, Any]) -> Iterator[tuple[dict[str, Any],
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise BadRequest(f"messages[{i}] must be an object.")
-            yield from _contentTexts(message, "content", f"messages[{i}]", "text", chat=True)
+            yield from _contentTexts(message, f"messages[{i}]", "text", chat=True)
     elif shape is Shape.ANTHROPIC:
         yield from _blockTexts(body, "system", "system", "text")
         messages = body.get("messages")
@@ -84,32 +84,26 @@ def _texts(shape: Shape, body: dict[str, Any]) -> Iterator[tuple[dict[str, Any],
         elif isinstance(items, list):
             for i, item in enumerate(items):
                 if isinstance(item, dict):
-                    yield from _contentTexts(item, "content", f"input[{i}]", "input_text", chat=False)
+                    yield from _contentTexts(item, f"input[{i}]", "input_text", chat=False)
 
 
 def _contentTexts(
-    message: dict[str, Any], key: str, where: str, textType: str, chat: bool
+    message: dict[str, Any], where: str, textType: str, chat: bool
 ) -> Iterator[tuple[dict[str, Any], str]]:
-    content = message.get(key)
+    """The texts of a message's content, if a user wrote it; chat: check content as the chat API types it."""
+    content = message.get("content")
     if chat and not (content is None or isinstance(content, (str, list))):
         raise BadRequest(f"{where}.content must be a string, a list of parts or null.")
     if chat and isinstance(content, list) and not all(isinstance(p, dict) for p in content):
         raise BadRequest(f"{where}.content parts must be objects.")
-    if message.get("role") not in WRITTEN_ROLES:
-        return
-    if isinstance(content, str):
-        yield message, key
-    elif isinstance(content, list):
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == textType:
-                if not isinstance(part.get("text"), str):
-                    raise BadRequest(f"{where}.content text part must have a string 'text'.")
-                yield part, "text"
+    if message.get("role") in WRITTEN_ROLES:
+        yield from _blockTexts(message, "content", f"{where}.content", textType)
 
 
 def _blockTexts(
     holder: dict[str, Any], key: str, where: str, textType: str
 ) -> Iterator[tuple[dict[str, Any], str]]:
+    """holder[key] if it is a string, else each of its parts of type textType."""
     value = holder.get(key)
     if isinstance(value, str):
         yield holder, key
@@ -117,7 +111,7 @@ def _blockTexts(
         for block in value:
             if isinstance(block, dict) and block.get("type") == textType:
                 if not isinstance(block.get("text"), str):
-                    raise BadRequest(f"{where} text block must have a string 'text'.")
+                    raise BadRequest(f"{where} text part must have a string 'text'.")
                 yield block, "text"
 
 

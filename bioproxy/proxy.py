@@ -85,8 +85,11 @@ class ProxyResource(Resource):
         if shape is Shape.OTHER:
             return body
         # Where the first template is, found before expansion changes the texts.
-        template = firstTemplate(shape, parsed, self.library)
-        position = locate(chatView(shape, parsed), self.library) if shape is not Shape.PROMPT else None
+        learning = found.slot and self.book is not None
+        template = firstTemplate(shape, parsed, self.library) if learning and shape is Shape.PROMPT else None
+        position = (
+            locate(chatView(shape, parsed), self.library) if learning and shape is not Shape.PROMPT else None
+        )
         prefix = expand(shape, parsed, self.library)
         normalised = shape is Shape.ANTHROPIC and self.normaliseHeaders and normaliseBillingHeader(parsed)
         body.expanded = bool(prefix) or normalised
@@ -95,7 +98,8 @@ class ProxyResource(Resource):
             request.setHeader(b"x-bioproxy-template", prefix.encode("utf-8"))
             request.prefix = prefix  # type: ignore[attr-defined]
             log.info("expanded {prefix} for {path}", prefix=prefix, path=request.path.decode())
-        if found.slot and self.book is not None:
+        if learning:
+            assert self.book is not None
             if shape is Shape.PROMPT:
                 shell = shellOf(shape, None, (template, 0, None) if template else None)
             else:
