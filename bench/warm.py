@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -142,18 +143,40 @@ class Bioproxy:
             config["backend_api_key"] = llama.key
         (work / "config.json").write_text(json.dumps(config))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "bioproxy", "--config", str(work / "config.json")],
-            stdout=(work / "bioproxy.log").open("ab"), stderr=subprocess.STDOUT, cwd=work,
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "bioproxy",
+                "--config",
+                str(work / "config.json"),
+            ],
+            stdout=(work / "bioproxy.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=work,
+            # This checkout's bioproxy, not an installed one.
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            },
         )
 
     def warm(self) -> bool:
         view = call(self.admin + "/templates")
         slots = call(self.admin + "/slots")
-        heads = [*view["templates"], *(v for t in view["templates"] for v in t.get("variants", [])), *view["learned"]]
-        return bool(view["backend"] and view["backend"]["slot_mode"] != "unknown") and all(
-            t["warm"] for t in heads
-        ) and slots["waiting"]["warmup"] == 0 and not any(s["holder"] == "warmup" for s in slots["slots"])
+        heads = [
+            *view["templates"],
+            *(v for t in view["templates"] for v in t.get("variants", [])),
+            *view["learned"],
+        ]
+        return (
+            bool(view["backend"] and view["backend"]["slot_mode"] != "unknown")
+            and all(t["warm"] for t in heads)
+            and slots["waiting"]["warmup"] == 0
+            and not any(s["holder"] == "warmup" for s in slots["slots"])
+        )
 
     def restarts(self) -> float:
         text = urllib.request.urlopen(self.admin + "/metrics").read().decode()
@@ -193,10 +216,17 @@ def anthropic(base: str, system: Any, content: Any, key: str | None, **extra: An
     11434 can leave message_start, and so the usage, out of a stream) and
     with one token, so that its time is its time to first token.
     """
-    body = json.dumps({
-        "model": "m", "max_tokens": 1, "temperature": 0, "stream": False, "system": system,
-        "messages": [{"role": "user", "content": content}], **extra,
-    }).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "max_tokens": 1,
+            "temperature": 0,
+            "stream": False,
+            "system": system,
+            "messages": [{"role": "user", "content": content}],
+            **extra,
+        }
+    ).encode()
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(base + "/v1/messages?beta=true", data=body, headers=headers)
     started = time.perf_counter()
@@ -218,8 +248,15 @@ CLAUDE_TOOLS = [
 def claudeCode(base: str, suffix: str, prompt: str, key: str | None) -> tuple[float, int, str]:
     """A request shaped as Claude Code sends it: billing header, system blocks, tools, a reminder part."""
     system = [
-        {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{suffix}; cc_entrypoint=cli;"},
-        {"type": "text", "text": "You are an agent for software engineering. " * 60, "cache_control": {"type": "ephemeral"}},
+        {
+            "type": "text",
+            "text": f"x-anthropic-billing-header: cc_version=2.1.197.{suffix}; cc_entrypoint=cli;",
+        },
+        {
+            "type": "text",
+            "text": "You are an agent for software engineering. " * 60,
+            "cache_control": {"type": "ephemeral"},
+        },
     ]
     content = [
         {"type": "text", "text": "<system-reminder>CLAUDE.md: keep it short.</system-reminder>"},
@@ -229,7 +266,9 @@ def claudeCode(base: str, suffix: str, prompt: str, key: str | None) -> tuple[fl
 
 
 def template(i: int, rules: int, version: str = "v1") -> str:
-    lines = "".join(f"Rule {n} for reviewer {i} ({version}): check every line and cite it.\n" for n in range(rules))
+    lines = "".join(
+        f"Rule {n} for reviewer {i} ({version}): check every line and cite it.\n" for n in range(rules)
+    )
     return f"You are reviewer {i}.\n{lines}Input:\n<{{message}}>"
 
 
@@ -243,7 +282,9 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
     direct.start()
     behind.start()
     proxy = Bioproxy(work, behind, {p: f"t{i}.txt" for i, p in enumerate(texts)})
-    samples: dict[str, dict[str, list[tuple[float, int]]]] = {s: {"alone": [], "bioproxy": []} for s in SCENARIOS}
+    samples: dict[str, dict[str, list[tuple[float, int]]]] = {
+        s: {"alone": [], "bioproxy": []} for s in SCENARIOS
+    }
 
     def expand(content: str) -> str:
         prefix, _, message = content.partition(" ")
@@ -273,25 +314,44 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         texts["@t0"] = template(0, args.rules, "v2")
         (work / "t0.txt").write_text(texts["@t0"])
         edited = time.time()
-        waitFor(lambda: proxy.warm() and any(
-            t["prefix"] == "@t0" and (t["last_warmup"] or 0) > edited for t in call(proxy.admin + "/templates")["templates"]
-        ), "the edited template's warmup")
+        waitFor(
+            lambda: (
+                proxy.warm()
+                and any(
+                    t["prefix"] == "@t0" and (t["last_warmup"] or 0) > edited
+                    for t in call(proxy.admin + "/templates")["templates"]
+                )
+            ),
+            "the edited template's warmup",
+        )
         both("edit", user("@t0 after the edit"))
 
         for n in range(3):
             first = user(f"@t{1 + n} the first question, take {n}")
             replyAlone, replyProxied = both("", first)
-            system = {"role": "system", "content": f"You answer as ship's captain {n} would, in full sentences. " * 40}
+            system = {
+                "role": "system",
+                "content": f"You answer as ship's captain {n} would, in full sentences. " * 40,
+            }
             both("", [system, {"role": "user", "content": "where are we?"}])
             for prefix in (f"@t{(2 + n) % len(texts)}", f"@t{(3 + n) % len(texts)}"):
                 both("", user(f"{prefix} traffic in between, take {n}"))
             both("", user(f"an unrelated question, take {n}"))
             second = [{"role": "user", "content": "and then?"}]
             samples["conversation"]["alone"].append(
-                stream(direct.url, [*[{**m, "content": expand(m["content"])} for m in first],
-                                    {"role": "assistant", "content": replyAlone}, *second], key)[:2])
+                stream(
+                    direct.url,
+                    [
+                        *[{**m, "content": expand(m["content"])} for m in first],
+                        {"role": "assistant", "content": replyAlone},
+                        *second,
+                    ],
+                    key,
+                )[:2]
+            )
             samples["conversation"]["bioproxy"].append(
-                stream(proxy.url, [*first, {"role": "assistant", "content": replyProxied}, *second], key)[:2])
+                stream(proxy.url, [*first, {"role": "assistant", "content": replyProxied}, *second], key)[:2]
+            )
             both("system", [system, {"role": "user", "content": "and the weather?"}])
 
         # A template behind a system prompt (a variant), and the Anthropic API.
@@ -370,6 +430,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rules", type=int, default=48, help="lines per template: 48 is about 2,700 tokens")
     parser.add_argument("--llama-server", default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and its logs")
     args = parser.parse_args()
     binary = args.llama_server
     if binary is None:
@@ -384,7 +445,10 @@ def main() -> None:
             work.mkdir()
             print(table(config, args.model, runConfig(work, binary, model, config, args)), flush=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ happened from the response's timings.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -121,6 +123,7 @@ class Dispatcher:
             return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
         reader = TimingsReader()
         pinned = pins and pinnable
+        await self.cache.quiet()
         outcome = await self.forwarder.forward(request, body.pinned(slot if pinned else None), reader.feed)
         contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text)
         return contents if pins else UNKNOWN
@@ -158,11 +161,34 @@ class Dispatcher:
     def _rewarm(self, head: Head) -> None:
         """
         A template that was not warm is warmed again, for the next request.
-        A learned head is warmed only once its request is answered (_learn):
-        the request computes it first, so its warmup is then cheap.
+        A learned head is not: its request computes it, and its slot is
+        then saved as its file (_saveServed).
         """
         if not head.learned:
             self.warmer.request(head.name)
+
+    def _saveServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
+        """The slot that just computed head is saved as its file; where that fails, a warmup writes it."""
+        if timings is None:
+            self.warmer.request(head.name)
+            return
+        prompt = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
+        generated = timings.get("predicted_n")
+
+        def saved(done: bool) -> None:
+            if not done:
+                self.warmer.request(head.name)
+
+        def failed(reason: Failure) -> None:
+            log.info(
+                "saving {prefix} from its request's slot failed: {why}",
+                prefix=head.name,
+                why=reason.getErrorMessage(),
+            )
+            self.warmer.request(head.name)
+
+        served = self.cache.saveServed(head, slot, prompt, generated if isinstance(generated, int) else None)
+        defer.ensureDeferred(served).addCallbacks(saved, failed)
 
     def _learn(
         self,
@@ -187,11 +213,13 @@ class Dispatcher:
             self.cache.count(prefix, timings)
         if head is None:
             return holding(None, text)
-        if head.learned and not self.cache.saved(head):
-            self.warmer.request(head.name)  # once the book holds it worth keeping
+        if not self.cache.saved(head) and self.cache.persists(head):
+            self._saveServed(head, slot if pinned else None, timings)
         # Only a pinned request right after a restore tells whether restores work.
         restored = how == "restored" and pinned
-        if timings is not None and not self.cache.learn(head, slot, timings, restored, how == "ram"):
-            self.warmer.request(head.name)  # a miss: warm it again
+        missed = timings is not None and not self.cache.learn(head, slot, timings, restored, how == "ram")
+        if missed and how not in ("cold", "failed"):
+            self.warmer.request(head.name)  # it should have been warm: warm it again
+
         # Whatever the reuse was, the slot has just computed the head.
         return self.cache.holding(head, text)

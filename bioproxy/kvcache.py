@@ -8,8 +8,10 @@ still leave the slot cold.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from twisted.internet import defer
@@ -28,6 +30,9 @@ log = Logger()
 HIT_SHARE = 0.9
 # Restore misses in a row after which restores of a head are distrusted.
 RESTORE_MISS_LIMIT = 2
+# Misses in a row of requests that relied on llama-server's RAM cache,
+# after which a head is restored from its file instead (CLEARED mode).
+RAM_MISS_LIMIT = 2
 
 # How a slot was made ready for a templated request: it already held the
 # head; llama-server's RAM cache will supply it; its file was restored;
@@ -54,6 +59,7 @@ class WarmState:
     prefill: bool = False  # restores failed to give reuse; warm by prefilling
     prefillWhy: str | None = None
     restoreMisses: int = 0
+    ramMisses: int = 0
     hits: int = 0
     misses: int = 0
     warm: bool = False
@@ -91,6 +97,8 @@ class KVCache:
         self.metrics = metrics
         self.states: dict[str, WarmState] = {}
         self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
+        self._saving = 0  # saves under way that a new task could spoil
+        self._waiting: list[defer.Deferred[None]] = []
 
     def state(self, head: Head) -> WarmState:
         state = self.states.get(head.name)
@@ -222,6 +230,31 @@ class KVCache:
     def unclaim(self, slot: int) -> None:
         self.claimed.discard(slot)
 
+    def quiet(self) -> defer.Deferred[None]:
+        """
+        Fires once no save of ours is under way: every task sent to the
+        backend waits for it, since in CLEARED mode a task that starts
+        clears the idle slot being saved. llama-server runs a save on its
+        main loop, so nothing it could compute meanwhile is lost.
+        """
+        if not self._saving:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    @contextlib.contextmanager
+    def _quietWhile(self) -> Iterator[None]:
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+            if not self._saving:
+                waiting, self._waiting = self._waiting, []
+                for waiter in waiting:
+                    waiter.callback(None)
+
     async def restoreIntoEmptySlot(self, leased: int, head: Head) -> bool:
         slot = await self.claimSlot(leased)
         try:
@@ -286,7 +319,8 @@ class KVCache:
         if name is None or name in backend.saved or backend.persistence is Persistence.NONE:
             return name in backend.saved
         try:
-            result = await self.llama.save(slot, name)
+            with self._quietWhile():
+                result = await self.llama.save(slot, name)
         except NoPersistence as e:
             backend.noPersistence(str(e))
             return False
@@ -307,6 +341,47 @@ class KVCache:
         self.metrics.kvSaves.labels(prefix=head.name).inc()
         log.info("saved {prefix} from slot {slot} to {name}", prefix=head.name, slot=slot, name=name)
         return True
+
+    async def saveServed(self, head: Head, slot: int | None, prompt: int, generated: int | None) -> bool:
+        """
+        A request that starts with head, which has no file yet, was just
+        answered: its slot holds head and that conversation, so saving the
+        slot writes the file at no cost, where a warmup would compute head
+        again (and, in CLEARED mode, cut the conversation that llama-server
+        would have kept). slot: where it ran, when it was pinned; else the
+        one idle slot that holds as many tokens as it had (prompt) and
+        generated. Tasks wait meanwhile (quiet). False when no slot is sure
+        to hold it any more.
+        """
+        if self.saved(head) or not self.persists(head):
+            return self.saved(head)
+        with self._quietWhile():
+            if slot is None:
+                slot = await self._slotHolding(prompt, generated)
+            if slot is None or not await self.save(slot, head, prompt):
+                return False
+        state = self.state(head)
+        if self.backend.mode is SlotMode.CLEARED:
+            state.inRam = True  # the next task moves the slot into the RAM cache
+        if state.reusable is None:
+            state.reusable = await self.measure(head)
+        return True
+
+    async def _slotHolding(self, prompt: int, generated: int | None) -> int | None:
+        """
+        The idle slot that holds a prompt of prompt tokens and what was
+        generated after it (all but the last token, in llama-server), if
+        only one does: /slots shows no prompts, only their lengths.
+        """
+        low, high = (prompt + generated - 1, prompt + generated) if generated else (prompt, None)
+        found = [
+            int(s["id"])
+            for s in await self.llama.slots()
+            if not s.get("is_processing")
+            and low <= (s.get("n_prompt_tokens") or 0)
+            and (high is None or (s.get("n_prompt_tokens") or 0) <= high)
+        ]
+        return found[0] if len(found) == 1 else None
 
     async def measure(self, head: Head) -> int | None:
         """
@@ -345,14 +420,21 @@ class KVCache:
         """
         state = self.state(head)
         expected = state.reusable if state.reusable is not None else state.tokens
+        hit = not expected or timings.get("cache_n", 0) >= HIT_SHARE * expected
+        if self.backend.mode is SlotMode.CLEARED:
+            # Hit or miss, the slot has computed head, and the next task
+            # moves it into the RAM cache: the next request finds it there,
+            # unless the cache keeps losing it. (A restore instead would
+            # leave a second, shorter copy, which llama-server prefers to
+            # the conversation that continues this request.)
+            state.ramMisses = 0 if hit else state.ramMisses + int(fromRam)
+            state.inRam = state.ramMisses < RAM_MISS_LIMIT
         if not expected:
             return True
-        if timings.get("cache_n", 0) >= HIT_SHARE * expected:
+        if hit:
             state.hits += 1
             if restored:
                 state.restoreMisses = 0
-            if self.backend.mode is SlotMode.CLEARED:
-                state.inRam = True  # the next task moves it into the RAM cache, where the next finds it
             return True
         state.misses += 1
         self.metrics.cacheMisses.labels(prefix=head.name).inc()
@@ -363,7 +445,7 @@ class KVCache:
             got=timings.get("cache_n"),
             want=expected,
         )
-        if fromRam or self.backend.mode is SlotMode.CLEARED:
+        if fromRam and self.backend.mode is not SlotMode.CLEARED:
             state.inRam = False  # evicted from llama-server's RAM: restore from disk next time
         if restored:
             state.restoreMisses += 1

@@ -13,7 +13,9 @@ from typing import Any
 
 import treq
 from treq.client import HTTPClient
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import ResponseNeverReceived
 
 
 class BackendError(Exception):
@@ -74,7 +76,16 @@ class LlamaClient:
         }
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
-        response = await self.http.request(method, self.base + path, **kwargs)
+        try:
+            response = await self.http.request(method, self.base + path, **kwargs)
+        except ResponseNeverReceived as e:
+            # llama-server closes a connection after a streamed answer, and
+            # the pool may hand that one out first; Agent retries only GETs.
+            # Nothing was answered, so each of these calls may go again, once.
+            # (A cancel is reported this way too, and is not retried.)
+            if not all(r.check(ConnectionDone, ConnectionLost) for r in e.reasons):
+                raise
+            response = await self.http.request(method, self.base + path, **kwargs)
         content = await treq.content(response)
         if response.code >= 400:
             raise backendError(response.code, _message(content))

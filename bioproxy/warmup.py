@@ -237,6 +237,7 @@ class Warmer(Service):
 
     async def _complete(self, head: Head, state: WarmState, slot: int | None) -> dict[str, Any]:
         body = head.warmBody(slot)
+        await self.cache.quiet()
         if head.prompt is not None:
             result = await self.llama.complete(body, self.timeout)
         else:

@@ -79,6 +79,7 @@ class Faults:
 class Slot:
     id: int
     tokens: bytes = b""
+    prompt: str = ""  # the last task's prompt, as /slots shows it
     busy: bool = False
     lastUsed: float = 0.0
     waiting: list[defer.Deferred[None]] = dataclasses.field(default_factory=list)
@@ -128,15 +129,38 @@ class FakeLlama:
             self.ram.clear()
 
     def remember(self, tokens: bytes) -> None:
-        """prompt_save: keep a copy in the RAM cache (bounded, oldest out)."""
-        if self.ram is not None and tokens and tokens not in self.ram:
-            self.ram.append(tokens)
-            del self.ram[:-64]
+        """
+        prompt_save (server_prompt_cache::alloc): a copy goes into the RAM
+        cache unless one there already starts with it, and the copies it
+        starts with are dropped (bounded, oldest out).
+        """
+        if self.ram is None or not tokens or any(kept.startswith(tokens) for kept in self.ram):
+            return
+        self.ram[:] = [kept for kept in self.ram if not tokens.startswith(kept)]
+        self.ram.append(tokens)
+        del self.ram[:-64]
 
     def loadFromRam(self, slot: Slot, prompt: bytes) -> None:
-        """prompt_load: the kept prompt sharing the most with prompt goes into slot, else it is cleared."""
-        best = max(self.ram or [], key=lambda kept: commonPrefix(kept, prompt), default=b"")
-        slot.tokens = best if commonPrefix(best, prompt) > 0 else b""
+        """
+        prompt_load (server_prompt_cache::load): in the cache's order, a
+        copy replaces what the slot holds when it keeps more of itself and
+        covers more of the prompt than the best so far, and at least a
+        quarter of itself; the copy taken leaves the cache.
+        """
+        if self.ram is None:
+            return
+        common = commonPrefix(slot.tokens, prompt)
+        keep = common / len(slot.tokens) if slot.tokens else -1.0
+        sim = common / max(1, len(prompt))
+        best: bytes | None = None
+        for kept in self.ram:
+            common = commonPrefix(kept, prompt)
+            keepIt, simIt = common / len(kept), common / max(1, len(prompt))
+            if keepIt >= 0.25 and keepIt > keep and simIt > sim:
+                keep, sim, best = keepIt, simIt, kept
+        if best is not None:
+            self.ram.remove(best)
+            slot.tokens = best
 
     def launched(self, slot: Slot) -> None:
         """After a task starts on slot: idle slots go to the RAM cache, and with unified KV are cleared."""
@@ -300,6 +324,7 @@ class _Generation:
             server.loadFromRam(slot, self.prompt)
         server.launched(slot)
         self.slot = slot
+        slot.prompt = self.prompt.decode("utf-8", "replace")
         try:
             await self._generate(slot)
         finally:
@@ -490,6 +515,7 @@ class FakeLlamaResource(Resource):
                     "is_processing": s.busy,
                     "n_ctx": self.llama.nCtx,
                     "n_prompt_tokens": len(s.tokens),
+                    "prompt": s.prompt,
                 }
                 for s in self.llama.slots
             ],

@@ -138,3 +138,25 @@ class Memory:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class Alone:
+    """llama-server used straight, as the comparisons need: its own fake, on the same clock, nothing in front."""
+
+    def __init__(self, memory: Memory, **fake: Any) -> None:
+        self.memory = memory
+        self.fake = FakeLlama(memory.clock, **fake)
+        self.stub = StubTreq(FakeLlamaResource(self.fake))
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request; the fake's record of it (slot, cache_n, prompt_n, prompt)."""
+        before = len(self.fake.log)
+        done: list[Any] = []
+        self.stub.post("http://llama" + path, json=body).addCallback(done.append)
+        for _ in range(50):
+            self.stub.flush()
+            self.memory.clock.advance(0)
+        assert done and len(self.fake.log) == before + 1, "the request did not finish in memory"
+        assert done[0].code == 200, done[0].code
+        record: dict[str, Any] = self.fake.log[-1]
+        return record

@@ -13,10 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend import Persistence, SlotMode
 from bioproxy.heads import templateHead
-from bioproxy.kvcache import RESTORE_MISS_LIMIT
+from bioproxy.kvcache import RAM_MISS_LIMIT, RESTORE_MISS_LIMIT
 from bioproxy.llamacpp import Unauthorized
 
-from .memory import Memory
+from .memory import Alone, Memory
 
 TEMPLATE = "You are a careful reviewer. " * 30 + "\n<{message}>"
 
@@ -207,22 +207,38 @@ class DispatchTests(SynchronousTestCase):
                 self.assertEqual(record["pinned"] is not None, pinned, unified)
                 self.assertLess(record["prompt_n"], 40, (unified, record["prompt_n"]))
 
-    def test_clearedModeRestoresWhatTheRamCacheLost(self) -> None:
-        """A template evicted from llama-server's RAM is restored into an empty slot, then found there."""
+    def test_clearedModeRestoresWhatTheRamCacheKeepsLosing(self) -> None:
+        """
+        A template lost from llama-server's RAM is computed by the request
+        that misses it, and the next finds it there, with no restore; once
+        the RAM cache has lost it twice in a row, it is restored into an
+        empty slot, where llama-server's own choice finds it.
+        """
         m = Memory(Path(self.mktemp()), unified=True)
         template = m.template("@t", TEMPLATE)
         m.found()
         m.warmer.stopService()  # the request's own restore, not a re-warm, is what is tested here
-        m.fake.ram.clear()  # type: ignore[union-attr]
-        for slot in m.fake.slots:
-            slot.tokens = b""
-        missed = self.ask(m, "@t evicted")
-        self.assertGreater(missed["prompt_n"], 500)
+
+        def lose() -> None:
+            m.fake.ram.clear()  # type: ignore[union-attr]
+            for slot in m.fake.slots:
+                slot.tokens = b""
+
+        def restores() -> float:
+            return m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok")
+
+        before = restores()
+        lose()
+        self.assertGreater(self.ask(m, "@t lost once")["prompt_n"], 500)
+        self.assertLess(self.ask(m, "@t found in RAM")["prompt_n"], 60)
+        self.assertEqual(restores(), before)
+        for n in range(RAM_MISS_LIMIT):
+            lose()
+            self.assertGreater(self.ask(m, f"@t lost again, take {n}")["prompt_n"], 500)
         self.assertFalse(m.cache.state(templateHead(template)).inRam)
-        restores = m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok")
-        record = self.ask(m, "@t after the miss")
-        self.assertLess(record["prompt_n"], 60, record)
-        self.assertGreater(m.metric("bioproxy_kv_cache_restores_total", prefix="@t", status="ok"), restores)
+        lose()
+        self.assertLess(self.ask(m, "@t after the misses")["prompt_n"], 60)
+        self.assertGreater(restores(), before)
         self.assertFalse(m.cache.state(templateHead(template)).prefill)
 
     def test_untemplatedChatsStayOnTheirSlot(self) -> None:
@@ -255,18 +271,76 @@ class VariantTests(SynchronousTestCase):
             self.secondIsWarmAfterRestart(unified)
 
     def secondIsWarmAfterRestart(self, unified: bool) -> None:
-        if True:
-            m = Memory(Path(self.mktemp()), unified=unified)
-            m.template("@t", TEMPLATE)
-            m.found()
-            first = self.ask(m, "first question")
-            cold = first["prompt_n"] + first["cache_n"]
-            self.assertGreater(first["prompt_n"], 0.5 * cold, first)  # a new system prompt pays its prefill
-            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
-            variants = m.book.variantsOf("@t")
-            self.assertEqual(len(variants), 1, unified)
-            self.assertTrue(m.cache.saved(variants[0]), unified)
-            m.restarted()
-            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
-            record = self.ask(m, "after the restart")  # the new process had only the file
-            self.assertLess(record["prompt_n"], 0.2 * cold, (unified, record))
+        m = Memory(Path(self.mktemp()), unified=unified)
+        m.template("@t", TEMPLATE)
+        m.found()
+        first = self.ask(m, "first question")
+        cold = first["prompt_n"] + first["cache_n"]
+        self.assertGreater(first["prompt_n"], 0.5 * cold, first)  # a new system prompt pays its prefill
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        variants = m.book.variantsOf("@t")
+        self.assertEqual(len(variants), 1, unified)
+        self.assertTrue(m.cache.saved(variants[0]), unified)
+        m.restarted()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        record = self.ask(m, "after the restart")  # the new process had only the file
+        self.assertLess(record["prompt_n"], 0.2 * cold, (unified, record))
+
+
+class AloneTests(SynchronousTestCase):
+    """
+    The same requests to llama-server alone and through bioproxy, in each
+    mode: bioproxy never computes more of a prompt than llama-server's own
+    slot choice and RAM cache would.
+    """
+
+    PIRATE = {"role": "system", "content": "You speak as a pirate and never break character. " * 10}
+
+    def test_neverWorseThanAlone(self) -> None:
+        for unified in (True, False):
+            self.neverWorseThanAlone(unified)
+
+    def neverWorseThanAlone(self, unified: bool) -> None:
+        m = Memory(Path(self.mktemp()), unified=unified)
+        alone = Alone(m, unified=unified)
+        texts = {
+            f"@t{i}": f"Template {i}: " + "rule after rule. " * (30 + i) + "\n<{message}>" for i in range(6)
+        }
+        for prefix, text in texts.items():
+            m.template(prefix, text)
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+
+        def expand(content: str) -> str:
+            prefix, _, message = content.partition(" ")
+            return texts[prefix].replace("<{message}>", message) if prefix in texts else content
+
+        worse: list[tuple[str, int, int]] = []
+
+        def both(what: str, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+            straight = alone.post(
+                "/v1/chat/completions",
+                {"messages": [{**msg, "content": expand(msg["content"])} for msg in messages]},
+            )
+            status, answer = m.post("/v1/chat/completions", {"messages": messages})
+            self.assertEqual(status, 200, answer)
+            proxied = m.completions()[-1]
+            if proxied["prompt_n"] > straight["prompt_n"]:
+                worse.append((what, straight["prompt_n"], proxied["prompt_n"]))
+            return straight, proxied
+
+        def user(content: str) -> list[dict[str, Any]]:
+            return [{"role": "user", "content": content}]
+
+        both("variant, first", [self.PIRATE, *user("@t0 the first question")])
+        for take in range(3):
+            for prefix in texts:
+                both(f"switch {take}", user(f"{prefix} switching, take {take}"))
+            both(f"variant, take {take}", [self.PIRATE, *user(f"@t0 again, take {take}")])
+        first = user("@t1 a conversation")
+        both("conversation, turn 1", first)
+        for prefix in ("@t2", "@t3"):
+            both("traffic", user(f"{prefix} in between"))
+        reply = {"role": "assistant", "content": "a reply"}
+        both("conversation, turn 2", [*first, reply, *user("and then?")])
+        self.assertEqual(worse, [], f"unified={unified}: (request, alone, bioproxy) computed tokens")
