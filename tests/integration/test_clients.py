@@ -79,7 +79,11 @@ class ClientTests(RealTestCase):
         await stack.llama.start()
         await until(R, lambda: stack.metric("bioproxy_backend_restarts_total") == 1, what="the restart")
         await stack.allWarm(6)
-        await until(R, lambda: learned(stack, "bioproxy_warmup_total", how="restore") >= 1, what="the variant's restore")
+        await until(
+            R,
+            lambda: learned(stack, "bioproxy_warmup_total", how="restore") >= 1,
+            what="the variant's restore",
+        )
         after = await threads.deferToThread(ask, "@t0 after the restart")
         self.assertLess(after["prompt_n"], 60, after)
 
@@ -218,7 +222,9 @@ class ClientTests(RealTestCase):
         await until(R, lambda: stack.metric("bioproxy_backend_restarts_total") == 1, what="the restart")
         await stack.allWarm(6)
         await until(
-            R, lambda: learned(stack, "bioproxy_warmup_total", how="restore") >= 1, what="the learned head's restore"
+            R,
+            lambda: learned(stack, "bioproxy_warmup_total", how="restore") >= 1,
+            what="the learned head's restore",
         )
         after = await conversation("3d0", "write the release notes")
         self.assertLess(after["input_tokens"], 60, after)
