@@ -210,7 +210,9 @@ def stream(base: str, messages: list[dict[str, Any]], key: str | None) -> tuple[
     return first or float("nan"), computed, "".join(reply)
 
 
-def anthropic(base: str, system: Any, content: Any, key: str | None, **extra: Any) -> tuple[float, int, str]:
+def anthropic(
+    base: str, system: Any, content: Any, key: str | None, after: tuple[Any, ...] = (), **extra: Any
+) -> tuple[float, int, str]:
     """
     The same, through the Anthropic Messages API, not streamed (llama-server
     11434 can leave message_start, and so the usage, out of a stream) and
@@ -223,7 +225,7 @@ def anthropic(base: str, system: Any, content: Any, key: str | None, **extra: An
             "temperature": 0,
             "stream": False,
             "system": system,
-            "messages": [{"role": "user", "content": content}],
+            "messages": [{"role": "user", "content": content}, *after],
             **extra,
         }
     ).encode()
@@ -246,7 +248,10 @@ CLAUDE_TOOLS = [
 
 
 def claudeCode(base: str, suffix: str, prompt: str, key: str | None) -> tuple[float, int, str]:
-    """A request shaped as Claude Code sends it: billing header, system blocks, tools, a reminder part."""
+    """
+    A request shaped as Claude Code sends it: billing header, system blocks,
+    tools, a reminder part before the prompt, a system message after it.
+    """
     system = [
         {
             "type": "text",
@@ -262,7 +267,9 @@ def claudeCode(base: str, suffix: str, prompt: str, key: str | None) -> tuple[fl
         {"type": "text", "text": "<system-reminder>CLAUDE.md: keep it short.</system-reminder>"},
         {"type": "text", "text": prompt},
     ]
-    return anthropic(base, system, content, key, tools=CLAUDE_TOOLS)
+    # Claude Code follows the prompt with a system message of context.
+    context = {"role": "system", "content": "Context: the project is a Python package. " * 40}
+    return anthropic(base, system, content, key, (context,), tools=CLAUDE_TOOLS)
 
 
 def template(i: int, rules: int, version: str = "v1") -> str:

@@ -171,17 +171,20 @@ def shellOf(
         shell = ChatView(view.head, messages)
         return Shell(Kind.VARIANT, template.prefix, shell, _digest(shell.body()))
     opening = list(_opening(view.messages))
-    if not opening or opening[-1].get("role") != "user":
+    # The user's prompt is the last user text before the first answer; what
+    # follows it (Claude Code adds a system message there) is not shared.
+    users = [k for k, message in enumerate(opening) if message.get("role") == "user"]
+    if not users:
         return None
-    last = opening[-1]
+    last = opening[users[-1]]
     content = last.get("content")
     if isinstance(content, list):
         texts = [k for k, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text"]
         if not texts:
             return None
-        messages = opening[:-1] + [_cut(last, texts[-1], MARK)]
+        messages = opening[: users[-1]] + [_cut(last, texts[-1], MARK)]
     else:
-        messages = opening[:-1] + [{"role": "user", "content": MARK}]
+        messages = opening[: users[-1]] + [{"role": "user", "content": MARK}]
     shell = ChatView(view.head, messages)
     if len(promptText(shell)) < MIN_LEARNED_CHARS:
         return None

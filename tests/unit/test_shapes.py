@@ -195,6 +195,9 @@ class HeadTests(TestCase):
         self.assertEqual(shell.kind, Kind.LEARNED)
         body["messages"][0]["content"][1]["text"] = "another prompt"
         self.assertEqual(self.shell(Shape.ANTHROPIC, body).name, shell.name)
+        # Claude Code follows the prompt with a system message of its own.
+        body["messages"].append({"role": "system", "content": "<context>" * 100})
+        self.assertEqual(self.shell(Shape.ANTHROPIC, body).name, shell.name)
         head = self.book.observe(shell, None)
         assert head is not None and head.view is not None
         self.assertEqual(head.view.messages[-1]["content"][-1]["text"], MARK)
