@@ -28,7 +28,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,6 +38,9 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 MODEL = "fake-llama"
 REPLY = "This is a reply from the fake llama server. "
+
+# Which API a completion was asked through, which decides its answer's shape.
+Api = Literal["chat", "completion", "anthropic", "responses"]
 
 
 def chatPrompt(messages: list[dict[str, Any]]) -> str:
@@ -50,6 +53,55 @@ def chatPrompt(messages: list[dict[str, Any]]) -> str:
         out.append(f"<|im_start|>{message.get('role', 'user')}\n{content}<|im_end|>\n")
     out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+def _text(content: Any, kinds: tuple[str, ...]) -> str:
+    """A message's text: a string, or its text blocks of the given types joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            b["text"]
+            for b in content
+            if isinstance(b, dict) and b.get("type") in kinds and isinstance(b.get("text"), str)
+        )
+    return ""
+
+
+def anthropicMessages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """/v1/messages as a chat, text only: `system`, then every message's text blocks."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    out: list[dict[str, Any]] = []
+    if body.get("system"):
+        out.append({"role": "system", "content": _text(body["system"], ("text",))})
+    out += [
+        {"role": m.get("role"), "content": _text(m.get("content"), ("text",))}
+        for m in messages
+        if isinstance(m, dict)
+    ]
+    return out
+
+
+def responsesMessages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """/v1/responses as a chat, text only: `instructions`, then `input` (a string or message items)."""
+    given = body.get("input")
+    out = (
+        [{"role": "system", "content": body["instructions"]}]
+        if isinstance(body.get("instructions"), str)
+        else []
+    )
+    if isinstance(given, str):
+        return [*out, {"role": "user", "content": given}]
+    if not isinstance(given, list):
+        return None
+    kinds = ("input_text", "output_text", "text")
+    return out + [
+        {"role": item.get("role", "user"), "content": _text(item.get("content"), kinds)}
+        for item in given
+        if isinstance(item, dict) and "role" in item
+    ]
 
 
 def tokenize(text: str) -> bytes:
@@ -284,13 +336,13 @@ class _Generation:
     """One completion in progress on a slot; cancellable by a disconnect."""
 
     def __init__(
-        self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: str, chat: bool
+        self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: str, api: Api
     ) -> None:
         self.server = server
         self.request = request
         self.body = body
         self.prompt = tokenize(prompt)
-        self.chat = chat
+        self.api = api
         self.stream = bool(body.get("stream"))
         self.maxTokens = int(body.get("max_tokens", body.get("n_predict", 16)) or 16)
         self.cancelled = False
@@ -316,7 +368,8 @@ class _Generation:
 
     async def run(self) -> None:
         server = self.server
-        pinned = self.body.get("id_slot")
+        # llama-server's conversion of /v1/messages drops id_slot.
+        pinned = self.body.get("id_slot") if self.api != "anthropic" else None
         slot, update = server.pickSlot(self.prompt, pinned if isinstance(pinned, int) else None)
         await server.acquire(slot)
         if update:
@@ -345,6 +398,11 @@ class _Generation:
         if self.stream:
             self.request.setHeader(b"content-type", b"text/event-stream")
             self.request.setHeader(b"cache-control", b"no-cache")
+            if self.api == "anthropic":
+                usage = {"input_tokens": promptN, "cache_read_input_tokens": cacheN, "output_tokens": 0}
+                self._event({"type": "message_start", "message": {"role": "assistant", "usage": usage}})
+            elif self.api == "responses":
+                self._event({"type": "response.created", "response": {"status": "in_progress"}})
         for i in range(self.maxTokens):
             if i:
                 await self._sleep(server.msPerGeneratedToken / 1000)
@@ -377,7 +435,12 @@ class _Generation:
                 "finished": server.clock.seconds(),
             }
         )
-        if self.stream:
+        if self.stream and self.api == "anthropic":
+            self._event({"type": "message_delta", "usage": {"output_tokens": len(self.sent)}})
+            self._event({"type": "message_stop"})
+        elif self.stream and self.api == "responses":
+            self._event({"type": "response.completed", "response": self._whole(timings)})
+        elif self.stream:
             final = self._chunk("", "length")
             final["timings"] = timings
             self._event(final)
@@ -388,10 +451,15 @@ class _Generation:
         self.request.finish()
 
     def _event(self, payload: dict[str, Any]) -> None:
-        self.request.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        named = b"event: %s\n" % payload["type"].encode() if self.api in ("anthropic", "responses") else b""
+        self.request.write(named + b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     def _chunk(self, piece: str, finish: str | None) -> dict[str, Any]:
-        if self.chat:
+        if self.api == "anthropic":
+            return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+        if self.api == "responses":
+            return {"type": "response.output_text.delta", "delta": piece}
+        if self.api == "chat":
             delta = {"content": piece} if piece else {}
             return {  # llama-server's chat answers do not say which slot ran them
                 "object": "chat.completion.chunk",
@@ -407,7 +475,38 @@ class _Generation:
             "completion_tokens": len(self.sent),
             "total_tokens": len(self.prompt) + len(self.sent),
         }
-        if self.chat:
+        if self.api == "anthropic":
+            return {
+                "type": "message",
+                "role": "assistant",
+                "model": self.server.model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "max_tokens",
+                "usage": {
+                    "input_tokens": timings["prompt_n"],
+                    "cache_read_input_tokens": timings["cache_n"],
+                    "output_tokens": len(self.sent),
+                },
+            }
+        if self.api == "responses":
+            return {
+                "object": "response",
+                "status": "completed",
+                "model": self.server.model,
+                "output": [
+                    {
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": text}],
+                    }
+                ],
+                "usage": {
+                    "input_tokens": len(self.prompt),
+                    "input_tokens_details": {"cached_tokens": timings["cache_n"]},
+                    "output_tokens": len(self.sent),
+                },
+            }
+        if self.api == "chat":
             return {
                 "object": "chat.completion",
                 "model": self.server.model,
@@ -466,6 +565,9 @@ class FakeLlamaResource(Resource):
             (b"POST", b"/completion"): self._completion,
             (b"POST", b"/completions"): self._completion,
             (b"POST", b"/v1/completions"): self._completion,
+            (b"POST", b"/v1/messages"): self._anthropic,
+            (b"POST", b"/v1/responses"): self._responses,
+            (b"POST", b"/responses"): self._responses,
         }
 
     def render(self, request: Request) -> bytes | int:
@@ -568,21 +670,35 @@ class FakeLlamaResource(Resource):
         body = self._body(request)
         if body is None or not isinstance(body.get("messages"), list):
             return _error(request, 400, "invalid chat request")
-        return self._start(request, body, chatPrompt(body["messages"]), chat=True)
+        return self._start(request, body, chatPrompt(body["messages"]), "chat")
+
+    def _anthropic(self, request: Request) -> bytes | int:
+        body = self._body(request)
+        messages = anthropicMessages(body) if body is not None else None
+        if body is None or messages is None:
+            return _error(request, 400, "'messages' is required")
+        return self._start(request, body, chatPrompt(messages), "anthropic")
+
+    def _responses(self, request: Request) -> bytes | int:
+        body = self._body(request)
+        messages = responsesMessages(body) if body is not None else None
+        if body is None or messages is None:
+            return _error(request, 400, "'input' is required")
+        return self._start(request, body, chatPrompt(messages), "responses")
 
     def _completion(self, request: Request) -> bytes | int:
         body = self._body(request)
         if body is None or not isinstance(body.get("prompt"), str):
             return _error(request, 400, "invalid completion request")
-        return self._start(request, body, body["prompt"], chat=False)
+        return self._start(request, body, body["prompt"], "completion")
 
-    def _start(self, request: Request, body: dict[str, Any], prompt: str, chat: bool) -> int:
+    def _start(self, request: Request, body: dict[str, Any], prompt: str, api: Api) -> int:
         pinned = body.get("id_slot")
         if pinned is not None and (not isinstance(pinned, int) or pinned >= len(self.llama.slots)):
             request.write(_error(request, 400, "Invalid id_slot"))
             request.finish()
             return NOT_DONE_YET
-        generation = _Generation(self.llama, request, body, prompt, chat)
+        generation = _Generation(self.llama, request, body, prompt, api)
         defer.ensureDeferred(generation.run()).addErrback(
             lambda f: f.printTraceback() if not generation.cancelled else None
         )

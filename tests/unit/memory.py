@@ -73,6 +73,11 @@ class Memory:
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """One request through the proxy site; its status and JSON answer."""
+        status, answer = self.postRaw(path, body)
+        return status, json.loads(answer)
+
+    def postRaw(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """One request through the proxy site; its status and body (unchunked)."""
         raw = json.dumps(body).encode()
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
         transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
@@ -87,8 +92,8 @@ class Memory:
             self.agent.flush()
         head, _, answer = transport.value().partition(b"\r\n\r\n")
         if b"chunked" in head.lower():
-            answer = answer.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
-        return int(head.split(b" ", 2)[1]), json.loads(answer)
+            answer = _unchunk(answer)
+        return int(head.split(b" ", 2)[1]), answer
 
     def template(self, prefix: str, text: str) -> Template:
         path = self.dir / f"{prefix.strip('@')}.txt"
@@ -138,6 +143,18 @@ class Memory:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = []
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        if not n:
+            break
+        out.append(data[:n])
+        data = data[n + 2 :]
+    return b"".join(out)
 
 
 class Alone:
