@@ -71,7 +71,9 @@ class Dispatcher:
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
         # Only where slots keep their contents does placement compare prompts.
         text = body.text if self.backend.pins else ""
-        asking = self.scheduler.lease(head.key if head else None, USER, pin, text)
+        hint = body.parsed.get("prompt_cache_key")
+        conversation = hint if isinstance(hint, str) and hint else None
+        asking = self.scheduler.lease(head.key if head else None, USER, pin, text, conversation)
         gone: list[Failure] = []
 
         def clientLeft(reason: Failure) -> None:

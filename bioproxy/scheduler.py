@@ -56,6 +56,7 @@ class Contents:
     text: str = ""  # the prompt's stand-in text (expand.promptText), for shared starts
     key: str | None = None  # the template version it begins with, if any
     backed: int = 0  # how much of text a saved cache file can give back
+    conversation: str | None = None  # the client's name for the conversation it holds (prompt_cache_key)
 
     @property
     def label(self) -> str:
@@ -129,11 +130,13 @@ class Lease:
         pin: int | None,
         seq: int,
         text: str = "",
+        conversation: str | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.priority = priority
         self.key = key
         self.text = text
+        self.conversation = conversation
         self.pin = pin
         self.seq = seq
         self.requestedAt = scheduler.clock.seconds()
@@ -177,11 +180,18 @@ class SlotScheduler:
         self._report()
 
     def lease(
-        self, key: str | None = None, priority: str = USER, pin: int | None = None, text: str = ""
+        self,
+        key: str | None = None,
+        priority: str = USER,
+        pin: int | None = None,
+        text: str = "",
+        conversation: str | None = None,
     ) -> defer.Deferred[Lease]:
         """
         A Deferred that fires with a Lease once a slot is free for this request.
         Cancelling it (the client left) takes the request out of the queue.
+        conversation: the client's own name for the conversation (OpenAI's
+        `prompt_cache_key`), which sends it back to the slot that holds it.
         """
         if pin is not None and not 0 <= pin < len(self.slots):
             return defer.fail(
@@ -190,7 +200,7 @@ class SlotScheduler:
         if priority == USER and len(self.queues[USER]) >= self.maxQueue:
             return defer.fail(QueueFull(f"{len(self.queues[USER])} requests are already waiting for a slot"))
         self._seq += 1
-        lease = Lease(self, priority, key, pin, self._seq, text)
+        lease = Lease(self, priority, key, pin, self._seq, text, conversation)
         self.queues[priority].append(lease)
         if priority == USER:
             lease._timer = self.clock.callLater(self.maxWait, self._expire, lease)
@@ -232,6 +242,8 @@ class SlotScheduler:
         if slot is not None and slot.lease is lease:
             slot.lease = None
             slot.lastUsed = self.clock.seconds()
+            if contents is not None and contents.held is Held.PROMPT and lease.conversation:
+                contents = dataclasses.replace(contents, conversation=lease.conversation)
             if contents is not None:
                 slot.contents = contents
         self._dispatch()
@@ -296,6 +308,10 @@ class SlotScheduler:
             return None
         if not self.retains:
             return min(free, key=lambda s: s.lastUsed)
+        if lease.conversation is not None:
+            for slot in free:
+                if slot.contents.conversation == lease.conversation:
+                    return slot
         if lease.key is not None:
             for slot in free:
                 if slot.contents.key == lease.key:

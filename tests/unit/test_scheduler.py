@@ -90,6 +90,24 @@ class PlacementTests(SynchronousTestCase):
         lease = self.successResultOf(s.lease(None, text="x" * (MIN_SHARED + 10) + "y" * 5000))
         self.assertEqual(slotOf(lease), 0, "shares under a tenth: the least recently used instead")
 
+    def test_aConversationReturnsToItsSlot(self) -> None:
+        """
+        The client's prompt_cache_key names a conversation: it goes back to
+        the slot that served it, where the prompts alone cannot tell (two
+        conversations that began alike, greedy answers and all).
+        """
+        s, clock = scheduler(3)
+        turn1 = "You are a coding agent. " * 40 + "list the files" + "a.py b.py"
+        for slot, conversation in ((0, "b"), (1, "a")):
+            lease = self.successResultOf(s.lease(None, pin=slot, text=turn1, conversation=conversation))
+            lease.release(holding(None, turn1))
+            self.assertEqual(s.slots[slot].contents.conversation, conversation)
+        lease = self.successResultOf(s.lease(None, text=turn1 + "now fix a.py", conversation="a"))
+        self.assertEqual(slotOf(lease), 1)
+        lease.release(holding(None, turn1))
+        unnamed = self.successResultOf(s.lease(None, text=turn1 + "now fix a.py"))
+        self.assertEqual(slotOf(unnamed), 0, "without the key, the first of equals")
+
     def test_whatAFileGivesBackIsCheapToLose(self) -> None:
         """A template slot with a short message costs a restore; a long untemplated prompt costs it all."""
         s, clock = scheduler(2)
