@@ -361,6 +361,7 @@ class KVCache:
             if slot is None or not await self.save(slot, head, prompt):
                 return False
         state = self.state(head)
+        state.warm = True
         if self.backend.mode is SlotMode.CLEARED:
             state.inRam = True  # the next task moves the slot into the RAM cache
         if state.reusable is None:

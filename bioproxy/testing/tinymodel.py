@@ -50,8 +50,12 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
-    """Write the model to path; the same seed and size give the same file."""
+def write(path: Path, seed: int = 1234, size: str = "tiny", context: int = CONTEXT) -> Path:
+    """
+    Write the model to path; the same seed, size and context give the same
+    file. context: the training context it claims, which caps llama-server's
+    context per slot (agents' prompts need more than the default).
+    """
     dim, layers, heads, ffn = SIZES[size]
     import gguf
     import numpy as np
@@ -60,7 +64,7 @@ def write(path: Path, seed: int = 1234, size: str = "tiny") -> Path:
     tokens, scores, types = vocabulary()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(f"bioproxy-{size}")
-    writer.add_context_length(CONTEXT)
+    writer.add_context_length(context)
     writer.add_embedding_length(dim)
     writer.add_block_count(layers)
     writer.add_feed_forward_length(ffn)
