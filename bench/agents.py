@@ -148,7 +148,7 @@ def runAgent(agent: Agent, binary: str, model: Path, config: str) -> list[dict[s
                 for llama in (direct, behind):
                     llama.stop()
                     llama.start()
-                warm.waitFor(lambda: proxy.restarts() > before, "bioproxy to see the restart")
+                warm.waitFor(lambda seen=before: proxy.restarts() > seen, "bioproxy to see the restart")
                 warm.waitFor(proxy.warm, "bioproxy's re-warm")
             logged = direct.log.stat().st_size, behind.log.stat().st_size
             aloneSeconds = agent.run(direct.url, prompt, where, work / "home-direct")
