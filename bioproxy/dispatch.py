@@ -71,9 +71,7 @@ class Dispatcher:
         pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
         # Only where slots keep their contents does placement compare prompts.
         text = body.text if self.backend.pins else ""
-        hint = body.parsed.get("prompt_cache_key")
-        conversation = hint if isinstance(hint, str) and hint else None
-        asking = self.scheduler.lease(head.key if head else None, USER, pin, text, conversation)
+        asking = self.scheduler.lease(head.key if head else None, USER, pin, text, body.conversation)
         gone: list[Failure] = []
 
         def clientLeft(reason: Failure) -> None:

@@ -361,6 +361,26 @@ class Body:
             return promptText(None, self.parsed.get("prompt"))
         return promptText(self.view) if self.view is not None else ""
 
+    @property
+    def conversation(self) -> str | None:
+        """
+        The client's own name for the conversation: OpenAI's
+        `prompt_cache_key`, or the `session_id` in Claude Code's
+        `metadata.user_id` (a JSON string). None when it gives none.
+        """
+        key = self.parsed.get("prompt_cache_key")
+        if isinstance(key, str) and key:
+            return key
+        metadata = self.parsed.get("metadata")
+        user = metadata.get("user_id") if isinstance(metadata, dict) else None
+        if not isinstance(user, str) or not user.startswith("{"):
+            return None
+        try:
+            session = json.loads(user).get("session_id")
+        except (ValueError, AttributeError):
+            return None
+        return f"session:{session}" if isinstance(session, str) and session else None
+
     def pinned(self, slot: int | None) -> bytes:
         """The body to forward, pinned to slot unless None; a client's own id_slot is left as it is."""
         if slot is None or "id_slot" in self.parsed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from bioproxy.expand import chatView, expand, normaliseBillingHeader
+from bioproxy.expand import Body, chatView, expand, normaliseBillingHeader
 from bioproxy.heads import MARK, MIN_LEARNED_CHARS, HeadBook, Kind, locate, shellOf
 from bioproxy.routes import ROUTES, Shape, route
 from bioproxy.templates import Sources, TemplateLibrary, load
@@ -237,3 +238,26 @@ class UsageTests(TestCase):
         reader = TimingsReader()
         reader.feed(b'{"usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":70}}}')
         self.assertEqual(reader.timings, {"cache_n": 70, "prompt_n": 30})
+
+
+class ConversationTests(TestCase):
+    """The clients' own names for a conversation, which placement uses where slots keep their contents."""
+
+    def conversation(self, parsed: dict[str, Any]) -> str | None:
+        return Body(b"", parsed).conversation
+
+    def test_promptCacheKey(self) -> None:
+        self.assertEqual(self.conversation({"prompt_cache_key": "019a-conv", "input": "hi"}), "019a-conv")
+
+    def test_claudeCodeSession(self) -> None:
+        user = json.dumps({"device_id": "d0", "account_uuid": "", "session_id": "ee24c542"})
+        self.assertEqual(self.conversation({"metadata": {"user_id": user}}), "session:ee24c542")
+
+    def test_noneGiven(self) -> None:
+        for parsed in (
+            {},
+            {"metadata": {"user_id": "user-42"}},
+            {"metadata": {"user_id": "{broken"}},
+            {"prompt_cache_key": 3},
+        ):
+            self.assertIsNone(self.conversation(parsed), parsed)
