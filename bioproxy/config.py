@@ -61,8 +61,22 @@ class Config:
     # Fix the per-conversation values of Claude Code's billing-header block
     # so that every conversation's prompt starts alike.
     normalise_billing_header: bool = True
+    # Where the learned heads and the cache files saved for them are kept
+    # across restarts of bioproxy (state.py). None: $STATE_DIRECTORY/state.json
+    # under systemd's StateDirectory=, else nowhere (they last one process).
+    state_file: str | None = None
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
+
+    def statePath(self, environ: Mapping[str, str] = os.environ) -> Path | None:
+        """The state file: the setting (beside the config when relative), else systemd's state directory's."""
+        if self.state_file:
+            path = Path(self.state_file).expanduser()
+            if self.source and not path.is_absolute():
+                path = Path(self.source).parent / path
+            return path
+        directory = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(directory) / "state.json" if directory else None
 
     @property
     def proxy_endpoint(self) -> str:
@@ -327,6 +341,7 @@ _CHECKS = {
     "max_learned": _count,
     "max_learned_bytes": _size,
     "normalise_billing_header": _flag,
+    "state_file": _optionalString,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

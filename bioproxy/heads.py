@@ -262,6 +262,7 @@ class HeadBook:
         self.maxBytes = maxBytes  # 0: no disk budget
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()  # least recent first
         self.dropped: list[Callable[[str], None]] = []  # told of a head given up
+        self.changes = 0  # counts every change, for whoever keeps a copy (state.StateFile)
 
     def get(self, name: str) -> Head | None:
         template = self.library.templates.get(name)
@@ -299,6 +300,7 @@ class HeadBook:
         entry.uses += 1
         entry.lastUsed = self.clock()
         self.entries[shell.name] = entry
+        self.changes += 1
         self._bound()
         return entry.shell.head(self.library)
 
@@ -306,6 +308,7 @@ class HeadBook:
         entry = self.entries.get(name)
         if entry is not None:
             entry.bytes = size
+            self.changes += 1
             self._bound()
 
     def _bound(self) -> None:
@@ -315,8 +318,43 @@ class HeadBook:
             and len(self.entries) > 1
         ):
             name, _ = self.entries.popitem(last=False)
+            self.changes += 1
             for listener in self.dropped:
                 listener(name)
+
+    def entriesData(self) -> list[dict[str, Any]]:
+        """Every entry as JSON-ready data, least recently used first (addEntries' input)."""
+        return [
+            {
+                "kind": e.shell.kind.value,
+                "template": e.shell.prefix,
+                "view": e.shell.view.body() if e.shell.view is not None else None,
+                "digest": e.shell.digest,
+                "uses": e.uses,
+                "last_used": e.lastUsed,
+                "file_bytes": e.bytes,
+            }
+            for e in self.entries.values()
+        ]
+
+    def addEntries(self, entries: list[dict[str, Any]]) -> None:
+        """Entries from entriesData, older than any learned since; one that does not read is skipped."""
+        for data in reversed(entries):
+            try:
+                view = data["view"]
+                shell = Shell(
+                    Kind(data["kind"]),
+                    data["template"],
+                    ChatView(*_split(dict(view))) if view is not None else None,
+                    str(data["digest"]),
+                )
+                entry = Entry(shell, int(data["uses"]), float(data["last_used"]), int(data["file_bytes"]))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if shell.kind is not Kind.TEMPLATE and shell.name not in self.entries:
+                self.entries[shell.name] = entry
+                self.entries.move_to_end(shell.name, last=False)
+        self._bound()
 
     def view(self) -> dict[str, Any]:
         return {

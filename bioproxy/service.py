@@ -31,6 +31,7 @@ from .monitor import BackendMonitor
 from .proxy import ProxyResource
 from .scheduler import SlotScheduler
 from .site import ProxySite
+from .state import StateFile
 from .templates import Sources, TemplateLibrary
 from .warmup import Warmer
 from .watcher import TemplateWatcher
@@ -89,12 +90,14 @@ class _Announce(Service):
             "  admin:     {admin}\n"
             "  backend:   {backend}\n"
             "  templates: {templates}\n"
+            "  state:     {state}\n"
             "  config:    {source}",
             version=__version__,
             proxy=c.proxy_endpoint,
             admin=c.admin_endpoint,
             backend=c.backend_url,
             templates=len(c.prefixes),
+            state=str(c.statePath() or "(none: learned heads last this process)"),
             source=c.source or "(defaults)",
         )
 
@@ -160,6 +163,11 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     monitor.listeners.append(backend)
     backend.listeners.append(warmer)
 
+    statePath = config.statePath()
+    state = StateFile(statePath, book, backend, reactor) if statePath else None
+    if state is not None:
+        state.read()
+
     dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
     proxySite = ProxySite(
         ProxyResource(forwarder, library, dispatcher, book, config.normalise_billing_header),
@@ -185,6 +193,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     for child in (
         _CallOnStop("pool", pool.closeCachedConnections),
         _CallOnStop("backend", backend.stop),
+        *([state] if state is not None else []),
         warmer,
         monitor,
         watcher,

@@ -121,6 +121,15 @@ class LoadTests(TestCase):
             load(path)
         self.assertIn("backend_api_key_file", str(e.exception))
 
+    def test_statePath(self) -> None:
+        """The setting, beside the config when relative; else systemd's StateDirectory=; else none."""
+        path = self.write("c.yaml", "state_file: learned.json\n")
+        self.assertEqual(load(path).statePath({}), Path(path).absolute().parent / "learned.json")
+        self.assertEqual(
+            Config().statePath({"STATE_DIRECTORY": "/var/lib/bioproxy"}), Path("/var/lib/bioproxy/state.json")
+        )
+        self.assertIsNone(Config().statePath({}))
+
     def test_missingNamedFile(self) -> None:
         with self.assertRaises(ConfigError) as e:
             load("/no/such/file.yaml")

@@ -1,0 +1,106 @@
+"""
+What bioproxy learns while it runs and must not lose when it restarts: the
+learned heads (templates behind system prompts, agents' system prompts and
+tools) with their uses, and the cache files it saved. Without this, a
+restart of bioproxy forgets them, and the next llama-server restart
+recomputes every agent's prompt; with it, their files are restored as
+templates' are.
+
+The file is JSON, written whole to a temporary file and renamed over the
+old one, at most once per `interval` and only when something changed, and
+once more on stop. A file that cannot be read is reported and set aside:
+bioproxy then starts with nothing learned, as it would without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .backend import Backend
+from .heads import HeadBook
+
+log = Logger()
+
+FORMAT = 1
+
+
+class StateFile(Service):
+    def __init__(
+        self, path: Path, book: HeadBook, backend: Backend, clock: IReactorTime, interval: float = 10.0
+    ) -> None:
+        self.path = path
+        self.book = book
+        self.backend = backend
+        self.clock = clock
+        self.interval = interval
+        self._written: tuple[int, frozenset[str]] | None = None
+        self._loop: LoopingCall | None = None
+
+    def read(self) -> None:
+        """Add what the file holds to the book and the backend's known files; nothing if there is no file."""
+        try:
+            data: Any = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"not a bioproxy state file of format {FORMAT}")
+            heads, files = data.get("heads", []), data.get("files", [])
+            if not isinstance(heads, list) or not isinstance(files, list):
+                raise ValueError("its heads and files must be lists")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            log.warn(
+                "state file {path} cannot be read ({why}); moved to {aside}, starting afresh",
+                path=str(self.path),
+                why=str(e),
+                aside=str(aside),
+            )
+            try:
+                self.path.replace(aside)
+            except OSError:
+                pass
+            return
+        self.book.addEntries(heads)
+        # Files this bioproxy saved before; a restore finds out whether they are still there.
+        self.backend.saved.update(f for f in files if isinstance(f, str))
+        self._written = self._version()
+        log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
+
+    def write(self) -> None:
+        """Write the book and the known files, if they changed since the last write."""
+        version = self._version()
+        if version == self._written:
+            return
+        data = {"format": FORMAT, "heads": self.book.entriesData(), "files": sorted(version[1])}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError as e:
+            log.warn("cannot write state file {path}: {why}", path=str(self.path), why=str(e))
+            return
+        self._written = version
+
+    def _version(self) -> tuple[int, frozenset[str]]:
+        return self.book.changes, frozenset(self.backend.saved)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.write)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.write()

@@ -1,0 +1,80 @@
+"""The state file: learned heads and their files outlive a restart of bioproxy itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bioproxy.state import StateFile
+
+from .memory import Memory
+
+TEMPLATE = "You are a careful reviewer. " * 30 + "\n<{message}>"
+SYSTEM = "You speak as a pirate and never break character. " * 10
+
+
+class StateFileTests(SynchronousTestCase):
+    def start(self, directory: Path, path: Path) -> tuple[Memory, StateFile]:
+        """A bioproxy (and, as after a reboot, a new llama-server) on the same disk."""
+        m = Memory(directory, unified=True)
+        m.template("@t", TEMPLATE)
+        state = StateFile(path, m.book, m.backend, m.clock)
+        state.read()
+        state.startService()
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        return m, state
+
+    def ask(self, m: Memory, question: str) -> dict[str, Any]:
+        body = {
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"@t {question}"}]
+        }
+        status, answer = m.post("/v1/chat/completions", body)
+        self.assertEqual(status, 200, answer)
+        record: dict[str, Any] = m.completions()[-1]
+        return record
+
+    def test_learnedHeadsOutliveBioproxy(self) -> None:
+        directory = Path(self.mktemp())
+        path = directory / "state" / "state.json"
+        m, state = self.start(directory, path)
+        first = self.ask(m, "the first question")
+        self.assertGreater(first["prompt_n"], 500)
+        (variant,) = m.book.variantsOf("@t")
+        m.advanceUntil(lambda: m.cache.saved(variant))
+        state.stopService()
+        written = json.loads(path.read_text())
+        self.assertEqual([h["digest"] for h in written["heads"]], [m.book.entries[variant.name].shell.digest])
+
+        again, _ = self.start(directory, path)
+        self.assertEqual([h.name for h in again.book.variantsOf("@t")], [variant.name])
+        self.assertEqual(again.metric("bioproxy_warmup_total", prefix=variant.name, how="restore"), 1)
+        self.assertLess(self.ask(again, "after both restarted")["prompt_n"], 60)
+
+    def test_writesOnlyChanges(self) -> None:
+        directory = Path(self.mktemp())
+        path = directory / "state.json"
+        m, state = self.start(directory, path)
+        m.clock.advance(state.interval)
+        self.assertEqual(json.loads(path.read_text())["heads"], [])  # the template's file is known
+        path.unlink()
+        m.clock.advance(state.interval)
+        self.assertFalse(path.exists(), "unchanged: not written again")
+        self.ask(m, "a question")
+        m.clock.advance(state.interval)
+        self.assertEqual(len(json.loads(path.read_text())["heads"]), 1)
+        state.stopService()
+
+    def test_unreadableFileIsSetAside(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "state.json"
+        path.write_text("{not json")
+        m, state = self.start(directory, path)
+        self.assertEqual(m.book.entries, {})
+        self.assertEqual((directory / "state.json.unreadable").read_text(), "{not json")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        state.stopService()
