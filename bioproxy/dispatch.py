@@ -168,12 +168,14 @@ class Dispatcher:
             self.warmer.request(head.name)
 
     def _saveServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
-        """The slot that just computed head is saved as its file; where that fails, a warmup writes it."""
-        if timings is None:
-            self.warmer.request(head.name)
-            return
-        prompt = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
-        generated = timings.get("predicted_n")
+        """
+        The slot that just computed head is saved as its file; where that
+        fails, a warmup writes it. timings: None when the answer said
+        nothing of them (an Anthropic stream from llama-server 11434 can
+        leave out the event that carries its usage).
+        """
+        prompt = timings.get("cache_n", 0) + timings.get("prompt_n", 0) if timings else None
+        generated = timings.get("predicted_n") if timings else None
 
         def saved(done: bool) -> None:
             if not done:

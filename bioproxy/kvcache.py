@@ -342,37 +342,41 @@ class KVCache:
         log.info("saved {prefix} from slot {slot} to {name}", prefix=head.name, slot=slot, name=name)
         return True
 
-    async def saveServed(self, head: Head, slot: int | None, prompt: int, generated: int | None) -> bool:
+    async def saveServed(
+        self, head: Head, slot: int | None, prompt: int | None, generated: int | None
+    ) -> bool:
         """
         A request that starts with head, which has no file yet, was just
         answered: its slot holds head and that conversation, so saving the
         slot writes the file at no cost, where a warmup would compute head
         again (and, in CLEARED mode, cut the conversation that llama-server
         would have kept). slot: where it ran, when it was pinned; else the
-        one idle slot that holds as many tokens as it had (prompt) and
-        generated. Tasks wait meanwhile (quiet). False when no slot is sure
-        to hold it any more.
+        one idle slot that holds as many tokens as it had (prompt, when its
+        answer said) and generated, and at least head. Tasks wait meanwhile
+        (quiet). False when no slot is sure to hold it any more.
         """
         if self.saved(head) or not self.persists(head):
             return self.saved(head)
-        with self._quietWhile():
-            if slot is None:
-                slot = await self._slotHolding(prompt, generated)
-            if slot is None or not await self.save(slot, head, prompt):
-                return False
         state = self.state(head)
+        with self._quietWhile():
+            if state.reusable is None:
+                state.reusable = await self.measure(head)
+            least = max(prompt or 0, state.reusable or 0)
+            if slot is None and least:
+                slot = await self._slotHolding(least, generated if prompt else None)
+            if slot is None or not await self.save(slot, head, least):
+                return False
         state.warm = True
         if self.backend.mode is SlotMode.CLEARED:
             state.inRam = True  # the next task moves the slot into the RAM cache
-        if state.reusable is None:
-            state.reusable = await self.measure(head)
         return True
 
     async def _slotHolding(self, prompt: int, generated: int | None) -> int | None:
         """
         The idle slot that holds a prompt of prompt tokens and what was
-        generated after it (all but the last token, in llama-server), if
-        only one does: /slots shows no prompts, only their lengths.
+        generated after it (all but the last token, in llama-server), or at
+        least prompt tokens when generated is not known, if only one does:
+        /slots shows no prompts, only their lengths.
         """
         low, high = (prompt + generated - 1, prompt + generated) if generated else (prompt, None)
         found = [

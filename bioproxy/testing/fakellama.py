@@ -125,6 +125,9 @@ class Faults:
     slowHeaders: float = 0.0  # seconds before any response
     dieAfterTokens: int | None = None  # abort the stream after this many tokens
     lossyRestore: bool = False  # restores report success but leave the slot empty
+    # Anthropic streams without message_start, so without usage, as llama-server
+    # 11434 sends them when the first token's text is held back.
+    noMessageStart: bool = False
 
 
 @dataclasses.dataclass
@@ -398,7 +401,7 @@ class _Generation:
         if self.stream:
             self.request.setHeader(b"content-type", b"text/event-stream")
             self.request.setHeader(b"cache-control", b"no-cache")
-            if self.api == "anthropic":
+            if self.api == "anthropic" and not server.faults.noMessageStart:
                 usage = {"input_tokens": promptN, "cache_read_input_tokens": cacheN, "output_tokens": 0}
                 self._event({"type": "message_start", "message": {"role": "assistant", "usage": usage}})
             elif self.api == "responses":
