@@ -17,6 +17,10 @@ machine at the same moment. The scenarios a user meets:
   system        a repeated untemplated system prompt, after other traffic
   restart       the first request of each template after llama-server restarts
 
+and, for the shapes clients send: a template behind a system prompt, the
+Anthropic Messages API, the Responses API and a request shaped as Claude
+Code sends it, each repeated after switching and after a restart.
+
 Computed tokens are `timings.prompt_n` from the server, which no noise
 changes; TTFT is the time to the first streamed event. Medians. The "slow"
 model (bioproxy.testing.tinymodel) prefills about what a real small model
@@ -68,6 +72,8 @@ SCENARIOS = (
     "system+template, restart",
     "anthropic, repeat",
     "anthropic, restart",
+    "responses, repeat",
+    "responses, restart",
     "claude-code-shaped, new conversation",
     "claude-code-shaped, restart",
 )
@@ -237,6 +243,29 @@ def anthropic(
     return time.perf_counter() - started, answer["usage"]["input_tokens"], ""
 
 
+def responses(base: str, instructions: str, content: str, key: str | None) -> tuple[float, int, str]:
+    """The same through the Responses API (Codex's), not streamed, one token: its time is its TTFT."""
+    body = json.dumps(
+        {
+            "model": "m",
+            "max_output_tokens": 1,
+            "temperature": 0,
+            "instructions": instructions,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": content}]}],
+        }
+    ).encode()
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(base + "/v1/responses", data=body, headers=headers)
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        usage = json.loads(response.read())["usage"]
+    return (
+        time.perf_counter() - started,
+        usage["input_tokens"] - usage["input_tokens_details"]["cached_tokens"],
+        "",
+    )
+
+
 CLAUDE_TOOLS = [
     {
         "name": f"tool_{n}",
@@ -374,6 +403,16 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                 samples[scenario]["bioproxy"].append(b)
 
         messages("", "@t1 the first question")
+        brief = "You answer as a ship's engineer would, in short lines. " * 15
+
+        def respond(scenario: str, content: str) -> None:
+            a = responses(direct.url, brief, expand(content), key)[:2]
+            b = responses(proxy.url, brief, content, key)[:2]
+            if scenario:
+                samples[scenario]["alone"].append(a)
+                samples[scenario]["bioproxy"].append(b)
+
+        respond("", "@t2 the first question")
 
         def claude(scenario: str, suffix: str, prompt: str) -> None:
             a = claudeCode(direct.url, suffix, prompt, key)[:2]
@@ -388,6 +427,7 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                 both("", user(f"{prefix} switching, take {r}"))
             both("system+template, repeat", [pirate, {"role": "user", "content": f"@t0 again, take {r}"}])
             messages("anthropic, repeat", f"@t1 again, take {r}")
+            respond("responses, repeat", f"@t2 again, take {r}")
             claude("claude-code-shaped, new conversation", ("db3", "a1c")[r], f"fix test {r}")
 
         before = proxy.restarts()
@@ -401,6 +441,7 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
             both("restart", user(f"{prefix} after the restart"))
         both("system+template, restart", [pirate, {"role": "user", "content": "@t0 after the restart"}])
         messages("anthropic, restart", "@t1 after the restart")
+        respond("responses, restart", "@t2 after the restart")
         claude("claude-code-shaped, restart", "3d0", "write the release notes")
     finally:
         proxy.stop()

@@ -222,6 +222,5 @@ class Dispatcher:
         missed = timings is not None and not self.cache.learn(head, slot, timings, restored, how == "ram")
         if missed and how not in ("cold", "failed"):
             self.warmer.request(head.name)  # it should have been warm: warm it again
-
         # Whatever the reuse was, the slot has just computed the head.
         return self.cache.holding(head, text)

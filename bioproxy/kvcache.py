@@ -424,6 +424,7 @@ class KVCache:
         fromRam: the request relied on llama-server's RAM cache.
         """
         state = self.state(head)
+        state.warm = True  # the slot has just computed it
         expected = state.reusable if state.reusable is not None else state.tokens
         hit = not expected or timings.get("cache_n", 0) >= HIT_SHARE * expected
         if self.backend.mode is SlotMode.CLEARED:
