@@ -169,28 +169,14 @@ class Dispatcher:
 
     def _saveServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
         """
-        The slot that just computed head is saved as its file; where that
-        fails, a warmup writes it. timings: None when the answer said
-        nothing of them (an Anthropic stream from llama-server 11434 can
-        leave out the event that carries its usage).
+        The slot that just computed head is saved as its file (by the
+        warmer, which warms it instead where that fails). timings: None when
+        the answer said nothing of them (an Anthropic stream from
+        llama-server 11434 can leave out the event that carries its usage).
         """
         prompt = timings.get("cache_n", 0) + timings.get("prompt_n", 0) if timings else None
         generated = timings.get("predicted_n") if timings else None
-
-        def saved(done: bool) -> None:
-            if not done:
-                self.warmer.request(head.name)
-
-        def failed(reason: Failure) -> None:
-            log.info(
-                "saving {prefix} from its request's slot failed: {why}",
-                prefix=head.name,
-                why=reason.getErrorMessage(),
-            )
-            self.warmer.request(head.name)
-
-        served = self.cache.saveServed(head, slot, prompt, generated if isinstance(generated, int) else None)
-        defer.ensureDeferred(served).addCallbacks(saved, failed)
+        self.warmer.saveServed(head, slot, prompt, generated if isinstance(generated, int) else None)
 
     def _learn(
         self,

@@ -87,6 +87,30 @@ class Warmer(Service):
         for head in self.book.variantsOf(template.prefix):
             self.request(head.name)
 
+    def saveServed(self, head: Head, slot: int | None, prompt: int | None, generated: int | None) -> None:
+        """
+        A request computed head, which has no file yet: its slot is saved
+        as the file (KVCache.saveServed), as a job of ours, so that a lost
+        backend or a stop cancels it; where that cannot be done, head is
+        warmed instead.
+        """
+        if head.name in self.jobs or not self.ready:
+            return
+        job = defer.ensureDeferred(self._saveServed(head, slot, prompt, generated))
+        self.jobs[head.name] = job
+        job.addBoth(self._ended, head.name)
+
+    async def _saveServed(
+        self, head: Head, slot: int | None, prompt: int | None, generated: int | None
+    ) -> None:
+        try:
+            saved = await self.cache.saveServed(head, slot, prompt, generated)
+        except Exception:
+            self.wanted.add(head.name)
+            raise
+        if not saved:
+            self.wanted.add(head.name)
+
     def warmAll(self) -> None:
         for head in self.book.wanted():
             self.request(head.name)
