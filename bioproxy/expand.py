@@ -179,6 +179,12 @@ class ChatView:
         return {**self.head, "messages": self.messages}
 
 
+def marksBreakpoint(body: dict[str, Any]) -> bool:
+    """An Anthropic body whose system blocks or tools carry a cache_control breakpoint."""
+    blocks = [b for key in ("system", "tools") if isinstance(body.get(key), list) for b in body[key]]
+    return any(isinstance(b, dict) and b.get("cache_control") for b in blocks)
+
+
 # Chat fields that a chat template renders ahead of the messages.
 HEAD_FIELDS = ("tools", "chat_template_kwargs")
 

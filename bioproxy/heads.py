@@ -121,6 +121,9 @@ class Shell:
     prefix: str | None  # the template's, for variants and prompts
     view: ChatView | None  # with _TEMPLATE where the template goes, and MARK where the message goes
     digest: str
+    # The client marked a cache_control breakpoint in it: a start it says is
+    # worth keeping, so it is kept from its first use and whatever its length.
+    marked: bool = False
 
     @property
     def name(self) -> str:
@@ -151,13 +154,19 @@ def _split(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def shellOf(
-    shape: Shape, view: ChatView | None, found: tuple[Template, int, int | None] | None
+    shape: Shape,
+    view: ChatView | None,
+    found: tuple[Template, int, int | None] | None,
+    marked: bool = False,
 ) -> Shell | None:
     """
     What a request (its chat view after expansion, and where its first
     template was before) starts with, when that is worth keeping warm:
     a variant, a prompt head, or a long untemplated start. None for a plain
-    template (always warm) and for starts too short to matter.
+    template (always warm) and for starts too short to matter, unless the
+    client marked a cache_control breakpoint in them (marked: in its system
+    blocks or tools, which the chat view does not keep; the view's own
+    message parts are looked at here).
     """
     if shape is Shape.PROMPT:
         return None if found is None else Shell(Kind.PROMPT, found[0].prefix, None, "")
@@ -186,9 +195,12 @@ def shellOf(
     else:
         messages = opening[: users[-1]] + [{"role": "user", "content": MARK}]
     shell = ChatView(view.head, messages)
-    if len(promptText(shell)) < MIN_LEARNED_CHARS:
+    # A breakpoint before the prompt (the last part is the prompt's place).
+    parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]][:-1]
+    marked = marked or any(isinstance(p, dict) and p.get("cache_control") for p in parts)
+    if len(promptText(shell)) < MIN_LEARNED_CHARS and not marked:
         return None
-    return Shell(Kind.LEARNED, None, shell, _digest(shell.body()))
+    return Shell(Kind.LEARNED, None, shell, _digest(shell.body()), marked)
 
 
 def _opening(messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -269,7 +281,7 @@ class HeadBook:
         if template is not None:
             return templateHead(template)
         entry = self.entries.get(name)
-        if entry is None or entry.uses < self.learnAfter:
+        if entry is None or not self._kept(entry):
             return None
         return entry.shell.head(self.library)
 
@@ -277,7 +289,7 @@ class HeadBook:
         """Every head to keep warm: each template's, then those learned, most recently used first."""
         heads = [templateHead(t) for t in self.library.templates.values()]
         for entry in reversed(self.entries.values()):
-            head = entry.shell.head(self.library) if entry.uses >= self.learnAfter else None
+            head = entry.shell.head(self.library) if self._kept(entry) else None
             if head is not None:
                 heads.append(head)
         return heads
@@ -311,6 +323,10 @@ class HeadBook:
             self.changes += 1
             self._bound()
 
+    def _kept(self, entry: Entry) -> bool:
+        """Used often enough to keep warm, or marked by its client as worth keeping."""
+        return entry.uses >= (1 if entry.shell.marked else self.learnAfter)
+
     def _bound(self) -> None:
         while len(self.entries) > self.maxLearned or (
             self.maxBytes
@@ -330,6 +346,7 @@ class HeadBook:
                 "template": e.shell.prefix,
                 "view": e.shell.view.body() if e.shell.view is not None else None,
                 "digest": e.shell.digest,
+                "marked": e.shell.marked,
                 "uses": e.uses,
                 "last_used": e.lastUsed,
                 "file_bytes": e.bytes,
@@ -347,6 +364,7 @@ class HeadBook:
                     data["template"],
                     ChatView(*_split(dict(view))) if view is not None else None,
                     str(data["digest"]),
+                    bool(data.get("marked", False)),
                 )
                 entry = Entry(shell, int(data["uses"]), float(data["last_used"]), int(data["file_bytes"]))
             except (KeyError, TypeError, ValueError, AttributeError):
@@ -364,7 +382,8 @@ class HeadBook:
                 "uses": e.uses,
                 "last_used": e.lastUsed,
                 "file_bytes": e.bytes,
-                "warmed": e.uses >= self.learnAfter,
+                "warmed": self._kept(e),
+                "marked": e.shell.marked,
             }
             for name, e in self.entries.items()
         }

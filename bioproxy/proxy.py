@@ -22,6 +22,7 @@ from .expand import (
     encode,
     expand,
     firstTemplate,
+    marksBreakpoint,
     normaliseBillingHeader,
     parseBody,
 )
@@ -103,6 +104,8 @@ class ProxyResource(Resource):
             if shape is Shape.PROMPT:
                 shell = shellOf(shape, None, (template, 0, None) if template else None)
             else:
-                shell = shellOf(shape, body.view, position)
+                shell = shellOf(
+                    shape, body.view, position, shape is Shape.ANTHROPIC and marksBreakpoint(parsed)
+                )
             body.head = self.book.observe(shell, position[0] if position and shell is None else None)
         return body

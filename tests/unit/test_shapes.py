@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from bioproxy.expand import Body, chatView, expand, normaliseBillingHeader
+from bioproxy.expand import Body, chatView, expand, marksBreakpoint, normaliseBillingHeader
 from bioproxy.heads import MARK, MIN_LEARNED_CHARS, HeadBook, Kind, locate, shellOf
 from bioproxy.routes import ROUTES, Shape, route
 from bioproxy.templates import Sources, TemplateLibrary, load
@@ -205,6 +205,26 @@ class HeadTests(TestCase):
         self.assertEqual(head.view.head["tools"][0]["function"]["name"], "f")
         short = {"messages": [{"role": "system", "content": "short"}, {"role": "user", "content": "hi"}]}
         self.assertIsNone(self.shell(Shape.CHAT, short))
+
+    def test_breakpointsMarkWhatIsWorthKeeping(self) -> None:
+        """A cache_control breakpoint before the prompt keeps a short start, and from its first use."""
+
+        def body(system: Any, parts: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"system": system, "messages": [{"role": "user", "content": parts}]}
+
+        def shell(b: dict[str, Any]) -> Any:
+            return shellOf(Shape.ANTHROPIC, chatView(Shape.ANTHROPIC, b), None, marksBreakpoint(b))
+
+        prompt = {"type": "text", "text": "the question", "cache_control": {"type": "ephemeral"}}
+        short = [{"type": "text", "text": "A short system prompt.", "cache_control": {"type": "ephemeral"}}]
+        marked = shell(body(short, [prompt]))
+        self.assertTrue(marked.marked)
+        head = self.book.observe(marked, None)
+        self.assertEqual(self.book.get(marked.name), head, "kept at its first use, though learn_after is 2")
+        # A breakpoint only on the prompt marks the whole prompt, not a start to keep.
+        self.assertIsNone(shell(body("A short system prompt.", [prompt])))
+        reminder = {"type": "text", "text": "<reminder>", "cache_control": {"type": "ephemeral"}}
+        self.assertTrue(shell(body("A short system prompt.", [reminder, prompt])).marked)
 
     def test_leastRecentlyUsedGoes(self) -> None:
         dropped: list[str] = []
