@@ -359,8 +359,8 @@ class KVCache:
             return self.saved(head)
         state = self.state(head)
         with self._quietWhile():
-            if state.reusable is None:
-                state.reusable = await self.measure(head)
+            if state.reusable is None and prompt is None:
+                state.reusable = await self.measure(head)  # the least the slot must hold
             least = max(prompt or 0, state.reusable or 0)
             if slot is None and least:
                 slot = await self._slotHolding(least, generated if prompt else None)
@@ -369,6 +369,8 @@ class KVCache:
         state.warm = True
         if self.backend.mode is SlotMode.CLEARED:
             state.inRam = True  # the next task moves the slot into the RAM cache
+        if state.reusable is None:
+            state.reusable = await self.measure(head)
         return True
 
     async def _slotHolding(self, prompt: int, generated: int | None) -> int | None:
