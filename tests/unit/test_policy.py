@@ -173,6 +173,20 @@ class WarmupTests(SynchronousTestCase):
         self.assertFalse(busy.busy, "the warmup's connection was closed, which stops llama-server's task")
 
 
+class QuietTests(SynchronousTestCase):
+    def test_tasksWaitForASave(self) -> None:
+        """A task that starts during a save would clear the slot being saved (CLEARED mode): it waits."""
+        m = Memory(Path(self.mktemp()), unified=True)
+        waited = []
+        with m.cache._quietWhile():
+            m.cache.quiet().addCallback(waited.append)
+            with m.cache._quietWhile():
+                pass
+            self.assertEqual(waited, [], "still saving")
+        self.assertEqual(waited, [None])
+        self.assertTrue(m.cache.quiet().called, "nothing saving: at once")
+
+
 class VerificationTests(SynchronousTestCase):
     def test_evictionIsNoEvidenceAgainstRestores(self) -> None:
         """A miss of a request that relied on the RAM cache, or came later, never switches to prefill."""
