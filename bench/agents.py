@@ -4,7 +4,7 @@ against bioproxy in front of it: the prompt tokens each conversation makes
 llama-server compute.
 
     npm install --prefix /tmp/agents @anthropic-ai/claude-code@2.1 @openai/codex@0.171
-    python bench/agents.py --bin /tmp/agents/node_modules/.bin [--config default] [--agents claude,codex]
+    python bench/agents.py --bin /tmp/agents/node_modules/.bin [--config default] [--agents claude,codex] [--model tiny|slow]
 
 For each agent two fresh llama-servers start with the same flags, on the
 tiny model with a context long enough for an agent's prompt (about 12,000
@@ -18,8 +18,10 @@ mode, one prompt per conversation:
 
 Every prompt goes to both paths, one after the other. Computed tokens are
 llama-server's own count (`prompt eval time = … / N tokens` in its log),
-summed over the requests of the conversation; behind bioproxy, the tasks it
-sent itself (warmups, pinned) are counted apart. The tiny model's answers are noise, so each conversation
+summed over the requests of the conversation, with the seconds llama-server spent on them (the prefill
+a user waits for before the first token); behind bioproxy, the tasks it sent
+itself (warmups, pinned) are counted apart. Replies are capped at a few
+tokens (`CLAUDE_CODE_MAX_OUTPUT_TOKENS`, Codex's `model_max_output_tokens`). The tiny model's answers are noise, so each conversation
 is one or two requests: what matters is how much of the agent's prompt is
 computed again.
 """
@@ -53,20 +55,24 @@ PROMPTS = {
 }
 SELECTED = re.compile(r"selected slot by (\w+)")
 LAUNCHED = re.compile(r"launch_slot_: id +\d+ \| task (\d+)")
-COMPUTED = re.compile(r"task (\d+) \| prompt eval time = +[\d.]+ ms / +(\d+) tokens")
+COMPUTED = re.compile(r"task (\d+) \| prompt eval time = +([\d.]+) ms / +(\d+) tokens")
+# Replies are noise from a random-weight model; a few tokens are enough.
+MAX_OUTPUT = 16
 
 
-def computed(log: Path, offset: int) -> tuple[list[int], int]:
+def computed(log: Path, offset: int) -> tuple[list[tuple[int, float]], int]:
     """
-    From llama-server's log after offset: the prompt tokens computed by each
-    task a client sent, and the sum of those bioproxy sent itself. In the
-    default mode bioproxy pins only its own probes and warmups, and users'
-    requests go unpinned ("selected slot by id" against "by LRU" or "by LCP").
+    From llama-server's log after offset: the prompt tokens computed, and
+    the seconds that took, for each task a client sent; and the tokens of
+    those bioproxy sent itself. In the default mode bioproxy pins only its
+    own probes and warmups, and users' requests go unpinned ("selected slot
+    by id" against "by LRU" or "by LCP").
     """
     with log.open("rb") as f:
         f.seek(offset)
         lines = f.read().decode("utf-8", "replace").splitlines()
-    pinned, own, users, ours = False, set(), [], 0
+    pinned, own, ours = False, set(), 0
+    users: list[tuple[int, float]] = []
     for line in lines:
         if m := SELECTED.search(line):
             pinned = m.group(1) == "id"
@@ -75,9 +81,9 @@ def computed(log: Path, offset: int) -> tuple[list[int], int]:
                 own.add(m.group(1))
         elif m := COMPUTED.search(line):
             if m.group(1) in own:
-                ours += int(m.group(2))
+                ours += int(m.group(3))
             else:
-                users.append(int(m.group(2)))
+                users.append((int(m.group(3)), float(m.group(2)) / 1000))
     return users, ours
 
 
@@ -99,13 +105,15 @@ class Agent:
                 ANTHROPIC_API_KEY="unused",
                 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
                 DISABLE_TELEMETRY="1",
+                CLAUDE_CODE_MAX_OUTPUT_TOKENS=str(MAX_OUTPUT),
             )
             command = [str(self.binary), "-p", prompt, "--model", "tiny"]
         else:
             codex = home / "codex"
             codex.mkdir(exist_ok=True)
             (codex / "config.toml").write_text(
-                'model = "tiny"\nmodel_provider = "local"\n\n[model_providers.local]\nname = "local"\n'
+                f'model = "tiny"\nmodel_provider = "local"\nmodel_max_output_tokens = {MAX_OUTPUT}\n\n'
+                '[model_providers.local]\nname = "local"\n'
                 f'base_url = "{base}/v1"\nwire_api = "responses"\nenv_key = "LOCAL_KEY"\n'
             )
             env.update(CODEX_HOME=str(codex), LOCAL_KEY="unused")
@@ -113,7 +121,9 @@ class Agent:
         started = time.perf_counter()
         result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
-            raise RuntimeError(f"{self.name} failed ({result.returncode}): {result.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{self.name} failed ({result.returncode}): {result.stdout[-1000:]} {result.stderr[-2000:]}"
+            )
         return time.perf_counter() - started
 
 
@@ -160,9 +170,11 @@ def runAgent(agent: Agent, binary: str, model: Path, config: str) -> list[dict[s
                 {
                     "scenario": scenario,
                     "requests": f"{len(alone)} / {len(users)}",
-                    "alone": sum(alone),
-                    "bioproxy": sum(users),
+                    "alone": sum(n for n, _ in alone),
+                    "bioproxy": sum(n for n, _ in users),
                     "warmups": ours,
+                    "alonePrefill": sum(t for _, t in alone),
+                    "bioproxyPrefill": sum(t for _, t in users),
                     "aloneSeconds": aloneSeconds,
                     "bioproxySeconds": behindSeconds,
                 }
@@ -174,18 +186,19 @@ def runAgent(agent: Agent, binary: str, model: Path, config: str) -> list[dict[s
     return rows
 
 
-def table(agent: str, config: str, rows: list[dict[str, Any]]) -> str:
+def table(agent: str, config: str, model: str, rows: list[dict[str, Any]]) -> str:
     out = [
-        f"#### {agent} ({config}, tiny model)",
+        f"#### {agent} ({config}, {model} model)",
         "",
         "| conversation | requests (alone / bioproxy) | llama-server alone: computed tokens "
         "| bioproxy: computed tokens | bioproxy's own warmups: computed tokens "
-        "| llama-server alone: run s | bioproxy: run s |",
-        "|---|---|---|---|---|---|---|",
+        "| llama-server alone: prefill s | bioproxy: prefill s | llama-server alone: run s | bioproxy: run s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['scenario']} | {r['requests']} | {r['alone']} | {r['bioproxy']} | {r['warmups']} "
+            f"| {r['alonePrefill']:.2f} | {r['bioproxyPrefill']:.2f} "
             f"| {r['aloneSeconds']:.1f} | {r['bioproxySeconds']:.1f} |"
         )
     return "\n".join(out) + "\n"
@@ -196,18 +209,21 @@ def main() -> None:
     parser.add_argument("--bin", type=Path, required=True, help="the directory holding `claude` and `codex`")
     parser.add_argument("--agents", default="claude,codex")
     parser.add_argument("--config", default="default", choices=sorted(warm.CONFIGS))
+    parser.add_argument("--model", choices=sorted(tinymodel.SIZES), default="tiny")
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and its logs")
     args = parser.parse_args()
     binary = warm.llamaServer(args.llama_server)
     root = Path(tempfile.mkdtemp(prefix="bioproxy-agents-bench-"))
     try:
-        model = tinymodel.write(root / "tiny.gguf", size="tiny", context=CONTEXT)
+        model = tinymodel.write(root / f"{args.model}.gguf", size=args.model, context=CONTEXT)
         for name in args.agents.split(","):
             work = root / name
             work.mkdir()
             agent = Agent(name, args.bin / name, work)
-            print(table(name, args.config, runAgent(agent, binary, model, args.config)), flush=True)
+            print(
+                table(name, args.config, args.model, runAgent(agent, binary, model, args.config)), flush=True
+            )
     finally:
         if args.keep:
             print(f"logs kept in {root}", file=sys.stderr)
