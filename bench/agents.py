@@ -120,7 +120,9 @@ class Agent:
             command = [str(self.binary), "exec", "--skip-git-repo-check", prompt]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
+        # A noise reply that reaches the cap ends the run with this message; the prompt was computed.
+        capped = "output token maximum" in result.stdout
+        if result.returncode != 0 and not capped:
             raise RuntimeError(
                 f"{self.name} failed ({result.returncode}): {result.stdout[-1000:]} {result.stderr[-2000:]}"
             )
