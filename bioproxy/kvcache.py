@@ -274,7 +274,7 @@ class KVCache:
         try:
             if self.backend.pins:
                 await self.preserve(slot, held)
-            result = await self.llama.restore(slot, name)
+            result = await self.llama.restore(slot, name, self.backend.timeout)
         except NoPersistence as e:
             self.backend.noPersistence(str(e))
             return False
@@ -320,7 +320,7 @@ class KVCache:
             return name in backend.saved
         try:
             with self._quietWhile():
-                result = await self.llama.save(slot, name)
+                result = await self.llama.save(slot, name, self.backend.timeout)
         except NoPersistence as e:
             backend.noPersistence(str(e))
             return False

@@ -100,11 +100,12 @@ class LlamaClient:
     async def slots(self) -> Any:
         return await self._json("GET", "/slots")
 
-    async def save(self, slot: int, filename: str) -> Any:
-        return await self._json("POST", f"/slots/{slot}?action=save", {"filename": filename})
+    async def save(self, slot: int, filename: str, timeout: float | None = None) -> Any:
+        """timeout: a slot's KV cache can be gigabytes, and llama-server writes it before it answers."""
+        return await self._json("POST", f"/slots/{slot}?action=save", {"filename": filename}, timeout)
 
-    async def restore(self, slot: int, filename: str) -> Any:
-        return await self._json("POST", f"/slots/{slot}?action=restore", {"filename": filename})
+    async def restore(self, slot: int, filename: str, timeout: float | None = None) -> Any:
+        return await self._json("POST", f"/slots/{slot}?action=restore", {"filename": filename}, timeout)
 
     async def erase(self, slot: int) -> Any:
         return await self._json("POST", f"/slots/{slot}?action=erase")
