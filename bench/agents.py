@@ -20,8 +20,10 @@ Every prompt goes to both paths, one after the other. Computed tokens are
 llama-server's own count (`prompt eval time = … / N tokens` in its log),
 summed over the requests of the conversation, with the seconds llama-server spent on them (the prefill
 a user waits for before the first token); behind bioproxy, the tasks it sent
-itself (warmups, pinned) are counted apart. Replies are capped at a few
-tokens (`CLAUDE_CODE_MAX_OUTPUT_TOKENS`, Codex's `model_max_output_tokens`). The tiny model's answers are noise, so each conversation
+itself (warmups, pinned) are counted apart. Claude Code's replies are capped
+at a few tokens (`CLAUDE_CODE_MAX_OUTPUT_TOKENS`); Codex 0.171 has no cap
+that it sends, and the slow model's noise seldom ends, so `--model slow` is
+for Claude Code (`--agents claude`). The tiny model's answers are noise, so each conversation
 is one or two requests: what matters is how much of the agent's prompt is
 computed again.
 """
@@ -112,8 +114,7 @@ class Agent:
             codex = home / "codex"
             codex.mkdir(exist_ok=True)
             (codex / "config.toml").write_text(
-                f'model = "tiny"\nmodel_provider = "local"\nmodel_max_output_tokens = {MAX_OUTPUT}\n\n'
-                '[model_providers.local]\nname = "local"\n'
+                'model = "tiny"\nmodel_provider = "local"\n\n[model_providers.local]\nname = "local"\n'
                 f'base_url = "{base}/v1"\nwire_api = "responses"\nenv_key = "LOCAL_KEY"\n'
             )
             env.update(CODEX_HOME=str(codex), LOCAL_KEY="unused")
