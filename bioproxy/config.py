@@ -61,6 +61,9 @@ class Config:
     # Fix the per-conversation values of Claude Code's billing-header block
     # so that every conversation's prompt starts alike.
     normalise_billing_header: bool = True
+    # Let clients of the proxy port save, restore and erase slots
+    # (POST /slots/N?action=…): off, since those belong to bioproxy.
+    allow_slot_actions: bool = False
     # Where the learned heads and the cache files saved for them are kept
     # across restarts of bioproxy (state.py). None: $STATE_DIRECTORY/state.json
     # under systemd's StateDirectory=, else nowhere (they last one process).
@@ -341,6 +344,7 @@ _CHECKS = {
     "max_learned": _count,
     "max_learned_bytes": _size,
     "normalise_billing_header": _flag,
+    "allow_slot_actions": _flag,
     "state_file": _optionalString,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"

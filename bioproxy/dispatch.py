@@ -10,6 +10,7 @@ happened from the response's timings.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import defer
@@ -68,7 +69,10 @@ class Dispatcher:
         """
         head = body.head
         pin = body.parsed.get("id_slot") if pinnable else None
-        pin = pin if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0 else None
+        if "id_slot" in body.parsed and pinnable and (not isinstance(pin, int) or isinstance(pin, bool)):
+            # Anything else would reach llama-server as a slot bioproxy did not reserve.
+            writeError(request, 400, f"id_slot must be an integer slot number, not {json.dumps(pin)}.")
+            return
         # Only where slots keep their contents does placement compare prompts.
         text = body.text if self.backend.pins else ""
         asking = self.scheduler.lease(head.key if head else None, USER, pin, text, body.conversation)

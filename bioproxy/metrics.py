@@ -50,6 +50,15 @@ LATENCY_BUCKETS = (
 )
 
 
+# The methods HTTP defines; any other is counted as "other", so that made-up
+# methods cannot add a series each.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def methodLabel(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
 def pathLabel(path: str) -> str:
     if path in KNOWN_PATHS:
         return path

@@ -6,6 +6,7 @@ expanded, and go through the dispatcher, which leases them a slot.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import defer
@@ -33,6 +34,9 @@ from .templates import TemplateLibrary
 
 log = Logger()
 
+# llama-server's slot actions: POST /slots/<id>?action=save|restore|erase.
+_SLOT_ACTION = re.compile(rb"^/slots/[^/]*/?$")
+
 
 class ProxyResource(Resource):
     """Forwards every request, whatever its path, to the backend."""
@@ -46,8 +50,10 @@ class ProxyResource(Resource):
         dispatcher: Dispatcher | None = None,
         book: HeadBook | None = None,
         normaliseHeaders: bool = True,
+        allowSlotActions: bool = False,
     ) -> None:
         super().__init__()
+        self.allowSlotActions = allowSlotActions
         self.forwarder = forwarder
         self.library = library or TemplateLibrary()
         self.dispatcher = dispatcher
@@ -55,6 +61,14 @@ class ProxyResource(Resource):
         self.normaliseHeaders = normaliseHeaders
 
     def render(self, request: Request) -> int:
+        if request.method == b"POST" and not self.allowSlotActions and _SLOT_ACTION.match(request.path):
+            writeError(
+                request,
+                403,
+                "Slot actions (save, restore, erase) belong to bioproxy, which keeps the templates' "
+                "caches in the slots; set allow_slot_actions to let clients use them.",
+            )
+            return NOT_DONE_YET
         found = route(request.method, request.path)
         if found is None:
             self.forwarder.forward(request)

@@ -170,7 +170,9 @@ def makeService(config: Config, reactor: Any) -> MultiService:
 
     dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
     proxySite = ProxySite(
-        ProxyResource(forwarder, library, dispatcher, book, config.normalise_billing_header),
+        ProxyResource(
+            forwarder, library, dispatcher, book, config.normalise_billing_header, config.allow_slot_actions
+        ),
         metrics,
         reactor,
         config.max_body_bytes,

@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .errors import writeError
-from .metrics import Metrics, pathLabel
+from .metrics import Metrics, methodLabel, pathLabel
 
 log = Logger()
 
@@ -120,7 +120,7 @@ class ProxySite(Site):
             path = request.routeLabel()
             self.metrics.requests.labels(
                 path=path,
-                method=request.method.decode("latin-1"),
+                method=methodLabel(request.method.decode("latin-1")),
                 status=str(status),
                 prefix=request.prefix,
             ).inc()

@@ -76,7 +76,7 @@ class Memory:
         status, answer = self.postRaw(path, body)
         return status, json.loads(answer)
 
-    def postRaw(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    def postRaw(self, path: str, body: dict[str, Any], method: bytes = b"POST") -> tuple[int, bytes]:
         """One request through the proxy site; its status and body (unchunked)."""
         raw = json.dumps(body).encode()
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
@@ -84,8 +84,8 @@ class Memory:
         transport.protocol = channel
         channel.makeConnection(transport)
         channel.dataReceived(
-            b"POST %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (path.encode(), len(raw), raw)
+            b"%s %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (method, path.encode(), len(raw), raw)
         )
         for _ in range(50):
             self.settle()
