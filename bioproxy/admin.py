@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac
 import json
 from typing import Any
-from urllib.parse import unquote
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
@@ -122,7 +121,7 @@ class TemplatesResource(Resource):
         path = request.postpath or []
         if len(path) != 2 or path[1] != b"warmup" or self.warmer is None:
             return jsonError(request, 404, "POST /templates/<prefix>/warmup is the only action here.")
-        prefix = unquote(path[0].decode("utf-8", "replace"))
+        prefix = path[0].decode("utf-8", "replace")  # Twisted has decoded the path's segments
         if not self.warmer.request(prefix, force=True):
             return jsonError(request, 404, f"No template has the prefix {prefix!r}.")
         return jsonBody(request, {"queued": prefix, "backend_ready": self.warmer.ready}, status=202)

@@ -140,9 +140,14 @@ class Sources:
         )
 
 
-def _read(path: Path, what: str) -> tuple[str, Signature]:
+def _read(path: Path, what: str, maxBytes: int) -> tuple[str, Signature]:
     try:
         signature = Signature.of(path)
+        if signature.size > maxBytes:
+            # Refused by its size, before it is read: a huge file costs a stat, not its bytes.
+            raise TemplateError(
+                "too_large", f"{what} {str(path)!r} is {signature.size} bytes; the limit is {maxBytes}"
+            )
         data = path.read_bytes()
     except FileNotFoundError:
         raise TemplateError("missing", f"{what} {str(path)!r} does not exist") from None
@@ -156,17 +161,18 @@ def _read(path: Path, what: str) -> tuple[str, Signature]:
 
 def load(prefix: str, path: Path, sources: Sources, maxBytes: int = 4 * MiB) -> Template:
     """Read a template and its includes from disk. Blocking: call it off the reactor."""
-    text, signature = _read(path, f"template for {prefix!r}")
+    text, signature = _read(path, f"template for {prefix!r}", maxBytes)
     signatures = {path: signature}
     includes: dict[str, str] = {}
     includePaths: dict[str, Path] = {}
     for name in includeNames(text):
         try:
             resolved = sources.include(name, path.parent)
-            includes[name], signatures[resolved] = _read(resolved, f"include {name!r}")
+            includes[name], signatures[resolved] = _read(resolved, f"include {name!r}", maxBytes)
         except TemplateError as e:
             raise TemplateError(
-                e.kind if e.kind in ("confined", "encoding") else "include", f"template {prefix!r}: {e}"
+                e.kind if e.kind in ("confined", "encoding", "too_large") else "include",
+                f"template {prefix!r}: {e}",
             ) from None
         includePaths[name] = resolved
     rendered = render(text, "", includes).encode("utf-8")

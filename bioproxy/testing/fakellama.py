@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -171,6 +172,7 @@ class FakeLlama:
         self.cacheIdleSlots = cacheIdleSlots and cacheRam  # llama-server: it needs --cache-ram
         self.apiKey = apiKey
         self.generation = 0
+        self.marker = secrets.token_hex(8)
         self.faults = Faults()
         self.log: list[dict[str, Any]] = []  # one record per completion, for tests
         self.actions: list[tuple[str, int, str]] = []  # (action, slot, filename), for tests
@@ -178,6 +180,7 @@ class FakeLlama:
     def restart(self) -> None:
         """What a real restart does: every slot empty, a new process marker; saved files stay."""
         self.generation += 1
+        self.marker = secrets.token_hex(8)
         for slot in self.slots:
             slot.tokens = b""
         if self.ram is not None:
@@ -234,8 +237,9 @@ class FakeLlama:
             "build_info": self.build,
             "default_generation_settings": {"n_ctx": self.nCtx},
             "chat_template": "chatml",
-            # llama-server's marker is random per process; this one counts restarts.
-            "media_marker": f"<__media_{self.generation}__>",
+            # llama-server's marker is random per process: so is this one, and
+            # restart() (a new process in the same object) draws a new one.
+            "media_marker": f"<__media_{self.marker}__>",
         }
 
     def pickSlot(self, prompt: bytes, pinned: int | None) -> tuple[Slot, bool]:

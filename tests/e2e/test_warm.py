@@ -251,6 +251,10 @@ class AdminViewTests(TestCase):
         missing = await stack.http.post(stack.admin + "/templates/%40nope/warmup")
         self.assertEqual(missing.code, 404)
         self.assertEqual((await missing.json())["error"]["type"], "invalid_request_error")
+        # The path is decoded once: %2540t0 names "%40t0", which is no prefix.
+        twice = await stack.http.post(stack.admin + "/templates/%2540t0/warmup")
+        self.assertEqual(twice.code, 404)
+        self.assertIn("'%40t0'", (await twice.json())["error"]["message"])
 
         templates = await stack.templates()
         self.assertEqual(templates["@t0"]["warmup_mode"], "restore")

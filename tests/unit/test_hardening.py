@@ -70,3 +70,17 @@ class MethodLabelTests(SynchronousTestCase):
             if sample.name == "bioproxy_requests_total"
         }
         self.assertEqual(methods, {"other"})
+
+
+class FakeMarkerTests(SynchronousTestCase):
+    def test_markerIsPerProcess(self) -> None:
+        """As llama-server's: a fake started anew (another process) is seen as a restart, as is restart()."""
+        from twisted.internet.task import Clock
+
+        from bioproxy.testing.fakellama import FakeLlama
+
+        first, second = FakeLlama(Clock()), FakeLlama(Clock())
+        self.assertNotEqual(first.props()["media_marker"], second.props()["media_marker"])
+        before = first.props()["media_marker"]
+        first.restart()
+        self.assertNotEqual(first.props()["media_marker"], before)

@@ -98,6 +98,22 @@ class LoadTests(TestCase):
             load("@t", t, self.sources(), maxBytes=99)
         self.assertEqual(e.exception.kind, "too_large")
 
+    def test_tooLargeIsNotRead(self) -> None:
+        """A file over the limit is refused by its size, before a byte of it is read."""
+        t = self.write("conf/tpl/t.txt", "x" * 1000)
+        reads: list[Path] = []
+        original = Path.read_bytes
+
+        def reading(path: Path) -> bytes:
+            reads.append(path)
+            return original(path)
+
+        self.patch(Path, "read_bytes", reading)
+        with self.assertRaises(TemplateError) as e:
+            load("@t", t, self.sources(), maxBytes=999)
+        self.assertEqual(e.exception.kind, "too_large")
+        self.assertEqual(reads, [])
+
     def test_hashIsOfEmptyRendering(self) -> None:
         t = self.write("conf/tpl/t.txt", "A <{message}> B")
         first = load("@t", t, self.sources())
