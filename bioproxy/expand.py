@@ -387,10 +387,24 @@ class Body:
             return None
         return f"session:{session}" if isinstance(session, str) and session else None
 
+    @functools.cached_property
+    def forwarded(self) -> bytes:
+        """
+        The body to forward unpinned: the client's bytes, or the expanded
+        body encoded once. BadRequest for text that UTF-8 cannot carry (a
+        lone surrogate, as from a string cut mid-emoji: `"\\ud83d"`).
+        """
+        if not self.expanded:
+            return self.raw
+        try:
+            return encode(self.parsed)
+        except UnicodeEncodeError as e:
+            raise BadRequest(
+                f"The request body holds text that cannot be encoded as UTF-8 ({e.reason}, at {e.start})."
+            ) from None
+
     def pinned(self, slot: int | None) -> bytes:
         """The body to forward, pinned to slot unless None; a client's own id_slot is left as it is."""
         if slot is None or "id_slot" in self.parsed:
-            return encode(self.parsed) if self.expanded else self.raw
-        if self.expanded:
-            return encode({"id_slot": slot, **self.parsed})
-        return withSlot(self.raw, slot)
+            return self.forwarded
+        return withSlot(self.forwarded, slot)

@@ -20,7 +20,6 @@ from .expand import (
     BadRequest,
     Body,
     chatView,
-    encode,
     expand,
     firstTemplate,
     marksBreakpoint,
@@ -78,11 +77,12 @@ class ProxyResource(Resource):
         raw = content.read()
         try:
             body = self._read(request, found, raw)
+            forwarded = body.forwarded  # encoded here, so that text it cannot carry is a 400 now
         except BadRequest as e:
             writeError(request, 400, str(e))
             return NOT_DONE_YET
         if self.dispatcher is None or not found.slot:
-            self.forwarder.forward(request, encode(body.parsed) if body.expanded else None)
+            self.forwarder.forward(request, forwarded if body.expanded else None)
             return NOT_DONE_YET
         d = defer.ensureDeferred(self.dispatcher.send(request, body, found.pins))
         d.addErrback(lambda f: log.failure("dispatch failed", f))

@@ -84,3 +84,19 @@ class FakeMarkerTests(SynchronousTestCase):
         before = first.props()["media_marker"]
         first.restart()
         self.assertNotEqual(first.props()["media_marker"], before)
+
+
+class EncodingTests(SynchronousTestCase):
+    def test_loneSurrogateIsABadRequest(self) -> None:
+        """A templated message cut mid-emoji cannot be encoded again: 400, and the next request is served."""
+        m = Memory(Path(self.mktemp()))
+        m.template("@t", "Review this:\n<{message}>")
+        m.found()
+        raw = b'{"messages": [{"role": "user", "content": "@t \\ud83d"}]}'
+        status, answer = m.postRaw("/v1/chat/completions", json.loads(raw))
+        self.assertEqual(status, 400, answer)
+        self.assertIn("UTF-8", json.loads(answer)["error"]["message"])
+        status, answer = m.postRaw(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t fine"}]}
+        )
+        self.assertEqual(status, 200, answer)
