@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -98,5 +99,31 @@ class EncodingTests(SynchronousTestCase):
         self.assertIn("UTF-8", json.loads(answer)["error"]["message"])
         status, answer = m.postRaw(
             "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t fine"}]}
+        )
+        self.assertEqual(status, 200, answer)
+
+
+class StageFailureTests(SynchronousTestCase):
+    def test_aFailingStageAnswersAndReleases(self) -> None:
+        """An exception in a stage of a slot-using request is a JSON 500; the slot goes back; others are served."""
+        m = Memory(Path(self.mktemp()), unified=False)
+        m.template("@t", "Review this:\n<{message}>")
+        m.found()
+        quiet = m.cache.quiet
+
+        def broken() -> Any:
+            raise RuntimeError("injected")
+
+        m.cache.quiet = broken  # type: ignore[method-assign]
+        status, answer = m.postRaw(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t one"}]}
+        )
+        self.assertEqual(status, 500, answer)
+        self.assertIn("injected", json.loads(answer)["error"]["message"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([s.id for s in m.scheduler.slots if s.lease is not None], [])
+        m.cache.quiet = quiet  # type: ignore[method-assign]
+        status, answer = m.postRaw(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t two"}]}
         )
         self.assertEqual(status, 200, answer)
