@@ -39,6 +39,8 @@ def parseBody(raw: bytes) -> dict[str, Any]:
         body = json.loads(text)
     except ValueError as e:
         raise BadRequest(f"The request body is not valid JSON: {e}.") from None
+    except RecursionError:
+        raise BadRequest("The request body nests JSON too deeply to be read.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body

@@ -127,3 +127,13 @@ class StageFailureTests(SynchronousTestCase):
             "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t two"}]}
         )
         self.assertEqual(status, 200, answer)
+
+
+class NestingTests(SynchronousTestCase):
+    def test_deepNestingIsABadRequest(self) -> None:
+        """Item 9: JSON nested past Python's recursion limit is a 400, not a 500 page."""
+        from bioproxy.expand import BadRequest, parseBody
+
+        with self.assertRaises(BadRequest) as e:
+            parseBody(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        self.assertIn("too deeply", str(e.exception))
