@@ -3,8 +3,8 @@ Claude Code and Codex CLI themselves against llama-server alone and
 against bioproxy in front of it: the prompt tokens each conversation makes
 llama-server compute.
 
-    npm install --prefix /tmp/agents @anthropic-ai/claude-code@2.1 @openai/codex@0.171
-    python bench/agents.py --bin /tmp/agents/node_modules/.bin [--config default] [--agents claude,codex] [--model tiny|slow]
+    AGENTS=$(mktemp -d); npm install --prefix "$AGENTS" @anthropic-ai/claude-code@2.1 @openai/codex@0.171
+    python bench/agents.py --bin "$AGENTS"/node_modules/.bin [--config default] [--agents claude,codex] [--model tiny|slow]
 
 For each agent two fresh llama-servers start with the same flags, on the
 tiny model with a context long enough for an agent's prompt (about 12,000
