@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -217,8 +215,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory and its logs")
     args = parser.parse_args()
     binary = warm.llamaServer(args.llama_server)
-    root = Path(tempfile.mkdtemp(prefix="bioproxy-agents-bench-"))
-    try:
+    with warm.workRoot("bioproxy-agents-bench-", args.keep) as root:
         model = tinymodel.write(root / f"{args.model}.gguf", size=args.model, context=CONTEXT)
         for name in args.agents.split(","):
             work = root / name
@@ -227,11 +224,6 @@ def main() -> None:
             print(
                 table(name, args.config, args.model, runAgent(agent, binary, model, args.config)), flush=True
             )
-    finally:
-        if args.keep:
-            print(f"logs kept in {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

