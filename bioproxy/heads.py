@@ -274,7 +274,9 @@ class HeadBook:
         self.maxBytes = maxBytes  # 0: no disk budget
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()  # least recent first
         self.dropped: list[Callable[[str], None]] = []  # told of a head given up
-        self.changes = 0  # counts every change, for whoever keeps a copy (state.StateFile)
+        # Counts changes to which heads there are and their files, for whoever
+        # keeps a copy (state.StateFile); a use alone does not count.
+        self.changes = 0
 
     def get(self, name: str) -> Head | None:
         template = self.library.templates.get(name)
@@ -303,16 +305,18 @@ class HeadBook:
         """
         A request starts with shell (or, if None, with template alone, or
         nothing known): count a use, and return the head it starts with, to
-        place it and make its slot ready. The dispatcher asks for its
-        warmup once the request is answered.
+        place it and make its slot ready. Once the request is answered,
+        its slot is saved as the head's file (Warmer.saveServed).
         """
         if shell is None:
             return templateHead(template) if template is not None else None
-        entry = self.entries.pop(shell.name, None) or Entry(shell)
+        entry = self.entries.pop(shell.name, None)
+        if entry is None:
+            entry = Entry(shell)
+            self.changes += 1
         entry.uses += 1
         entry.lastUsed = self.clock()
         self.entries[shell.name] = entry
-        self.changes += 1
         self._bound()
         return entry.shell.head(self.library)
 

@@ -7,9 +7,10 @@ recomputes every agent's prompt; with it, their files are restored as
 templates' are.
 
 The file is JSON, written whole to a temporary file and renamed over the
-old one, at most once per `interval` and only when something changed, and
-once more on stop. A file that cannot be read is reported and set aside:
-bioproxy then starts with nothing learned, as it would without one.
+old one: at most once per `interval`, when a head or a file came or went
+(uses alone wait), and once more on stop, uses and all. A file that cannot
+be read is reported and set aside: bioproxy then starts with nothing
+learned, as it would without one.
 """
 
 from __future__ import annotations
@@ -74,10 +75,14 @@ class StateFile(Service):
         self._written = self._version()
         log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
 
-    def write(self) -> None:
-        """Write the book and the known files, if they changed since the last write."""
+    def write(self, force: bool = False) -> None:
+        """
+        Write the book and the known files, if they changed since the last
+        write (or, with force, anyway: the uses and their order, on stop).
+        It runs on the reactor: a few dozen heads, written rarely.
+        """
         version = self._version()
-        if version == self._written:
+        if version == self._written and not force:
             return
         data = {"format": FORMAT, "heads": self.book.entriesData(), "files": sorted(version[1])}
         temporary = self.path.with_name(self.path.name + ".tmp")
@@ -103,4 +108,4 @@ class StateFile(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        self.write()
+        self.write(force=True)

@@ -66,7 +66,12 @@ class StateFileTests(SynchronousTestCase):
         self.ask(m, "a question")
         m.clock.advance(state.interval)
         self.assertEqual(len(json.loads(path.read_text())["heads"]), 1)
+        path.unlink()
+        self.ask(m, "another question")  # a use of the same head: it waits for the stop
+        m.clock.advance(state.interval)
+        self.assertFalse(path.exists())
         state.stopService()
+        self.assertEqual([h["uses"] for h in json.loads(path.read_text())["heads"]], [2])
 
     def test_unreadableFileIsSetAside(self) -> None:
         directory = Path(self.mktemp())
