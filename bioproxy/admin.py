@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__
-from .errors import errorBody
+from .errors import JSONResource, writeError
 from .heads import Head, HeadBook, Kind, templateHead
 from .kvcache import KVCache
 from .metrics import Metrics, MetricsResource
@@ -31,9 +31,7 @@ def jsonBody(request: Request, value: Any, status: int = 200) -> bytes:
     return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
 
 
-class HealthResource(Resource):
-    isLeaf = True
-
+class HealthResource(JSONResource):
     def __init__(self, monitor: BackendMonitor, clock: IReactorTime, backendURL: str) -> None:
         super().__init__()
         self.monitor = monitor
@@ -65,7 +63,7 @@ class HealthResource(Resource):
         )
 
 
-class TemplatesResource(Resource):
+class TemplatesResource(JSONResource):
     """GET /templates; POST /templates/<prefix>/warmup queues a warmup."""
 
     isLeaf = True
@@ -83,9 +81,10 @@ class TemplatesResource(Resource):
         self.warmer = warmer
         self.book = book
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         if request.postpath and request.postpath != [b""]:
-            return jsonError(request, 404, "No such admin resource.")
+            writeError(request, 404, "No such admin resource.")
+            return NOT_DONE_YET
         out = []
         uses = self.book.view() if self.book is not None else {}
         for prefix, status in sorted(self.watcher.status.items()):
@@ -117,20 +116,20 @@ class TemplatesResource(Resource):
         entry.update(uses.get(head.name, {}))
         return entry
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         path = request.postpath or []
         if len(path) != 2 or path[1] != b"warmup" or self.warmer is None:
-            return jsonError(request, 404, "POST /templates/<prefix>/warmup is the only action here.")
+            writeError(request, 404, "POST /templates/<prefix>/warmup is the only action here.")
+            return NOT_DONE_YET
         prefix = path[0].decode("utf-8", "replace")  # Twisted has decoded the path's segments
         if not self.warmer.request(prefix, force=True):
-            return jsonError(request, 404, f"No template has the prefix {prefix!r}.")
+            writeError(request, 404, f"No template has the prefix {prefix!r}.")
+            return NOT_DONE_YET
         return jsonBody(request, {"queued": prefix, "backend_ready": self.warmer.ready}, status=202)
 
 
-class SlotsResource(Resource):
+class SlotsResource(JSONResource):
     """bioproxy's view of each backend slot, which is what placement decides on."""
-
-    isLeaf = True
 
     def __init__(self, scheduler: SlotScheduler, clock: IReactorTime) -> None:
         super().__init__()
@@ -164,12 +163,6 @@ class SlotsResource(Resource):
         )
 
 
-def jsonError(request: Request, status: int, message: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return errorBody(status, message)
-
-
 class TokenGuard(Resource):
     """Requires `Authorization: Bearer <token>` before anything below it."""
 
@@ -189,21 +182,24 @@ class TokenGuard(Resource):
         child: Resource = self.wrapped.getChildWithDefault(path, request)
         return child
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         if not self._allowed(request):
             return _Unauthorized().render(request)
-        result: bytes = self.wrapped.render(request)
+        result: bytes | int = self.wrapped.render(request)
         return result
 
 
 class _Unauthorized(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(401)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"www-authenticate", b'Bearer realm="bioproxy-admin"')
-        return errorBody(401, "This admin endpoint needs a bearer token.")
+    def render(self, request: Request) -> int:
+        writeError(
+            request,
+            401,
+            "This admin endpoint needs a bearer token.",
+            headers={b"www-authenticate": b'Bearer realm="bioproxy-admin"'},
+        )
+        return NOT_DONE_YET
 
 
 def adminRoot(
@@ -218,10 +214,37 @@ def adminRoot(
     warmer: Warmer | None = None,
     book: HeadBook | None = None,
 ) -> Resource:
-    root = Resource()
-    root.putChild(b"health", HealthResource(monitor, clock, backendURL))
-    root.putChild(b"metrics", MetricsResource(metrics.registry))
-    root.putChild(b"templates", TemplatesResource(watcher, cache, warmer, book))
+    root = AdminRoot()
+    root.add(
+        "health", "GET: the proxy's and the backend's health", HealthResource(monitor, clock, backendURL)
+    )
+    root.add("metrics", "GET: Prometheus metrics", MetricsResource(metrics.registry))
+    root.add(
+        "templates",
+        "GET: templates, their heads and warm state; POST /templates/<prefix>/warmup: warm one now",
+        TemplatesResource(watcher, cache, warmer, book),
+    )
     if scheduler is not None:
-        root.putChild(b"slots", SlotsResource(scheduler, clock))
+        root.add(
+            "slots",
+            "GET: each slot, what it holds and who holds it; the queues",
+            SlotsResource(scheduler, clock),
+        )
     return TokenGuard(root, token) if token else root
+
+
+class AdminRoot(JSONResource):
+    """The admin site's root: GET / lists its endpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.endpoints: dict[str, str] = {}
+
+    def add(self, name: str, what: str, resource: Resource) -> None:
+        self.putChild(name.encode("ascii"), resource)
+        self.endpoints["/" + name] = what
+
+    def render_GET(self, request: Request) -> bytes:
+        return jsonBody(
+            request, {"service": "bioproxy admin", "version": __version__, "endpoints": self.endpoints}
+        )

@@ -39,6 +39,13 @@ class Config:
     listen: str | None = None
     admin_listen: str | None = None
     backend_timeout: float = 600.0
+    # Deadlines and bounds of an exchange: the backend's silence in the middle
+    # of its answer; what is kept for a client that is not reading, and how long
+    # it may take nothing; how long a request's headers and body may take.
+    backend_idle_timeout: float = 600.0
+    response_buffer_bytes: int = 1 * MiB
+    write_stall_timeout: float = 60.0
+    client_timeout: float = 60.0
     max_body_bytes: int = 32 * MiB
     health_check_interval: float = 2.0
     shutdown_grace: float = 30.0
@@ -329,6 +336,10 @@ _CHECKS = {
     "listen": _optionalString,
     "admin_listen": _optionalString,
     "backend_timeout": _positive,
+    "backend_idle_timeout": _positive,
+    "response_buffer_bytes": _bytes,
+    "write_stall_timeout": _positive,
+    "client_timeout": _positive,
     "max_body_bytes": _bytes,
     "health_check_interval": _positive,
     "shutdown_grace": _positive,

@@ -1,10 +1,18 @@
 """
 One client request sent to the backend, its answer streamed back.
 
-Streaming is the point: SSE events are written as they arrive, the backend's
-connection is paused while the client is slow (so a response is never held in
-memory), and a client that leaves closes the backend connection at once,
-which is how llama-server learns to stop generating.
+Streaming is the point: SSE events are written as they arrive, and a client
+that leaves closes the backend connection at once, which is how llama-server
+learns to stop generating.
+
+A client that stops reading must not hold a slot: llama-server generates
+whether or not its socket drains, so the exchange ends (and the dispatcher
+frees the slot) when the backend's answer has arrived, not when the client
+has read it. To that end a slow client's bytes are kept here, up to
+bufferBytes per response (answers of LLMs are small); past that the backend's
+connection is paused, so memory stays bounded. A client whose connection has
+taken nothing for stallTimeout seconds is dropped, and a backend that sends
+nothing for idleTimeout seconds in the middle of its answer is cut off.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from io import BytesIO
 from typing import IO, Any, TypeVar
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -33,6 +41,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from .errors import writeError
 from .headers import appendForwarded, endToEnd
@@ -84,12 +93,18 @@ class Forwarder:
         clock: IReactorTime,
         metrics: Metrics,
         timeout: float,
+        idleTimeout: float = 600.0,
+        bufferBytes: int = 1 << 20,
+        stallTimeout: float = 60.0,
     ) -> None:
         self.agent = agent
         self.backend = backendURL.rstrip("/").encode("ascii")
         self.clock = clock
         self.metrics = metrics
-        self.timeout = timeout
+        self.timeout = timeout  # for the response's headers
+        self.idleTimeout = idleTimeout  # between the bytes of its body
+        self.bufferBytes = bufferBytes  # kept for a client that is not reading
+        self.stallTimeout = stallTimeout  # how long that client may take nothing
         self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
 
     def forward(
@@ -159,7 +174,7 @@ class _Exchange:
         )
         self.pending = d
         timer = forwarder.clock.callLater(forwarder.timeout, self._timeout)
-        d.addBoth(_passThrough(lambda: _cancelTimer(timer)))
+        d.addBoth(_passThrough(lambda: _stop(timer)))
         d.addCallbacks(self._gotResponse, self._noResponse, errbackArgs=(retry,))
         d.addErrback(self._bug)
         return self.done
@@ -219,23 +234,37 @@ class _Exchange:
         self.pump = _BodyPump(self)
         response.deliverBody(self.pump)
 
-    def _bodyEnded(self, reason: Failure) -> None:
-        self.pump = None
+    def _bodyEnded(self, reason: Failure, idle: bool) -> None:
+        """
+        The backend's answer has all arrived (or failed): the exchange is
+        over, though a slow client may still be reading what is kept for it.
+        """
         if self.clientGone:
             return
-        if reason.check(ResponseDone, http.PotentialDataLoss):
+        if not idle and reason.check(ResponseDone, http.PotentialDataLoss):
             self.outcome.complete = True
-            self.request.finish()
+            assert self.pump is not None
+            self.pump.finishWhenSent()
         else:
             # Never end the client's response cleanly: that would hide the
             # truncation. Aborting makes every HTTP client report an error.
-            self.forwarder.metrics.backendErrors.labels(kind="midstream").inc()
-            log.warn("backend connection failed mid-response: {why}", why=_describe(reason))
-            self.outcome.error = "midstream"
-            transport: Any = self.request.channel.transport
-            if transport is not None:
-                transport.abortConnection()
+            kind = "idle" if idle else "midstream"
+            self.forwarder.metrics.backendErrors.labels(kind=kind).inc()
+            if idle:
+                log.warn(
+                    "backend sent nothing for {s:g} s mid-response; cutting it off",
+                    s=self.forwarder.idleTimeout,
+                )
+            else:
+                log.warn("backend connection failed mid-response: {why}", why=_describe(reason))
+            self.outcome.error = kind
+            self._abortClient()
         self._end()
+
+    def _abortClient(self) -> None:
+        transport: Any = self.request.channel.transport if self.request.channel is not None else None
+        if transport is not None:
+            transport.abortConnection()
 
     def _clientLost(self, reason: Failure) -> None:
         """The client went away: stop the backend's work at once."""
@@ -243,8 +272,8 @@ class _Exchange:
         self.outcome.error = self.outcome.error or "client_disconnect"
         if self.pending is not None:
             self.pending.cancel()
-        if self.pump is not None and self.pump.transport is not None:
-            self.pump.transport.loseConnection()
+        if self.pump is not None:
+            self.pump.clientLost()
         self._end()
 
     def _end(self) -> None:
@@ -285,29 +314,111 @@ class _KeptOpen:
 _DONE = Failure(ResponseDone())
 
 
+@implementer(IPushProducer)
 class _BodyPump(Protocol):
-    """Writes the backend's body to the client, with backpressure both ways."""
+    """
+    Writes the backend's body to the client. It is the producer the
+    client's connection pauses when its buffer is full; from then on, what
+    arrives is kept for the client up to the forwarder's bufferBytes, past
+    which the backend's connection is paused too. Two timers: one on the
+    backend's silences (while it is not paused), one on the client's stall.
+    """
 
     def __init__(self, exchange: _Exchange) -> None:
         self.exchange = exchange
+        self.forwarder = exchange.forwarder
+        self.clientPaused = False
+        self.backendPaused = False
+        self.kept = 0  # bytes written since the client's connection said it was full
+        self.finishing = False  # the answer has all arrived; the client has yet to take it
+        self.idle: IDelayedCall | None = None
+        self.stall: IDelayedCall | None = None
+        self.silent = False  # cut off for sending nothing for too long
 
     def connectionMade(self) -> None:
-        # The client's transport pauses and resumes the backend connection.
-        self.exchange.request.registerProducer(self.transport, True)
+        self.exchange.request.registerProducer(self, True)
+        self._expectBytes()
 
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange.clientGone:
             return
+        self._expectBytes()
         exchange.outcome.bytesSent += len(data)
         if exchange.observer is not None:
             exchange.observer(data)
         exchange.request.write(data)
+        if self.clientPaused:
+            self.kept += len(data)
+            if self.kept > self.forwarder.bufferBytes and not self.backendPaused:
+                self.backendPaused = True
+                _stop(self.idle)  # the backend's silence is ours now
+                self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
-        if not self.exchange.clientGone:
-            self.exchange.request.unregisterProducer()
-        self.exchange._bodyEnded(reason)
+        _stop(self.idle)
+        self.exchange._bodyEnded(reason, self.silent)
+
+    # -- the client's connection, as the producer it pauses
+
+    def pauseProducing(self) -> None:
+        # A transport says so on every write while its buffer is full.
+        if self.clientPaused:
+            return
+        self.clientPaused = True
+        self.kept = 0
+        self.stall = self.forwarder.clock.callLater(self.forwarder.stallTimeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self.clientPaused = False
+        _stop(self.stall)
+        if self.finishing:
+            self._finish()
+        elif self.backendPaused:
+            self.backendPaused = False
+            self._expectBytes()
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """The client's connection is closing; the exchange hears of it from the request."""
+
+    # -- ends
+
+    def finishWhenSent(self) -> None:
+        """End the client's response, once its connection takes bytes again."""
+        if self.clientPaused:
+            self.finishing = True
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.finishing = False
+        request = self.exchange.request
+        request.unregisterProducer()
+        request.finish()
+
+    def clientLost(self) -> None:
+        _stop(self.stall)
+        _stop(self.idle)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _stalled(self) -> None:
+        log.info(
+            "client took nothing for {s:g} s; dropping it",
+            s=self.forwarder.stallTimeout,
+        )
+        self.exchange._abortClient()
+
+    def _expectBytes(self) -> None:
+        if self.idle is not None and self.idle.active():
+            self.idle.reset(self.forwarder.idleTimeout)
+        else:
+            self.idle = self.forwarder.clock.callLater(self.forwarder.idleTimeout, self._silent)
+
+    def _silent(self) -> None:
+        self.silent = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
 
 class _Discard(Protocol):
@@ -317,8 +428,8 @@ class _Discard(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
-def _cancelTimer(timer: IDelayedCall) -> None:
-    if timer.active():
+def _stop(timer: IDelayedCall | None) -> None:
+    if timer is not None and timer.active():
         timer.cancel()
 
 

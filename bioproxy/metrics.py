@@ -18,9 +18,9 @@ from prometheus_client import (
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .errors import JSONResource
 from .routes import ROUTES
 
 # llama-server's routes; anything else is counted as "other" so a client
@@ -100,7 +100,7 @@ class Metrics:
         )
         self.backendErrors = Counter(
             "bioproxy_backend_errors",
-            "Failed exchanges with the backend, by kind (connect, timeout, midstream, client_disconnect).",
+            "Failed exchanges with the backend, by kind (connect, timeout, midstream, idle).",
             ["kind"],
             registry=r,
         )
@@ -194,10 +194,8 @@ class Metrics:
         GCCollector(registry=r)
 
 
-class MetricsResource(Resource):
+class MetricsResource(JSONResource):
     """Prometheus text exposition, rendered in-line: it is cheap and needs no thread."""
-
-    isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()

@@ -11,12 +11,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .dispatch import Dispatcher
-from .errors import writeError
+from .errors import failRequest, writeError
 from .expand import (
     BadRequest,
     Body,
@@ -86,7 +85,7 @@ class ProxyResource(Resource):
             self.forwarder.forward(request, forwarded if body.expanded else None)
             return NOT_DONE_YET
         d = defer.ensureDeferred(self.dispatcher.send(request, body, found.pins))
-        d.addErrback(_failed, request)
+        d.addErrback(lambda reason: failRequest(request, reason))  # the dispatcher has released what it held
         return NOT_DONE_YET
 
     def _read(self, request: Request, found: Route, raw: bytes) -> Body:
@@ -124,22 +123,3 @@ class ProxyResource(Resource):
                 )
             body.head = self.book.observe(shell, position[0] if position and shell is None else None)
         return body
-
-
-def _failed(reason: Failure, request: Request) -> None:
-    """
-    A stage of a slot-using request raised (the dispatcher has released
-    what it held): the client gets a JSON 500, or, once its response has
-    begun, a closed connection; never silence.
-    """
-    log.failure("dispatch failed", reason)
-    if request.finished or request.channel is None:
-        return
-    if request.startedWriting:
-        transport: Any = request.channel.transport
-        if transport is not None:
-            transport.abortConnection()
-        return
-    writeError(
-        request, 500, f"bioproxy failed to handle this request: {reason.getErrorMessage()}", "internal_error"
-    )

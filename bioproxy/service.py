@@ -15,7 +15,6 @@ from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from . import __version__
 from .admin import adminRoot
@@ -30,7 +29,7 @@ from .metrics import Metrics
 from .monitor import BackendMonitor
 from .proxy import ProxyResource
 from .scheduler import SlotScheduler
-from .site import ProxySite
+from .site import JSONSite, ProxySite
 from .state import StateFile
 from .templates import Sources, TemplateLibrary
 from .warmup import Warmer
@@ -143,7 +142,16 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     agent = Agent(reactor, pool=pool, connectTimeout=10)
 
-    forwarder = Forwarder(agent, config.backend_url, reactor, metrics, config.backend_timeout)
+    forwarder = Forwarder(
+        agent,
+        config.backend_url,
+        reactor,
+        metrics,
+        config.backend_timeout,
+        config.backend_idle_timeout,
+        config.response_buffer_bytes,
+        config.write_stall_timeout,
+    )
     llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor, apiKey=config.backendApiKey())
     monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
     monitor.setName("monitor")
@@ -176,8 +184,9 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         metrics,
         reactor,
         config.max_body_bytes,
+        timeout=config.client_timeout,
     )
-    adminSite = Site(
+    adminSite = JSONSite(
         adminRoot(
             metrics,
             monitor,
@@ -189,7 +198,8 @@ def makeService(config: Config, reactor: Any) -> MultiService:
             cache,
             warmer,
             book,
-        )
+        ),
+        timeout=config.client_timeout,
     )
 
     for child in (

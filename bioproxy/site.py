@@ -1,6 +1,10 @@
 """
-The proxy's Site and Request: body-size limit, per-request metrics, and the
-set of in-flight requests that a graceful shutdown waits for.
+The sites' HTTP layer. Both sites' connections give a request's headers and
+body a deadline from its first byte (a client sending a byte a second would
+otherwise hold a connection for good), and answer what Twisted's HTTP
+parser refuses with a status and a JSON body, not a bare 400 or a silent
+close. The proxy's Site and Request add the body-size limit, per-request
+metrics, and the set of in-flight requests that a graceful shutdown waits for.
 """
 
 from __future__ import annotations
@@ -9,13 +13,15 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .errors import writeError
+from .errors import errorResponse, failRequest, writeError
 from .metrics import Metrics, methodLabel, pathLabel
 
 log = Logger()
@@ -23,7 +29,81 @@ log = Logger()
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
 
-class ProxyRequest(Request):
+class JSONChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection whose requests must arrive within its timeOut
+    (the site's client_timeout) of their first byte, and whose refusals are
+    JSON. timeOut is also Twisted's idle timeout of the connection.
+    """
+
+    _reading: IDelayedCall | None = None
+    _answering = False  # between a request's last byte and its response's end
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._reading is None and not self._answering and self.timeOut:
+            self._reading = self.callLater(self.timeOut, self._tooSlow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stopReading()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        self._answering = False  # before the next pipelined request is read
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopReading()
+        super().connectionLost(reason)
+
+    def _stopReading(self) -> None:
+        if self._reading is not None:
+            if self._reading.active():
+                self._reading.cancel()
+            self._reading = None
+
+    def _tooSlow(self) -> None:
+        self._reading = None
+        self._refuse(408, f"The request's headers and body did not arrive within {self.timeOut:g} s.")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.requests:  # the request line was read: this is a header
+            self._refuse(431, f"A request header is longer than {self.MAX_LENGTH} bytes.")
+        else:
+            self._refuse(414, f"The request line is longer than {self.MAX_LENGTH} bytes.")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(431, f"The request's headers exceed {self.totalHeadersSize} bytes.")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self._refuse(431, f"The request has more than {self.maxHeaders} headers.")
+        else:
+            self._refuse(400, "The request is not well-formed HTTP/1.1.")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._stopReading()
+        if self.transport is not None and not self.transport.disconnecting:  # type: ignore[attr-defined]
+            self.transport.write(errorResponse(status, message))
+        self.loseConnection()
+
+
+class JSONRequest(Request):
+    """A request whose failures in rendering are answered in JSON."""
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        failRequest(self, reason)
+        return reason
+
+
+class JSONSite(Site):
+    """A Site of JSON channels and requests: the admin site, and the proxy's base."""
+
+    protocol = JSONChannel  # type: ignore[assignment]  # HTTP/1.1 only, as llama-server speaks it
+    requestFactory = JSONRequest
+
+
+class ProxyRequest(JSONRequest):
     """A request that knows its size limit and reports itself to the metrics."""
 
     bodyTooLarge = False
@@ -81,7 +161,7 @@ class ProxyRequest(Request):
         return pathLabel(self.path.decode("latin-1"))
 
 
-class ProxySite(Site):
+class ProxySite(JSONSite):
     """A Site that tracks in-flight requests so shutdown can wait for them."""
 
     requestFactory = ProxyRequest

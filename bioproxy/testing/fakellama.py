@@ -125,6 +125,7 @@ class Faults:
     down: bool = False  # drop every connection without answering
     slowHeaders: float = 0.0  # seconds before any response
     dieAfterTokens: int | None = None  # abort the stream after this many tokens
+    silentAfterTokens: int | None = None  # send nothing more after this many, until the client leaves
     lossyRestore: bool = False  # restores report success but leave the slot empty
     # Anthropic streams without message_start, so without usage, as llama-server
     # 11434 sends them when the first token's text is held back.
@@ -418,6 +419,9 @@ class _Generation:
             faults = server.faults
             if faults.dieAfterTokens is not None and i >= faults.dieAfterTokens:
                 _abort(self.request)
+                return
+            if faults.silentAfterTokens is not None and i >= faults.silentAfterTokens:
+                await self._sleep(86400.0)  # a hung server: only the client's leaving ends it
                 return
             piece = REPLY[i % len(REPLY)]
             self.sent.append(piece)

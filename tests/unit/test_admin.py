@@ -196,3 +196,33 @@ class AdminTests(TestCase):
     @asyncTest
     async def test_unknownPathIs404(self) -> None:
         self.assertEqual((await self.client().get("http://admin/nope")).code, 404)
+
+    @asyncTest
+    async def test_errorsAreJSON(self) -> None:
+        """Issue 13, item 9: unknown paths and methods are JSON 404 and 405, not Twisted's HTML pages."""
+        http = self.client()
+        for path in ("/nope", "/health/deeper", "/metrics/x/y"):
+            response = await http.get("http://admin" + path)
+            self.assertEqual(response.code, 404, path)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            self.assertEqual((await response.json())["error"]["code"], "not_found")
+        for method, path in (("DELETE", "/health"), ("PUT", "/templates"), ("POST", "/slots")):
+            response = await http.request(method, "http://admin" + path)
+            self.assertIn(response.code, (404, 405), path)
+            if response.code == 405:
+                self.assertTrue(response.headers.getRawHeaders("allow"), path)
+            self.assertEqual((await response.json())["error"]["type"], "invalid_request_error")
+        response = await http.delete("http://admin/health")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
+
+    @asyncTest
+    async def test_rootListsEndpoints(self) -> None:
+        http = self.client(token="s3cret")
+        response = await http.get("http://admin/", headers={"Authorization": "Bearer s3cret"})
+        self.assertEqual(response.code, 200)
+        endpoints = (await response.json())["endpoints"]
+        self.assertEqual(set(endpoints), {"/health", "/metrics", "/templates"})
+        for path in endpoints:
+            answer = await http.get("http://admin" + path, headers={"Authorization": "Bearer s3cret"})
+            self.assertEqual(answer.code, 200, path)
