@@ -96,10 +96,16 @@ class Dispatcher:
             writeError(request, 400, str(e))
             return
         contents: Contents | None = UNKNOWN
+        rewarm: list[Head] = []
         try:
-            contents = await self._run(request, lease, body, head, pinnable, gone, text)
+            contents = await self._run(request, lease, body, head, pinnable, gone, text, rewarm)
         finally:
             lease.release(contents)
+        # Only now: a warmup that asked for a slot while this request held
+        # one would get another, and evict what that one holds. Now it
+        # finds the head where this request left it.
+        for missed in rewarm:
+            self.warmer.request(missed.name)
 
     async def _run(
         self,
@@ -110,7 +116,9 @@ class Dispatcher:
         pinnable: bool,
         gone: list[Failure],
         text: str,
+        rewarm: list[Head],
     ) -> Contents | None:
+        """The request on its leased slot; heads to warm again once it is released go in rewarm."""
         assert lease.slot is not None
         pins = self.backend.pins
         slot = lease.slot.id
@@ -119,6 +127,10 @@ class Dispatcher:
             how = await self._preparePinned(lease, head)
         elif head is not None:
             how = await self._prepareUnpinned(slot, head)
+        if head is not None and how in ("failed", "cold") and not head.learned:
+            # A template that was not warm. (A learned head is not warmed:
+            # its request computes it, and its slot is saved as its file.)
+            rewarm.append(head)
         if gone:
             if not pins:
                 return UNKNOWN
@@ -129,7 +141,7 @@ class Dispatcher:
         pinned = pins and pinnable
         await self.cache.quiet()
         outcome = await self.forwarder.forward(request, body.pinned(slot if pinned else None), reader.feed)
-        contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text)
+        contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text, rewarm)
         return contents if pins else UNKNOWN
 
     async def _preparePinned(self, lease: Lease, head: Head | None) -> Prepared:
@@ -141,35 +153,21 @@ class Dispatcher:
             return "warm"
         if lease.warm:
             return "warm"
-        how = await self.cache.prepare(lease.slot.id, head, held, ram=True)
-        if how in ("failed", "cold"):
-            self._rewarm(head)
-        return how
+        return await self.cache.prepare(lease.slot.id, head, held, ram=True)
 
     async def _prepareUnpinned(self, slot: int, head: Head) -> Prepared:
         """
         Idle slots are cleared into the RAM cache: a head that is there
         needs nothing; one that is not is restored into an empty slot, where
-        llama-server's own choice finds it, and warmed again for later.
+        llama-server's own choice finds it.
         """
         if self.cache.state(head).inRam:
             return "ram"
         if not self.cache.mayRestore(head):
-            self._rewarm(head)
             return "cold"
         if await self.cache.restoreIntoEmptySlot(slot, head):
             return "restored"
-        self._rewarm(head)
         return "failed"
-
-    def _rewarm(self, head: Head) -> None:
-        """
-        A template that was not warm is warmed again, for the next request.
-        A learned head is not: its request computes it, and its slot is
-        then saved as its file (_saveServed).
-        """
-        if not head.learned:
-            self.warmer.request(head.name)
 
     def _saveServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
         """
@@ -192,6 +190,7 @@ class Dispatcher:
         how: Prepared,
         pinned: bool,
         text: str,
+        rewarm: list[Head],
     ) -> Contents | None:
         """What the slot holds now, from how the exchange ended and its timings."""
         if outcome.error == "connect":
@@ -211,6 +210,6 @@ class Dispatcher:
         restored = how == "restored" and pinned
         missed = timings is not None and not self.cache.learn(head, slot, timings, restored, how == "ram")
         if missed and how not in ("cold", "failed"):
-            self.warmer.request(head.name)  # it should have been warm: warm it again
+            rewarm.append(head)  # it should have been warm: warm it again
         # Whatever the reuse was, the slot has just computed the head.
         return self.cache.holding(head, text)

@@ -104,8 +104,72 @@ class EncodingTests(SynchronousTestCase):
 
 
 class StageFailureTests(SynchronousTestCase):
-    def test_aFailingStageAnswersAndReleases(self) -> None:
-        """An exception in a stage of a slot-using request is a JSON 500; the slot goes back; others are served."""
+    """
+    Item 2: an exception in any stage of a slot-using request ends it with
+    a JSON error and releases what it held; the daemon serves the next one.
+    """
+
+    def check(self, stage: str, status: int = 500) -> None:
+        import bioproxy.proxy
+
+        m = Memory(Path(self.mktemp()), unified=False, cacheRam=False, slots=1)
+        m.template("@t", "Review this:\n<{message}>")
+        m.template("@u", "Translate this:\n<{message}>")
+        m.found()
+        resource = m.site.resource
+        assert isinstance(resource, ProxyResource) and resource.dispatcher is not None
+        dispatcher = resource.dispatcher
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(f"injected into {stage}")
+
+        targets: dict[str, tuple[Any, str]] = {
+            "parse": (bioproxy.proxy, "parseBody"),
+            "expand": (bioproxy.proxy, "expand"),
+            "lease": (m.scheduler, "lease"),
+            "restore": (m.cache, "prepare"),
+            "forward": (dispatcher.forwarder, "forward"),
+            "learn": (m.cache, "learn"),
+        }
+        where, name = targets[stage]
+        original = getattr(where, name)
+        self.patch(where, name, broken)
+        # The one slot holds one template: the other needs its file restored.
+        cold = "@u" if (m.scheduler.slots[0].contents.key or "").startswith("@t@") else "@t"
+        chat = {"messages": [{"role": "user", "content": f"{cold} one"}]}
+        status_, answer = m.postRaw("/v1/chat/completions", chat)
+        self.assertEqual(status_, status, (stage, answer))
+        if status == 500:
+            error = json.loads(answer)["error"]
+            self.assertIn("injected", error["message"], stage)
+            self.assertEqual(error["type"], "server_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1, stage)
+        self.assertEqual([s.id for s in m.scheduler.slots if s.lease is not None], [], stage)
+        self.assertEqual(m.site.active, set(), stage)
+        setattr(where, name, original)
+        status_, answer = m.postRaw("/v1/chat/completions", chat)
+        self.assertEqual(status_, 200, (stage, answer))
+
+    def test_parse(self) -> None:
+        self.check("parse")
+
+    def test_expand(self) -> None:
+        self.check("expand")
+
+    def test_lease(self) -> None:
+        self.check("lease")
+
+    def test_restore(self) -> None:
+        self.check("restore")
+
+    def test_forward(self) -> None:
+        self.check("forward")
+
+    def test_learn(self) -> None:
+        """The answer was sent before learning failed: the client has it, and the slot is released."""
+        self.check("learn", status=200)
+
+    def test_quiet(self) -> None:
         m = Memory(Path(self.mktemp()), unified=False)
         m.template("@t", "Review this:\n<{message}>")
         m.found()
@@ -137,3 +201,35 @@ class NestingTests(SynchronousTestCase):
         with self.assertRaises(BadRequest) as e:
             parseBody(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
         self.assertIn("too deeply", str(e.exception))
+
+
+class RewarmTests(SynchronousTestCase):
+    """Item 8: a re-warm after a miss runs where the miss happened, after the request, and evicts nothing."""
+
+    def test_rewarmAfterAFailedRestoreEvictsNothing(self) -> None:
+        m = Memory(Path(self.mktemp()), unified=False, slots=2, cacheRam=False)
+        for name in ("a", "b", "c"):
+            m.template(f"@{name}", f"You review {name}. " * 40 + "\n<{message}>")
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        heads = {p: m.book.get(p) for p in ("@a", "@b", "@c")}
+        held = {slot.contents.key for slot in m.scheduler.slots}
+        [onDisk] = [p for p, h in heads.items() if h is not None and h.key not in held]
+        head = heads[onDisk]
+        assert head is not None
+        # Its file is gone, so the request's restore fails and it is computed.
+        name = m.cache.filename(head)
+        assert name is not None
+        (m.dir / "slots" / name).unlink()
+        warmups = len(m.completions())
+        status, answer = m.postRaw(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": f"{onDisk} now"}]}
+        )
+        self.assertEqual(status, 200, answer)
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        after = [slot.contents.key for slot in m.scheduler.slots]
+        self.assertIn(head.key, after)
+        self.assertEqual(len(set(after)), 2, f"one of the others is still warm: {after}")
+        # The only prompt computed was the request's own; the head's file came from its slot.
+        self.assertEqual(len(m.completions()), warmups + 1)
+        self.assertTrue(m.cache.saved(head))
