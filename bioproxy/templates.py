@@ -118,8 +118,13 @@ class Sources:
         beside = self.configDir / path
         return beside if beside.exists() or not (self.cwd / path).exists() else self.cwd / path
 
-    def include(self, name: str, templateDir: Path) -> Path:
-        """Resolve an include: the template's folder, the config's, then the working directory."""
+    def include(self, name: str, templateDir: Path) -> tuple[Path, Path]:
+        """
+        Resolve an include: the template's folder, the config's, then the
+        working directory. Returns the path as found, which is what is
+        watched (so that a symlink pointed elsewhere is a change), and the
+        file it resolves to, which is what must lie inside the roots.
+        """
         candidates = (
             [Path(name)]
             if Path(name).is_absolute()
@@ -134,7 +139,7 @@ class Sources:
                         f"include {name!r} resolves to {str(real)!r}, outside the template roots "
                         f"({', '.join(str(r) for r in self.roots)})",
                     )
-                return real
+                return candidate, real
         raise TemplateError(
             "include", f"include {name!r} not found (looked in: {', '.join(str(c) for c in candidates)})"
         )
@@ -167,8 +172,9 @@ def load(prefix: str, path: Path, sources: Sources, maxBytes: int = 4 * MiB) -> 
     includePaths: dict[str, Path] = {}
     for name in includeNames(text):
         try:
-            resolved = sources.include(name, path.parent)
-            includes[name], signatures[resolved] = _read(resolved, f"include {name!r}", maxBytes)
+            found, resolved = sources.include(name, path.parent)
+            # Read where it resolves; watched where it was found (stat follows the link).
+            includes[name], signatures[found] = _read(resolved, f"include {name!r}", maxBytes)
         except TemplateError as e:
             raise TemplateError(
                 e.kind if e.kind in ("confined", "encoding", "too_large") else "include",

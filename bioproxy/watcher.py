@@ -62,17 +62,17 @@ class TemplateWatcher(Service):
         self._configure(prefixes)
 
     def _configure(self, prefixes: Mapping[str, str]) -> None:
-        self.status = {
-            prefix: self.status.get(prefix) or Status(self.sources.templatePath(raw))
-            for prefix, raw in prefixes.items()
-        }
+        status = {}
+        for prefix, raw in prefixes.items():
+            path = self.sources.templatePath(raw)
+            known = self.status.get(prefix)
+            # A prefix pointed at another file is a new status: the next poll
+            # loads that file (the old version serves until it has).
+            status[prefix] = known if known is not None and known.path == path else Status(path)
+        self.status = status
         for old in set(self.library.templates) - set(prefixes):
             self.library.remove(old)
             self.metrics.templateSize.remove(old)
-        for prefix, status in self.status.items():
-            current = self.library.templates.get(prefix)
-            if current is not None and current.path != status.path:
-                self.library.remove(prefix)
 
     def loadAll(self) -> None:
         """Load every template now, blocking; at start-up, any failure is fatal."""
@@ -90,16 +90,24 @@ class TemplateWatcher(Service):
 
     def poll(self) -> defer.Deferred[None]:
         """One check of every template. Never fails: a LoopingCall that raises stops."""
+        return self._check(everything=False)
+
+    def _check(self, everything: bool) -> defer.Deferred[None]:
         work = []
         for prefix, status in self.status.items():
             current = self.library.templates.get(prefix)
-            if current is None or current.changedOnDisk():
+            if everything or current is None or current.path != status.path or current.changedOnDisk():
                 work.append(self._reload(prefix, status))
         return defer.gatherResults(work).addCallback(lambda _: None)
 
     def reload(self, prefixes: Mapping[str, str], sources: Sources) -> defer.Deferred[None]:
-        """Take a new prefix map (SIGHUP): drop, add and re-check templates."""
+        """
+        Take a new prefix map (SIGHUP): drop, add and re-check templates.
+        When the roots changed, every template is read again, since an
+        include that was allowed may not be any more.
+        """
         before = set(self.status)
+        rooted = sources.roots != self.sources.roots
         self.sources = sources
         self._configure(prefixes)
         after = set(self.status)
@@ -110,7 +118,7 @@ class TemplateWatcher(Service):
                 added=sorted(after - before),
                 removed=sorted(before - after),
             )
-        return self.poll()
+        return self._check(everything=rooted)
 
     def _reload(self, prefix: str, status: Status) -> defer.Deferred[None]:
         d = self.runInThread(templates.load, prefix, status.path, self.sources, self.maxBytes)
@@ -147,3 +155,9 @@ class TemplateWatcher(Service):
             log.warn("template {prefix}: {error}; {kept}", prefix=prefix, error=str(error), kept=kept)
             self.metrics.templateErrors.labels(prefix=prefix, kind=error.kind).inc()
         status.lastError = str(error)
+        current = self.library.templates.get(prefix)
+        if error.kind == "confined" and current is not None:
+            # No last good version across a boundary: what it included is no
+            # longer allowed, so it is not served either.
+            log.warn("template {prefix} withdrawn: it includes a file outside the roots", prefix=prefix)
+            self.library.remove(prefix)

@@ -14,7 +14,9 @@ from bioproxy.templates import Sources, Template, TemplateLibrary
 from bioproxy.watcher import TemplateWatcher
 
 
-class WatcherTests(TestCase):
+class _Watched(TestCase):
+    """A watcher over @code (code.txt, including ref.md) in a temporary directory."""
+
     def setUp(self) -> None:
         self.dir = Path(self.mktemp()).absolute()
         self.dir.mkdir()
@@ -48,6 +50,8 @@ class WatcherTests(TestCase):
     def rendered(self) -> str:
         return self.library.templates["@code"].render("m")
 
+
+class WatcherTests(_Watched):
     def test_editTemplate(self) -> None:
         self.assertEqual(self.rendered(), "CODE ref v1 m")
         self.write("code.txt", "CODE2 <{message}>")
@@ -114,3 +118,48 @@ class WatcherTests(TestCase):
         self.successResultOf(self.watcher.reload({"@code": "code.txt", "@gone": "gone.txt"}, sources))
         self.assertEqual(set(self.library.templates), {"@code"})
         self.assertIn("does not exist", self.watcher.status["@gone"].lastError or "")
+
+
+class ReloadTests(_Watched):
+    """Issue 13, item 7: a reload does what it says."""
+
+    def test_reloadRepointsAPrefix(self) -> None:
+        self.write("other.txt", "OTHER <{message}>")
+        sources = Sources.build(self.dir, ["other.txt"], cwd=self.dir)
+        self.successResultOf(self.watcher.reload({"@code": "other.txt"}, sources))
+        self.assertEqual(self.rendered(), "OTHER m")
+        self.assertEqual(self.watcher.status["@code"].path, self.dir / "other.txt")
+        self.assertEqual([t.path.name for t in self.changes], ["code.txt", "other.txt"])
+
+    def test_repointedToABrokenFileKeepsTheLastGood(self) -> None:
+        sources = Sources.build(self.dir, ["gone.txt"], cwd=self.dir)
+        self.successResultOf(self.watcher.reload({"@code": "gone.txt"}, sources))
+        self.assertEqual(self.rendered(), "CODE ref v1 m")
+        self.assertIn("does not exist", self.watcher.status["@code"].lastError or "")
+
+    def test_narrowedRootsRecheckLoadedTemplates(self) -> None:
+        shared = self.dir.parent / (self.dir.name + "-shared")
+        shared.mkdir()
+        (shared / "rules.md").write_text("shared rules")
+        self.write("code.txt", f"CODE <{{{shared / 'rules.md'}}}> <{{message}}>")
+        wide = Sources.build(self.dir, ["code.txt"], [shared], cwd=self.dir)
+        self.successResultOf(self.watcher.reload({"@code": "code.txt"}, wide))
+        self.assertEqual(self.rendered(), "CODE shared rules m")
+        narrow = Sources.build(self.dir, ["code.txt"], cwd=self.dir)
+        self.successResultOf(self.watcher.reload({"@code": "code.txt"}, narrow))
+        self.assertNotIn("@code", self.library.templates)
+        self.assertIn("outside the template roots", self.watcher.status["@code"].lastError or "")
+
+    def test_repointedSymlinkIncludeIsNoticed(self) -> None:
+        for name, text in (("a.md", "text A"), ("b.md", "text B")):
+            self.write(name, text)
+        stamp = (self.dir / "a.md").stat()
+        os.utime(self.dir / "b.md", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # same size, same time
+        (self.dir / "ref.md").unlink()
+        (self.dir / "ref.md").symlink_to("a.md")
+        self.clock.advance(30)
+        self.assertEqual(self.rendered(), "CODE text A m")
+        (self.dir / "ref.md").unlink()
+        (self.dir / "ref.md").symlink_to("b.md")
+        self.clock.advance(30)
+        self.assertEqual(self.rendered(), "CODE text B m")
