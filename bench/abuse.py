@@ -1,0 +1,200 @@
+"""
+The hardening issue's attacks, replayed against bioproxy in front of
+fakellama (llama-server's default mode, 4 slots, answers generated at once),
+with raw sockets:
+
+    python bench/abuse.py [--stalled 4] [--tokens 14000,56000] [--slowloris 101]
+
+- stalled readers: N clients open streams of T tokens and never read them;
+  then one more user asks. Reported: that user's status and seconds, and
+  bioproxy's resident memory before and after.
+- slowloris: N connections send one byte of a request's headers a second.
+  Reported: how many are still open after 20 s, and after client_timeout.
+
+The config is bioproxy's defaults but for max_queue_wait (90 s), so that a
+held slot shows as a wait rather than a 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def waitFor(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} never answered")
+
+
+def rss(pid: int) -> int:
+    """Resident memory in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def chat(port: int, tokens: int, stream: bool) -> bytes:
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "tell me"}], "stream": stream, "max_tokens": tokens}
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (port, len(body), body)
+    )
+
+
+@contextlib.contextmanager
+def stack(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    llamaPort, port, admin = freePort(), freePort(), freePort()
+    fake = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bioproxy.testing.fakellama",
+            "--port",
+            str(llamaPort),
+            "--ms-per-generated-token",
+            "0",
+        ],
+        stdout=(work / "fake.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    config = {
+        "backend_url": f"http://127.0.0.1:{llamaPort}",
+        "listen": f"tcp:{port}:interface=127.0.0.1",
+        "admin_listen": f"tcp:{admin}:interface=127.0.0.1",
+        "max_queue_wait": 90,
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "bioproxy",
+            "--config",
+            str(work / "config.json"),
+        ],
+        stdout=(work / "bioproxy.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=work,
+        env=env,
+    )
+    try:
+        waitFor(f"http://127.0.0.1:{llamaPort}/health")
+        waitFor(f"http://127.0.0.1:{admin}/health")
+        time.sleep(1)  # the backend probed
+        yield port, admin, proxy
+    finally:
+        for process in (proxy, fake):
+            process.terminate()
+            process.wait(30)
+
+
+def stalled(count: int, tokens: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="abuse-") as name, stack(Path(name)) as (port, _admin, proxy):
+        before = rss(proxy.pid)
+        readers = []
+        for _ in range(count):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(chat(port, tokens, stream=True))
+            readers.append(s)
+        time.sleep(3)  # the answers generated, and as much sent as the sockets take
+        held = rss(proxy.pid)
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as user:
+            user.sendall(chat(port, 4, stream=False))
+            user.settimeout(120)
+            status = int(user.recv(65536).split(b" ", 2)[1])
+        waited = time.monotonic() - started
+        for s in readers:
+            s.close()
+        return {"status": status, "seconds": round(waited, 2), "rss_before_kib": before, "rss_held_kib": held}
+
+
+def slowloris(count: int, grace: float) -> dict[str, int]:
+    with tempfile.TemporaryDirectory(prefix="abuse-") as name, stack(Path(name)) as (port, _admin, _proxy):
+        request = chat(port, 1, stream=False)
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+        for s in conns:
+            s.setblocking(False)
+        openAt: dict[str, int] = {}
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < grace:
+            for s in conns:
+                with contextlib.suppress(OSError):
+                    s.send(request[i : i + 1])
+            i += 1
+            time.sleep(1)
+            elapsed = time.monotonic() - started
+            if "after_20s" not in openAt and elapsed >= 20:
+                openAt["after_20s"] = sum(_open(s) for s in conns)
+        openAt[f"after_{grace:g}s"] = sum(_open(s) for s in conns)
+        for s in conns:
+            s.close()
+        return openAt
+
+
+def _open(s: socket.socket) -> bool:
+    try:
+        data = s.recv(65536, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return not data.startswith(b"HTTP/1.1 408") and data != b""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stalled", type=int, default=4)
+    parser.add_argument("--tokens", default="14000,56000")
+    parser.add_argument("--slowloris", type=int, default=101)
+    parser.add_argument(
+        "--grace", type=float, default=63.0, help="seconds of slowloris (client_timeout is 60)"
+    )
+    args = parser.parse_args()
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        result = stalled(args.stalled, tokens)
+        print(f"{args.stalled} stalled readers of {tokens} tokens, then one user: {result}", flush=True)
+    print(f"slowloris, {args.slowloris} connections: still open {slowloris(args.slowloris, args.grace)}")
+
+
+if __name__ == "__main__":
+    main()
