@@ -71,6 +71,8 @@ class Config:
     # Let clients of the proxy port save, restore and erase slots
     # (POST /slots/N?action=…): off, since those belong to bioproxy.
     allow_slot_actions: bool = False
+    # One line per proxied request in the log (method, path, status, prefix, time).
+    access_log: bool = True
     # Where the learned heads and the cache files saved for them are kept
     # across restarts of bioproxy (state.py). None: $STATE_DIRECTORY/state.json
     # under systemd's StateDirectory=, else nowhere (they last one process).
@@ -356,6 +358,7 @@ _CHECKS = {
     "max_learned_bytes": _size,
     "normalise_billing_header": _flag,
     "allow_slot_actions": _flag,
+    "access_log": _flag,
     "state_file": _optionalString,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"

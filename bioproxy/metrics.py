@@ -6,6 +6,7 @@ two services in one process (or two tests) never share counters.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -192,6 +193,19 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """metric.labels(*values), looked up once: on every request it is a measurable cost."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+    def requestEnded(self, path: str, method: str, status: str, prefix: str, seconds: float) -> None:
+        self.child(self.requests, path, method, status, prefix).inc()
+        self.child(self.duration, path).observe(seconds)
 
 
 class MetricsResource(JSONResource):

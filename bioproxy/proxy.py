@@ -112,7 +112,6 @@ class ProxyResource(Resource):
             body.prefix = prefix
             request.setHeader(b"x-bioproxy-template", prefix.encode("utf-8"))
             request.prefix = prefix  # type: ignore[attr-defined]
-            log.info("expanded {prefix} for {path}", prefix=prefix, path=request.path.decode())
         if learning:
             assert self.book is not None
             if shape is Shape.PROMPT:

@@ -14,12 +14,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import __version__
 from .admin import adminRoot
 from .backend import Backend
 from .config import Config
+from .connect import backendAgent
 from .dispatch import Dispatcher
 from .forward import Forwarder
 from .heads import HeadBook
@@ -137,10 +137,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     watcher.setName("templates")
     watcher.loadAll()
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    agent = Agent(reactor, pool=pool, connectTimeout=10)
+    agent, pool = backendAgent(reactor, IDLE_CONNECTION_TIMEOUT)
 
     forwarder = Forwarder(
         agent,
@@ -184,6 +181,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         metrics,
         reactor,
         config.max_body_bytes,
+        config.access_log,
         timeout=config.client_timeout,
     )
     adminSite = JSONSite(

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -102,9 +103,16 @@ class JSONSite(Site):
     protocol = JSONChannel  # type: ignore[assignment]  # HTTP/1.1 only, as llama-server speaks it
     requestFactory = JSONRequest
 
+    def log(self, request: http.Request) -> None:
+        """Twisted's access log goes through the legacy log per request; the proxy writes its own line."""
+
 
 class ProxyRequest(JSONRequest):
     """A request that knows its size limit and reports itself to the metrics."""
+
+    # Twisted would parse a POST's Content-Type (with the email package) for
+    # form arguments a JSON proxy never reads.
+    _parsePOSTFormSubmission = False
 
     bodyTooLarge = False
     prefix = ""  # the template prefix used, if any; a metrics label
@@ -154,7 +162,9 @@ class ProxyRequest(JSONRequest):
         if data and not self._wroteBody:
             self._wroteBody = True
             site: ProxySite = self.site
-            site.metrics.ttfb.labels(path=self.routeLabel()).observe(site.clock.seconds() - self.startedAt)
+            site.metrics.child(site.metrics.ttfb, self.routeLabel()).observe(
+                site.clock.seconds() - self.startedAt
+            )
         super().write(data)
 
     def routeLabel(self) -> str:
@@ -172,9 +182,11 @@ class ProxySite(JSONSite):
         metrics: Metrics,
         clock: IReactorTime,
         maxBodyBytes: int,
+        accessLog: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, reactor=clock, **kwargs)
+        self.accessLog = accessLog
         self.metrics = metrics
         self.clock = clock
         self.maxBodyBytes = maxBodyBytes
@@ -197,14 +209,18 @@ class ProxySite(JSONSite):
             self.active.discard(request)
             self.metrics.inFlight.dec()
             status = CLIENT_CLOSED if isinstance(result, Failure) else request.code
-            path = request.routeLabel()
-            self.metrics.requests.labels(
-                path=path,
-                method=methodLabel(request.method.decode("latin-1")),
-                status=str(status),
-                prefix=request.prefix,
-            ).inc()
-            self.metrics.duration.labels(path=path).observe(self.clock.seconds() - request.startedAt)
+            seconds = self.clock.seconds() - request.startedAt
+            method = methodLabel(request.method.decode("latin-1"))
+            self.metrics.requestEnded(request.routeLabel(), method, str(status), request.prefix, seconds)
+            if self.accessLog:
+                log.info(
+                    "{method} {path} {status} {prefix}{ms:.1f} ms",
+                    method=method,
+                    path=request.path.decode("latin-1"),
+                    status=status,
+                    prefix=request.prefix + " " if request.prefix else "",
+                    ms=seconds * 1000,
+                )
             if not self.active:
                 waiters, self._idleWaiters = self._idleWaiters, []
                 for waiter in waiters:
