@@ -23,7 +23,7 @@ from io import BytesIO
 from typing import IO, Any, TypeVar
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -39,7 +39,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -155,18 +155,18 @@ class _Exchange:
         self.pending: defer.Deferred[IResponse] | None = None
         self.pump: _BodyPump | None = None
         self.timedOut = False
-        if isinstance(body, bytes):
-            self.body: IO[bytes] | None = BytesIO(body)
-        elif body is None and _hasBody(request):
-            self.body = request.content
-        else:
-            self.body = body
+        if body is None and _hasBody(request):
+            content = request.content
+            body = content.getvalue() if isinstance(content, BytesIO) else content
+        self.body: bytes | IO[bytes] | None = body
         request.notifyFinish().addErrback(self._clientLost)
 
     def start(self, retry: bool = True) -> defer.Deferred[Outcome]:
         forwarder = self.forwarder
-        producer = None
-        if self.body is not None:
+        producer: IBodyProducer | None = None
+        if isinstance(self.body, bytes):
+            producer = _InMemory(self.body)
+        elif self.body is not None:  # a large upload, which Twisted keeps in a file
             self.body.seek(0)
             producer = FileBodyProducer(_KeptOpen(self.body), cooperator=forwarder.cooperator)
         d = forwarder.agent.request(
@@ -285,6 +285,32 @@ class _Exchange:
         if not self.clientGone and not self.request.finished and not self.request.startedWriting:
             writeError(self.request, 502, "The proxy failed to relay the backend's answer.")
         self._end()
+
+
+@implementer(IBodyProducer)
+class _InMemory:
+    """
+    A body in memory, written at once: it leaves in the same send as the
+    request's headers, where FileBodyProducer would wait a reactor turn and
+    send it alone. Sent again as it is by a retry.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class _KeptOpen:

@@ -103,16 +103,19 @@ class JSONSite(Site):
     protocol = JSONChannel  # type: ignore[assignment]  # HTTP/1.1 only, as llama-server speaks it
     requestFactory = JSONRequest
 
+    def __init__(self, resource: Resource, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        # Twisted parses a POST's Content-Type (with the email package) for
+        # form arguments, which nothing here reads. (Twisted's own switch is
+        # Site(parsePOSTFormSubmission=False); older releases lack it.)
+        self._parsePOSTFormSubmission = False
+
     def log(self, request: http.Request) -> None:
         """Twisted's access log goes through the legacy log per request; the proxy writes its own line."""
 
 
 class ProxyRequest(JSONRequest):
     """A request that knows its size limit and reports itself to the metrics."""
-
-    # Twisted would parse a POST's Content-Type (with the email package) for
-    # form arguments a JSON proxy never reads.
-    _parsePOSTFormSubmission = False
 
     bodyTooLarge = False
     prefix = ""  # the template prefix used, if any; a metrics label

@@ -231,3 +231,65 @@ def _nothing() -> Any:
     from twisted.internet.protocol import Factory
 
     return Factory.forProtocol(Protocol)
+
+
+class _ClosesReusedConnections(Protocol):
+    """
+    Answers the first request on each connection, keeping it alive, and
+    closes the connection without an answer when a second one arrives, as a
+    server does that has just timed the idle connection out.
+    """
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = bodies
+        self.buffer = b""
+        self.answered = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, found, rest = self.buffer.partition(b"\r\n\r\n")
+        if not found:
+            return
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            ),
+            0,
+        )
+        if len(rest) < length:
+            return
+        self.buffer = rest[length:]
+        ours = head.startswith(b"POST /v1/embeddings ")  # not bioproxy's own health checks
+        if self.answered:
+            if ours:
+                self.bodies.append(b"closed unanswered")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.answered += 1
+        if ours:
+            self.bodies.append(rest[:length])
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")  # type: ignore[union-attr]
+
+
+class RetryTests(TestCase):
+    @asyncTest
+    async def test_aReusedConnectionTheBackendClosedIsRetried(self) -> None:
+        """Issue 14, item 6: the retry sends the same body again on a fresh connection, and the client gets the answer."""
+        from twisted.internet.protocol import Factory
+
+        bodies: list[bytes] = []
+        port = R.listenTCP(
+            0, Factory.forProtocol(lambda: _ClosesReusedConnections(bodies)), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        proxy = startProxy(self, f"http://127.0.0.1:{port.getHost().port}")
+        http = client(self)
+        body = b'{"input": "' + b"x" * 5000 + b'"}'
+        for _ in range(3):
+            response = await http.post(proxy + "/v1/embeddings", data=body)
+            self.assertEqual((response.code, await treq.content(response)), (200, b"ok"))
+        # Requests met closed connections, and were sent again, whole, on fresh ones.
+        self.assertEqual([b for b in bodies if b != b"closed unanswered"], [body] * 3)
+        self.assertGreaterEqual(bodies.count(b"closed unanswered"), 2)
