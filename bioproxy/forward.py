@@ -96,8 +96,10 @@ class Forwarder:
         idleTimeout: float = 600.0,
         bufferBytes: int = 1 << 20,
         stallTimeout: float = 60.0,
+        retryAgent: IAgent | None = None,
     ) -> None:
         self.agent = agent
+        self.retryAgent = retryAgent or agent  # one that connects anew
         self.backend = backendURL.rstrip("/").encode("ascii")
         self.clock = clock
         self.metrics = metrics
@@ -169,7 +171,8 @@ class _Exchange:
         elif self.body is not None:  # a large upload, which Twisted keeps in a file
             self.body.seek(0)
             producer = FileBodyProducer(_KeptOpen(self.body), cooperator=forwarder.cooperator)
-        d = forwarder.agent.request(
+        agent = forwarder.agent if retry else forwarder.retryAgent
+        d = agent.request(
             self.request.method, forwarder.url(self.request), forwarder.headers(self.request), producer
         )
         self.pending = d

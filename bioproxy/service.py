@@ -19,7 +19,7 @@ from . import __version__
 from .admin import adminRoot
 from .backend import Backend
 from .config import Config
-from .connect import backendAgent
+from .connect import backendAgents
 from .dispatch import Dispatcher
 from .forward import Forwarder
 from .heads import HeadBook
@@ -137,7 +137,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     watcher.setName("templates")
     watcher.loadAll()
 
-    agent, pool = backendAgent(reactor, IDLE_CONNECTION_TIMEOUT)
+    agent, fresh, pool = backendAgents(reactor, IDLE_CONNECTION_TIMEOUT)
 
     forwarder = Forwarder(
         agent,
@@ -148,6 +148,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.backend_idle_timeout,
         config.response_buffer_bytes,
         config.write_stall_timeout,
+        retryAgent=fresh,
     )
     llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor, apiKey=config.backendApiKey())
     monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
