@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -105,8 +106,12 @@ def send(url: str, path: str, body: dict[str, Any]) -> tuple[float, float]:
             promptMs = timings.get("prompt_ms", promptMs)
     connection.close()
     if response.status != 200 or first is None:
-        raise SystemExit(f"{url}{path}: {response.status}")
+        raise Failed(f"{url}{path}: {response.status}")
     return first, promptMs / 1000
+
+
+class Failed(Exception):
+    """A request that got no streamed answer (the Go original answers 502 when llama-server closed its connection)."""
 
 
 def bodies(scenario: str, i: int, templated: bool, texts: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -171,6 +176,7 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         waitFor(bio.warm, "bioproxy's warmups")
         time.sleep(2 if go is None else 10)  # the Go original warms on its own clock
         results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        failures: dict[str, int] = {}
         for scenario in SCENARIOS:
             for i in range(-2, args.requests):  # two rounds to settle, not counted
                 for name, (url, pid) in paths.items():
@@ -178,11 +184,16 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                         continue
                     path, body = bodies(scenario, i, name != "alone", texts)
                     before = cpuNanoseconds(pid) if pid else 0
-                    ttft, promptS = send(url, path, body)
+                    try:
+                        ttft, promptS = send(url, path, body)
+                    except Failed:
+                        failures[name] = failures.get(name, 0) + 1
+                        continue
                     cpu = (cpuNanoseconds(pid) - before) / 1e9 if pid else 0.0
                     if i >= 0:
                         results.setdefault((scenario, name), []).append((ttft, ttft - promptS, cpu))
-        return table(config, results, list(paths))
+        failed = ", ".join(f"{name}: {n}" for name, n in failures.items()) or "none"
+        return table(config, results, list(paths)) + f"\nFailed requests (not counted): {failed}\n"
     finally:
         bio.stop()
         if go is not None:
@@ -213,10 +224,13 @@ def table(
             outside = statistics.median(r[1] for r in rows)
             cpu = statistics.median(r[2] for r in rows)
             added = "" if name == "alone" else f"{(ttft - aloneTTFT) * ms:+.2f}"
-            addedOutside = "" if name == "alone" else f"{(outside - aloneOutside) * ms:+.2f}"
+            outsideText = "n/a" if math.isnan(outside) else f"{outside * ms:.2f}"
+            addedOutside = (
+                "" if name == "alone" or math.isnan(outside) else f"{(outside - aloneOutside) * ms:+.2f}"
+            )
             cpuText = "" if name == "alone" else f"{cpu * ms:.2f}"
             lines.append(
-                f"| {scenario} | {name} | {ttft * ms:.2f} | {added} | {outside * ms:.2f} | {addedOutside} | {cpuText} |"
+                f"| {scenario} | {name} | {ttft * ms:.2f} | {added} | {outsideText} | {addedOutside} | {cpuText} |"
             )
     return "\n".join(lines) + "\n"
 
