@@ -187,7 +187,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bioproxy-bench-"))
     ports = {
-        name: freePort() for name in ("backend", "proxy", "sse", "bio", "bioadmin", "biosse", "biosseadmin")
+        name: freePort()
+        for name in ("backend", "proxy", "sse", "bio", "bioadmin", "biosse", "biosseadmin", "lean", "leansse")
     }
     (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, **ports))
     procs = [
@@ -195,6 +196,13 @@ def main() -> None:
         subprocess.Popen([sys.executable, "-c", SSE_SERVER, str(ports["sse"])]),
         startBioproxy(work, "plain", ports["backend"], ports["bio"], ports["bioadmin"]),
         startBioproxy(work, "sse", ports["sse"], ports["biosse"], ports["biosseadmin"]),
+        # What a leaner Twisted forwarding path would give (bench/lean.py): a yardstick, not bioproxy.
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["lean"]), str(ports["backend"])]
+        ),
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["leansse"]), str(ports["sse"])]
+        ),
     ]
     try:
         for name in ports:
@@ -203,6 +211,7 @@ def main() -> None:
             "direct": f"http://127.0.0.1:{ports['backend']}/v1/models",
             "bioproxy": f"http://127.0.0.1:{ports['bio']}/v1/models",
             "nginx": f"http://127.0.0.1:{ports['proxy']}/v1/models",
+            "lean Twisted relay": f"http://127.0.0.1:{ports['lean']}/v1/models",
         }
         print(
             f"# python {sys.version.split()[0]} ({sys.implementation.name}), {os.cpu_count()} cores, "
@@ -223,11 +232,14 @@ def main() -> None:
                 )
         print("\n| SSE path | events | median delay ms | p90 delay ms | added median ms |")
         print("|---|---|---|---|---|")
-        sse = {name: [] for name in ("direct", "bioproxy", "nginx")}
+        sse: dict[str, list[float]] = {
+            name: [] for name in ("direct", "bioproxy", "nginx", "lean Twisted relay")
+        }
         for _ in range(3):  # interleaved, so noise hits every path alike
             sse["direct"] += sseDelays(ports["sse"])
             sse["bioproxy"] += sseDelays(ports["biosse"])
             sse["nginx"] += sseDelays(ports["proxy"])
+            sse["lean Twisted relay"] += sseDelays(ports["leansse"])
         base = statistics.median(sse["direct"])
         for name, delays in sse.items():
             med = statistics.median(delays)
