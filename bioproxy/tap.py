@@ -6,6 +6,7 @@ import sys
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
@@ -89,7 +90,10 @@ class Options(usage.Options):
 
 def _fail(error: Exception) -> NoReturn:
     # One clear line, not the usage text and not a traceback.
-    sys.stderr.write(f"bioproxy: {error}\n")
+    # sys.__stderr__: once twistd has started logging, sys.stderr goes into the log.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"bioproxy: {error}\n")
+    stream.flush()
     raise SystemExit(2)
 
 
@@ -104,6 +108,21 @@ class _Root(MultiService):
         super().setServiceParent(parent)
         if self.logObserver is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.logObserver)
+
+    # A port in use, a permission refused, a socket path that cannot be made:
+    # one line and status 2, as for a bad config, not a traceback. twistd
+    # binds in privilegedStartService (before dropping privileges).
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            _fail(e)
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            _fail(e)
 
 
 def makeService(options: Options) -> IService:

@@ -58,3 +58,12 @@ class WheelTests(TestCase):
             path=str(work),
         )
         self.assertIn(b"bioproxy", out, err)
+        # The `bioproxy` command is in the wheel's entry points, and runs.
+        entryPoints = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        self.assertIn("bioproxy = bioproxy.cli:main", zipfile.ZipFile(wheel).read(entryPoints).decode())
+        script = target / "bin" / "bioproxy"
+        self.assertTrue(script.exists(), sorted(p.name for p in (target / "bin").iterdir()))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, [str(script), "--version"], env=env, path=str(work)
+        )
+        self.assertEqual((code, out.decode().split()[0]), (0, "bioproxy"), err)

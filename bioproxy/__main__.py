@@ -1,0 +1,5 @@
+"""`python -m bioproxy`: the `bioproxy` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""
+The `bioproxy` command, beside `twistd -n bioproxy` (which keeps working).
+
+    bioproxy [run] [flags]          run in the foreground: no pid file, no daemon
+    bioproxy --version              bioproxy's version, not Twisted's
+    bioproxy check-config [--config F]
+                                    load the config, every template and include; a summary, exit 0 or 2
+    bioproxy status [--admin URL] [--token T]
+                                    templates, slots and the queue, from a running bioproxy's admin API
+
+`run` hands its flags to twistd's bioproxy plugin, so both take the same
+flags and report errors alike: one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args and not args[0].startswith("-") else "run"
+    rest = args[1:] if args and args[0] == command else args
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"bioproxy {__version__}")
+        return
+    if args[:1] in (["--help"], ["-h"], ["help"]):
+        print(USAGE)
+        print("`bioproxy run --help` lists the flags.")
+        return
+    if command == "run":
+        run(rest)
+    elif command == "check-config":
+        raise SystemExit(checkConfig(rest))
+    elif command == "status":
+        raise SystemExit(status(rest))
+    else:
+        _fail(f"unknown command {command!r}; one of run, check-config, status (see bioproxy --help)")
+
+
+def run(flags: list[str]) -> None:
+    """twistd in the foreground, with no pid file: what a service manager and a terminal both want."""
+    from twisted.scripts.twistd import run as twistd
+
+    sys.argv = ["bioproxy", "--nodaemon", "--pidfile=", "bioproxy", *flags]
+    twistd()
+
+
+def checkConfig(args: list[str]) -> int:
+    from .config import ConfigError, load
+    from .service import templateSources
+    from .templates import TemplateError
+    from .templates import load as loadTemplate
+
+    path = _option(args, "--config", "-c")
+    try:
+        config = load(path, {})
+        sources = templateSources(config)
+        templates = [
+            loadTemplate(prefix, sources.templatePath(raw), sources, config.max_template_bytes)
+            for prefix, raw in config.prefixes.items()
+        ]
+    except (ConfigError, TemplateError) as e:
+        sys.stderr.write(f"bioproxy: {e}\n")
+        return 2
+    print(f"config: {config.source or 'defaults (no file)'}")
+    print(f"backend: {config.backend_url}")
+    print(f"proxy: {config.proxy_endpoint}; admin: {config.admin_endpoint}")
+    for template in templates:
+        includes = f", includes {', '.join(template.includePaths)}" if template.includePaths else ""
+        print(f"template {template.prefix}: {template.path} ({template.size} bytes{includes})")
+    print(f"ok: {len(templates)} template(s)")
+    return 0
+
+
+def status(args: list[str]) -> int:
+    admin = (_option(args, "--admin") or "http://localhost:8089").rstrip("/")
+    token = _option(args, "--token")
+    try:
+        templates = _get(admin + "/templates", token)
+        slots = _get(admin + "/slots", token)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"bioproxy: cannot read {admin}: {e}\n")
+        return 2
+    rows: list[tuple[str, ...]] = [("TEMPLATE", "WARM", "HITS", "MISSES", "TOKENS", "MODE", "ERROR")]
+    for t in templates.get("templates", []):
+        rows.append(
+            (
+                t["prefix"],
+                "yes" if t.get("warm") else "no",
+                str(t.get("hits", 0)),
+                str(t.get("misses", 0)),
+                str(t.get("tokens") or ""),
+                str(t.get("warmup_mode") or ""),
+                t.get("warmup_error") or t.get("last_error") or "",
+            )
+        )
+    print(_table(rows))
+    print()
+    rows = [("SLOT", "STATE", "HOLDS", "BUSY", "IDLE S")]
+    for s in slots.get("slots", []):
+        idle = s.get("idle_seconds")
+        rows.append(
+            (
+                str(s["id"]),
+                s.get("state") or "",
+                s.get("template") or "",
+                s.get("holder") or "",
+                "" if idle is None else f"{idle:.0f}",
+            )
+        )
+    print(_table(rows))
+    waiting = slots.get("waiting", {})
+    print(f"\nwaiting: {', '.join(f'{k} {v}' for k, v in sorted(waiting.items())) or 'none'}")
+    return 0
+
+
+def _get(url: str, token: str | None) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise OSError(f"HTTP {e.code} from {url}") from None
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _option(args: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"bioproxy: {message}\n")
+    raise SystemExit(2)
