@@ -139,9 +139,14 @@ class Dispatcher:
             return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
         reader = TimingsReader()
         pinned = pins and pinnable
+        if pinned:
+            request.slot = slot  # type: ignore[attr-defined]  # for the access line
         await self.cache.quiet()
         outcome = await self.forwarder.forward(request, body.pinned(slot if pinned else None), reader.feed)
         contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text, rewarm)
+        if reader.timings is not None:  # for the access line
+            request.cached = reader.timings.get("cache_n")  # type: ignore[attr-defined]
+            request.computed = reader.timings.get("prompt_n")  # type: ignore[attr-defined]
         return contents if pins else UNKNOWN
 
     async def _preparePinned(self, lease: Lease, head: Head | None) -> Prepared:

@@ -15,15 +15,28 @@ from twisted.logger import FileLogObserver, ILogObserver, formatEvent
 FORMATS = ("text", "json")
 
 
+# twisted.logger's levels as syslog priorities, which journald files by.
+PRIORITIES = {"debug": 7, "info": 6, "warn": 4, "error": 3, "critical": 2}
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def jsonLine(event: dict[str, Any]) -> str:
-    record = {
+    level = getattr(event.get("log_level"), "name", "info")
+    record: dict[str, Any] = {
         "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
             timespec="milliseconds"
         ),
-        "level": getattr(event.get("log_level"), "name", "info"),
+        "level": level,
+        "priority": PRIORITIES.get(level, 6),
         "system": event.get("log_namespace") or event.get("log_system") or "-",
         "message": formatEvent(event),
     }
+    # The event's own fields (prefix, slot, status, ms, ...), which the
+    # message was formatted from: a shipper can filter on them.
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in record and isinstance(value, _PLAIN):
+            record[key] = value
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()

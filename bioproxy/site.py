@@ -119,6 +119,11 @@ class ProxyRequest(JSONRequest):
 
     bodyTooLarge = False
     prefix = ""  # the template prefix used, if any; a metrics label
+    # What the access line tells of a slot-using request (the dispatcher sets them).
+    slot: int | None = None  # the slot it was pinned to
+    cached: int | None = None  # prompt tokens reused from the cache
+    computed: int | None = None  # prompt tokens computed
+    firstByte: float | None = None  # seconds to the response's first body byte
     _received = 0
     startedAt = 0.0
     _wroteBody = False
@@ -165,9 +170,8 @@ class ProxyRequest(JSONRequest):
         if data and not self._wroteBody:
             self._wroteBody = True
             site: ProxySite = self.site
-            site.metrics.child(site.metrics.ttfb, self.routeLabel()).observe(
-                site.clock.seconds() - self.startedAt
-            )
+            self.firstByte = site.clock.seconds() - self.startedAt
+            site.metrics.child(site.metrics.ttfb, self.routeLabel()).observe(self.firstByte)
         super().write(data)
 
     def routeLabel(self) -> str:
@@ -216,20 +220,39 @@ class ProxySite(JSONSite):
             method = methodLabel(request.method.decode("latin-1"))
             self.metrics.requestEnded(request.routeLabel(), method, str(status), request.prefix, seconds)
             if self.accessLog:
-                log.info(
-                    "{method} {path} {status} {prefix}{ms:.1f} ms",
-                    method=method,
-                    path=request.path.decode("latin-1"),
-                    status=status,
-                    prefix=request.prefix + " " if request.prefix else "",
-                    ms=seconds * 1000,
-                )
+                # A turn later: the dispatcher learns the timings (cached and
+                # computed tokens) just after the response's end.
+                self.clock.callLater(0, self._accessLine, request, method, status, seconds)
             if not self.active:
                 waiters, self._idleWaiters = self._idleWaiters, []
                 for waiter in waiters:
                     waiter.callback(None)
 
         request.notifyFinish().addBoth(ended)
+
+    def _accessLine(self, request: ProxyRequest, method: str, status: int, seconds: float) -> None:
+        """One line per request; its fields are the event's too (for --log-format json)."""
+        detail = f" {request.prefix}" if request.prefix else ""
+        if request.slot is not None:
+            detail += f" slot {request.slot}"
+        if request.cached is not None:
+            detail += f" cached {request.cached} computed {request.computed}"
+        ttfb = None if request.firstByte is None else round(request.firstByte * 1000, 1)
+        if ttfb is not None:
+            detail += f" ttfb {ttfb} ms"
+        log.info(
+            "{method} {path} {status}{detail} in {ms} ms",
+            method=method,
+            path=request.path.decode("latin-1"),
+            status=status,
+            detail=detail,
+            ms=round(seconds * 1000, 1),
+            prefix=request.prefix or None,
+            slot=request.slot,
+            cached=request.cached,
+            computed=request.computed,
+            ttfb_ms=ttfb,
+        )
 
     async def drain(self, grace: float) -> None:
         """

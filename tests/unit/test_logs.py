@@ -1,0 +1,64 @@
+"""Issue 15, item 3: one access line per request, whose fields --log-format json carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from bioproxy.logs import jsonLine
+
+from .memory import Memory
+
+
+class AccessLineTests(SynchronousTestCase):
+    def events(self) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        return seen
+
+    def test_slotRequestLine(self) -> None:
+        m = Memory(Path(self.mktemp()), unified=False)
+        m.template("@t", "Review this:\n<{message}>")
+        m.found()
+        seen = self.events()
+        status, _ = m.postRaw("/v1/chat/completions", {"messages": [{"role": "user", "content": "@t hi"}]})
+        self.assertEqual(status, 200)
+        [line] = [e for e in seen if e.get("log_namespace") == "bioproxy.site" and "path" in e]
+        self.assertEqual(
+            (line["method"], line["path"], line["status"]), ("POST", "/v1/chat/completions", 200)
+        )
+        self.assertEqual(line["prefix"], "@t")
+        self.assertIsInstance(line["slot"], int)
+        self.assertGreater(line["cached"], 0)
+        self.assertGreater(line["computed"], 0)
+        self.assertIsNotNone(line["ttfb_ms"])
+        record = json.loads(jsonLine(line))
+        self.assertEqual(record["priority"], 6)
+        for key in ("method", "path", "status", "prefix", "slot", "cached", "computed", "ttfb_ms", "ms"):
+            self.assertIn(key, record)
+        self.assertIn(f"@t slot {line['slot']} cached {line['cached']}", record["message"])
+
+    def test_refusalsAreLogged(self) -> None:
+        m = Memory(Path(self.mktemp()))
+        seen = self.events()
+        m.postRaw("/slots/0?action=erase", {})
+        [line] = [e for e in seen if e.get("log_namespace") == "bioproxy.site" and "path" in e]
+        self.assertEqual(line["status"], 403)
+        self.assertIsNone(line["slot"])
+
+    def test_priorityFollowsLevel(self) -> None:
+        event = {
+            "log_level": LogLevel.error,
+            "log_format": "boom",
+            "log_time": 0,
+            "prefix": "@x",
+            "obj": object(),
+        }
+        record = json.loads(jsonLine(event))
+        self.assertEqual((record["priority"], record["prefix"]), (3, "@x"))
+        self.assertNotIn("obj", record)
