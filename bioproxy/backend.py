@@ -187,7 +187,7 @@ class Backend:
         self.ready = True
         log.info(
             "backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "
-            "slot files {files}, RAM cache {ram}",
+            "slot persistence {files}, RAM cache {ram}",
             count=self.slotCount,
             fp=self.fingerprint,
             mode=self.mode.value,

@@ -281,7 +281,14 @@ class KVCache:
         except BackendError as e:
             # llama-server says 400 for a file that is missing or unusable.
             status = "missing" if e.status == 400 else "error"
-            log.info("no usable cache file for {prefix} yet ({why})", prefix=prefix, why=str(e))
+            if name in self.backend.saved:
+                log.warn(
+                    "the cache file of {prefix} is unusable ({why}); computing it again",
+                    prefix=prefix,
+                    why=str(e),
+                )
+            else:  # a first warmup: normal, not an error
+                log.info("no cache file for {prefix} yet; computing it", prefix=prefix)
             self.metrics.kvRestores.labels(prefix=prefix, status=status).inc()
             self.backend.saved.discard(name)
             self.backend.missing.add(name)
