@@ -63,6 +63,25 @@ class HealthResource(JSONResource):
         )
 
 
+class ReadyResource(JSONResource):
+    """200 once the backend has been probed and every template's warmup has run to an end; 503 before."""
+
+    def __init__(self, watcher: TemplateWatcher, warmer: Warmer | None) -> None:
+        super().__init__()
+        self.watcher = watcher
+        self.warmer = warmer
+
+    def render_GET(self, request: Request) -> bytes:
+        backend = self.warmer is not None and self.warmer.ready
+        untried = self.warmer.untried(self.watcher.library.templates) if self.warmer is not None else []
+        ready = backend and not untried
+        return jsonBody(
+            request,
+            {"ready": ready, "backend_ready": backend, "templates_untried": untried},
+            200 if ready else 503,
+        )
+
+
 class TemplatesResource(JSONResource):
     """GET /templates; POST /templates/<prefix>/warmup queues a warmup."""
 
@@ -166,10 +185,11 @@ class SlotsResource(JSONResource):
 class TokenGuard(Resource):
     """Requires `Authorization: Bearer <token>` before anything below it."""
 
-    def __init__(self, wrapped: Resource, token: str) -> None:
+    def __init__(self, wrapped: Resource, token: str, open: set[bytes] | None = None) -> None:
         super().__init__()
         self.wrapped = wrapped
         self.token = token.encode()
+        self.open = open or set()  # children anyone may read (a probe's /health)
 
     def _allowed(self, request: Request) -> bool:
         header = request.getHeader(b"authorization") or b""
@@ -177,7 +197,7 @@ class TokenGuard(Resource):
         return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if not self._allowed(request):
+        if path not in self.open and not self._allowed(request):
             return _Unauthorized()
         child: Resource = self.wrapped.getChildWithDefault(path, request)
         return child
@@ -213,10 +233,16 @@ def adminRoot(
     cache: KVCache | None = None,
     warmer: Warmer | None = None,
     book: HeadBook | None = None,
+    openHealth: bool = False,
 ) -> Resource:
     root = AdminRoot()
     root.add(
         "health", "GET: the proxy's and the backend's health", HealthResource(monitor, clock, backendURL)
+    )
+    root.add(
+        "ready",
+        "GET: 200 once the backend is probed and every template has been tried, else 503",
+        ReadyResource(watcher, warmer),
     )
     root.add("metrics", "GET: Prometheus metrics", MetricsResource(metrics.registry))
     root.add(
@@ -230,7 +256,7 @@ def adminRoot(
             "GET: each slot, what it holds and who holds it; the queues",
             SlotsResource(scheduler, clock),
         )
-    return TokenGuard(root, token) if token else root
+    return TokenGuard(root, token, {b"health"} if openHealth else set()) if token else root
 
 
 class AdminRoot(JSONResource):

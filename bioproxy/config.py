@@ -50,6 +50,8 @@ class Config:
     health_check_interval: float = 2.0
     shutdown_grace: float = 30.0
     admin_token: str | None = None
+    # Leave GET /health open to probes when admin_token is set.
+    admin_open_health: bool = False
     template_roots: tuple[str, ...] = ()
     max_template_bytes: int = 4 * MiB
     slots: int | None = None  # None: ask the backend's /props
@@ -346,6 +348,7 @@ _CHECKS = {
     "health_check_interval": _positive,
     "shutdown_grace": _positive,
     "admin_token": _optionalString,
+    "admin_open_health": _flag,
     "template_roots": _roots,
     "max_template_bytes": _bytes,
     "slots": _optionalCount,

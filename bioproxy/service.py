@@ -197,6 +197,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
             cache,
             warmer,
             book,
+            config.admin_open_health,
         ),
         timeout=config.client_timeout,
     )

@@ -16,6 +16,7 @@ second warmup would empty the first one's slot before it is saved.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from twisted.application.service import Service
@@ -61,6 +62,9 @@ class Warmer(Service):
         self.retryDelay = retryDelay
         self.wanted: set[str] = set()
         self.jobs: dict[str, defer.Deferred[None]] = {}
+        # Heads whose warmup has run to an end (warm, refused or failed) since
+        # the backend was last found: what /ready waits for.
+        self.tried: set[str] = set()
         self._retries: list[IDelayedCall] = []
 
     @property
@@ -68,11 +72,16 @@ class Warmer(Service):
         """The backend is up, probed, and its slots are known."""
         return self.backend.ready
 
+    def untried(self, prefixes: Iterable[str]) -> list[str]:
+        """Those of prefixes whose warmup has not yet run to an end."""
+        return sorted(p for p in prefixes if p not in self.tried)
+
     # -- what starts warmups
 
     def backendReady(self) -> None:
         """The backend was found or came back, and has been probed: warm everything."""
         log.info("warming {n} head(s)", n=len(self.book.wanted()))
+        self.tried.clear()
         self.warmAll()
 
     def backendLost(self) -> None:
@@ -157,6 +166,8 @@ class Warmer(Service):
 
     def _ended(self, result: object, prefix: str) -> None:
         del self.jobs[prefix]
+        if prefix not in self.wanted:  # not given back to a user, nor cancelled by a lost backend
+            self.tried.add(prefix)
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             log.failure("warmup of {prefix} failed unexpectedly", result, prefix=prefix)
         self._kick()

@@ -143,8 +143,18 @@ class AdminTests(TestCase):
             TemplateLibrary(), {}, Sources.build(Path(".")), self.clock, 30, self.metrics, defer.maybeDeferred
         )
 
-    def client(self, token: str | None = None) -> StubTreq:
-        return StubTreq(adminRoot(self.metrics, self.monitor, self.watcher, self.clock, "http://b:1", token))
+    def client(self, token: str | None = None, openHealth: bool = False) -> StubTreq:
+        return StubTreq(
+            adminRoot(
+                self.metrics,
+                self.monitor,
+                self.watcher,
+                self.clock,
+                "http://b:1",
+                token,
+                openHealth=openHealth,
+            )
+        )
 
     @asyncTest
     async def test_health(self) -> None:
@@ -222,7 +232,15 @@ class AdminTests(TestCase):
         response = await http.get("http://admin/", headers={"Authorization": "Bearer s3cret"})
         self.assertEqual(response.code, 200)
         endpoints = (await response.json())["endpoints"]
-        self.assertEqual(set(endpoints), {"/health", "/metrics", "/templates"})
+        self.assertEqual(set(endpoints), {"/health", "/ready", "/metrics", "/templates"})
         for path in endpoints:
             answer = await http.get("http://admin" + path, headers={"Authorization": "Bearer s3cret"})
-            self.assertEqual(answer.code, 200, path)
+            self.assertEqual(answer.code, 503 if path == "/ready" else 200, path)  # no backend here
+
+    @asyncTest
+    async def test_healthMayBeOpen(self) -> None:
+        """Issue 15, item 5: with admin_open_health, a probe reads /health without the token, and only /health."""
+        http = self.client(token="s3cret", openHealth=True)
+        self.assertEqual((await http.get("http://admin/health")).code, 200)
+        for path in ("/", "/metrics", "/templates", "/ready"):
+            self.assertEqual((await http.get("http://admin" + path)).code, 401, path)

@@ -62,3 +62,40 @@ class AccessLineTests(SynchronousTestCase):
         record = json.loads(jsonLine(event))
         self.assertEqual((record["priority"], record["prefix"]), (3, "@x"))
         self.assertNotIn("obj", record)
+
+
+class ReadyTests(SynchronousTestCase):
+    """Issue 15, item 5: /ready is 503 until the backend is probed and every template has been tried."""
+
+    def ready(self, m: Memory) -> tuple[int, dict[str, Any]]:
+        from treq.testing import StubTreq
+
+        from bioproxy.admin import ReadyResource
+
+        class Watched:
+            library = m.library
+
+        http = StubTreq(ReadyResource(Watched(), m.warmer))  # type: ignore[arg-type]
+        answers: list[Any] = []
+        http.get("http://admin/").addCallback(
+            lambda r: r.json().addCallback(lambda j: answers.append((r.code, j)))
+        )
+        http.flush()
+        return answers[0]  # type: ignore[no-any-return]
+
+    def test_readyAfterEveryTemplateWasTried(self) -> None:
+        m = Memory(Path(self.mktemp()), unified=False)
+        m.template("@t", "Review this:\n<{message}>")
+        code, answer = self.ready(m)
+        self.assertEqual((code, answer["backend_ready"]), (503, False))
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        self.assertEqual(
+            self.ready(m), (200, {"ready": True, "backend_ready": True, "templates_untried": []})
+        )
+        m.template("@u", "Translate:\n<{message}>")  # loaded, not yet warmed
+        code, answer = self.ready(m)
+        self.assertEqual((code, answer["templates_untried"]), (503, ["@u"]))
+        m.warmer.request("@u")
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        self.assertEqual(self.ready(m)[0], 200)
