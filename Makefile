@@ -38,10 +38,17 @@ $(VENV)/.systemd-tools:
 	  echo "systemd tools are missing; the systemd tests will skip"
 	touch $@
 
+# promtool for the alert rules' test (Debian's prometheus package), likewise.
+$(VENV)/.prometheus-tools:
+	command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } || \
+	  echo "promtool is missing; the alert rules' promtool test will skip"
+	touch $@
+
 demo: $(VENV)/.installed $(if $(filter real,$(LLAMA)),$(VENV)/.llama-server)
 	BIN=$(BIN) LLAMA=$(LLAMA) sh scripts/demo.sh
 
-test: $(VENV)/.installed $(VENV)/.llama-server $(VENV)/.systemd-tools
+test: $(VENV)/.installed $(VENV)/.llama-server $(VENV)/.systemd-tools $(VENV)/.prometheus-tools
 	$(BIN)/python -m twisted.trial tests
 
 lint: $(VENV)/.installed

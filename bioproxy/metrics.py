@@ -9,13 +9,13 @@ import re
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
+    disable_created_metrics,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -23,6 +23,10 @@ from twisted.web.server import Request
 
 from .errors import JSONResource
 from .routes import ROUTES
+
+# A `_created` series per counter and histogram doubles /metrics for a
+# timestamp Prometheus does not use.
+disable_created_metrics()
 
 # llama-server's routes; anything else is counted as "other" so a client
 # cannot blow up the label cardinality with made-up paths.
@@ -154,6 +158,12 @@ class Metrics:
             ["prefix"],
             registry=r,
         )
+        self.warmupFailures = Counter(
+            "bioproxy_warmup_failures",
+            "Warmups that failed, by prefix and kind (refused, unauthorized, error).",
+            ["prefix", "kind"],
+            registry=r,
+        )
         self.kvSaves = Counter(
             "bioproxy_kv_cache_saves",
             "Slot saves to disk, by prefix.",
@@ -216,5 +226,8 @@ class MetricsResource(JSONResource):
         self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self.registry)
+        # OpenMetrics for a scraper that asks for it, Prometheus text otherwise.
+        encode, contentType = choose_encoder((request.getHeader(b"accept") or b"").decode("latin-1"))
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        body: bytes = encode(self.registry)
+        return body

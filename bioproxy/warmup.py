@@ -192,6 +192,7 @@ class Warmer(Service):
                 log.info("warmup of {prefix} gave its slot to a user request", prefix=prefix)
                 self.wanted.add(prefix)
             elif isinstance(e, Unauthorized):
+                self.metrics.warmupFailures.labels(prefix=prefix, kind="unauthorized").inc()
                 state.error = str(e)
                 log.error(
                     "llama-server refused bioproxy's warmup of {prefix} ({why}): {fix}",
@@ -202,9 +203,11 @@ class Warmer(Service):
             elif isinstance(e, Refused):
                 # The backend refuses this head (too long for a slot, say):
                 # retrying cannot help until the head or the backend changes.
+                self.metrics.warmupFailures.labels(prefix=prefix, kind="refused").inc()
                 state.error = str(e)
                 log.error("warmup of {prefix} refused by the backend: {why}", prefix=prefix, why=str(e))
             elif not isinstance(e, defer.CancelledError):
+                self.metrics.warmupFailures.labels(prefix=prefix, kind="error").inc()
                 log.warn("warmup of {prefix} failed: {why}; retrying", prefix=prefix, why=str(e))
                 self._retryLater(prefix)
             return

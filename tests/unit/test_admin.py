@@ -190,6 +190,22 @@ class AdminTests(TestCase):
             "process_",
         ):
             self.assertIn(family, text)
+        self.assertNotIn("_created", text)
+
+    @asyncTest
+    async def test_metricsNegotiateOpenMetrics(self) -> None:
+        """Issue 15, item 6: a scraper that asks for OpenMetrics gets it, with its # EOF."""
+        self.metrics.requests.labels(path="/x", method="GET", status="200", prefix="").inc()
+        response = await self.client().get(
+            "http://admin/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        self.assertTrue(
+            response.headers.getRawHeaders("content-type")[0].startswith("application/openmetrics-text")
+        )
+        text = await response.text()
+        self.assertTrue(text.endswith("# EOF\n"), text[-50:])
+        self.assertIn('bioproxy_requests_total{method="GET",path="/x",prefix="",status="200"} 1.0', text)
+        self.assertNotIn("_created", text)
 
     @asyncTest
     async def test_tokenRequired(self) -> None:
