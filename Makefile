@@ -45,8 +45,16 @@ $(VENV)/.prometheus-tools:
 	  echo "promtool is missing; the alert rules' promtool test will skip"
 	touch $@
 
-demo: $(VENV)/.installed $(if $(filter real,$(LLAMA)),$(VENV)/.llama-server)
-	BIN=$(BIN) LLAMA=$(LLAMA) sh scripts/demo.sh
+# The demo runs from a venv with bioproxy's runtime only, as a user installs
+# it; LLAMA=real needs the test venv (the pinned llama-server, the model maker).
+DEMO_VENV := .venv-demo
+$(DEMO_VENV)/.installed: $(SOURCES)
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -q .
+	touch $@
+
+demo: $(if $(filter real,$(LLAMA)),$(VENV)/.llama-server,$(DEMO_VENV)/.installed)
+	BIN=$(if $(filter real,$(LLAMA)),$(BIN),$(DEMO_VENV)/bin) LLAMA=$(LLAMA) sh scripts/demo.sh
 
 test: $(VENV)/.installed $(VENV)/.llama-server $(VENV)/.systemd-tools $(VENV)/.prometheus-tools
 	$(BIN)/python -m twisted.trial tests
@@ -61,4 +69,4 @@ bench: $(VENV)/.installed $(VENV)/.llama-server
 	$(BIN)/python bench/warm.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp .demo-cache
+	rm -rf $(VENV) $(DEMO_VENV) build *.egg-info _trial_temp .demo-cache

@@ -9,7 +9,9 @@
 set -eu
 BIN=${BIN:-.venv/bin}
 CHILD=
-trap '[ -n "$CHILD" ] && kill "$CHILD" 2>/dev/null; exit 0' INT TERM EXIT
+cleanup() { if [ -n "$CHILD" ]; then kill "$CHILD" 2>/dev/null || true; fi; }
+trap cleanup EXIT
+trap 'exit 0' INT TERM
 
 if [ "${LLAMA:-}" = real ] && [ -z "${BACKEND:-}" ]; then
     mkdir -p .demo-cache
@@ -27,10 +29,16 @@ elif [ -n "${LLAMA_SERVER:-}" ]; then
     CHILD=$!
     BACKEND=http://127.0.0.1:8081
 else
-    "$BIN/python" -m bioproxy.testing.fakellama --port 8081 >/dev/null 2>&1 &
+    # Whatever already owns the port would be proxied instead, silently.
+    if ! "$BIN/python" -c 'import socket; socket.create_server(("127.0.0.1", 8081)).close()' 2>/dev/null; then
+        echo "make demo: port 8081 is taken. Stop what listens there, or use it: make demo BACKEND=http://127.0.0.1:8081" >&2
+        exit 1
+    fi
+    mkdir -p .demo-cache/slots
+    "$BIN/python" -m bioproxy.testing.fakellama --port 8081 --slot-save-path .demo-cache/slots >/dev/null 2>&1 &
     CHILD=$!
     BACKEND=http://127.0.0.1:8081
-    echo "Started the fake llama-server on $BACKEND"
+    echo "Started the fake llama-server on $BACKEND (slot files in .demo-cache/slots)"
 fi
 
 cat <<'TRY'
@@ -41,9 +49,11 @@ Try, in another terminal:
        -d '{"messages":[{"role":"user","content":"@code How do I reverse a list?"}],"max_tokens":20}'
   curl -sN localhost:8088/v1/chat/completions -H 'Content-Type: application/json' \
        -d '{"messages":[{"role":"user","content":"Hello!"}],"stream":true,"max_tokens":20}'
-  curl -s localhost:8089/health
+  curl -s localhost:8089/            # the admin endpoints
+  curl -s localhost:8089/templates    # is each template warm, where, and why not
   curl -s localhost:8089/metrics | grep ^bioproxy_
-Press Ctrl+C to stop.
-
 TRY
-"$BIN/twistd" -n --pidfile= bioproxy --config examples/config.yaml --backend "$BACKEND"
+echo "  $BIN/bioproxy status          # templates, slots and the queue, as a table"
+echo "Press Ctrl+C to stop."
+echo
+"$BIN/bioproxy" run --config examples/config.yaml --backend "$BACKEND"
