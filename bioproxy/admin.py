@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import __version__
 from .errors import JSONResource, writeError
 from .heads import Head, HeadBook, Kind, templateHead
-from .kvcache import KVCache
+from .kvcache import KVCache, isoTime
 from .metrics import Metrics, MetricsResource
 from .monitor import BackendMonitor
 from .scheduler import SlotScheduler
@@ -112,10 +112,13 @@ class TemplatesResource(JSONResource):
                 describe(template) if template else {"prefix": prefix, "path": str(status.path)}
             )
             entry["last_change"] = status.lastChange
+            entry["last_change_at"] = isoTime(status.lastChange)
             entry["last_error"] = status.lastError
             if template is not None and self.cache is not None:
                 head = templateHead(template)
                 entry.update(self.cache.state(head).view(self.cache.backend))
+                if self.warmer is not None:
+                    entry["warm_state"] = self.warmer.phase(head).value
                 entry["cache_file"] = self.cache.filename(head)
                 if self.book is not None:
                     entry["variants"] = [self._variant(h, uses) for h in self.book.variantsOf(prefix)]
@@ -131,6 +134,8 @@ class TemplatesResource(JSONResource):
         assert self.cache is not None
         entry: dict[str, Any] = {"name": head.name, "kind": head.kind.value}
         entry.update(self.cache.state(head).view(self.cache.backend))
+        if self.warmer is not None:
+            entry["warm_state"] = self.warmer.phase(head).value
         entry["cache_file"] = self.cache.filename(head)
         entry.update(uses.get(head.name, {}))
         return entry

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from twisted.internet import defer
@@ -49,6 +50,13 @@ def filename(head: Head, fingerprint: str) -> str:
     return f"{sanitise(head.name)}-{head.digest[:12]}-{fingerprint}.bin"
 
 
+def isoTime(seconds: float | None) -> str | None:
+    """A Unix time in ISO 8601 (UTC, milliseconds), for the admin views."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+
+
 @dataclasses.dataclass
 class WarmState:
     """One head version's cache facts; replaced when the head changes."""
@@ -65,6 +73,7 @@ class WarmState:
     warm: bool = False
     inRam: bool = False  # llama-server has moved it to its RAM prompt cache
     lastWarmup: float | None = None
+    lastHow: str | None = None  # how the last warmup made it warm: prefill, restore, resident
     error: str | None = None  # why the backend refused the last warmup
     text: str | None = None  # what the warmup's slot starts with, as placement compares it
     fileBytes: int = 0  # of its file, as llama-server reported the save
@@ -86,6 +95,8 @@ class WarmState:
             "misses": self.misses,
             "hit_ratio": round(self.hits / checked, 4) if checked else None,
             "last_warmup": self.lastWarmup,
+            "last_warmup_at": isoTime(self.lastWarmup),
+            "last_warmup_how": self.lastHow,
             "warmup_error": self.error,
         }
 

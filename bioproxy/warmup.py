@@ -16,6 +16,7 @@ second warmup would empty the first one's slot before it is saved.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -37,6 +38,20 @@ log = Logger()
 
 # How a warmup made its head warm (the `how` label of bioproxy_warmup_total).
 Warmed = Literal["prefill", "restore", "resident"]
+
+
+class Phase(enum.Enum):
+    """Where a head stands, as an operator asks it: is it warm, where, and why not."""
+
+    QUEUED = "queued"  # a warmup is wanted and waits its turn
+    WARMING = "warming"  # a warmup runs now
+    RETRYING = "retrying"  # the last one failed; another is scheduled
+    REFUSED = "refused"  # llama-server refused it (too long, wrong key); warmup_error says why
+    IN_SLOT = "warm in a slot"  # a slot that keeps its contents holds it
+    IN_RAM = "warm in llama-server's RAM cache"
+    ON_DISK = "on disk"  # its file is saved: a restore away
+    COLD = "cold"  # nothing holds it yet
+    BACKEND_DOWN = "backend down"  # nothing can be warmed until llama-server is back
 
 
 class Warmer(Service):
@@ -66,11 +81,33 @@ class Warmer(Service):
         # the backend was last found: what /ready waits for.
         self.tried: set[str] = set()
         self._retries: list[IDelayedCall] = []
+        self.retrying: set[str] = set()
 
     @property
     def ready(self) -> bool:
         """The backend is up, probed, and its slots are known."""
         return self.backend.ready
+
+    def phase(self, head: Head) -> Phase:
+        """head's warm phase, from what the warmer, the slots and the cache know."""
+        state = self.cache.state(head)
+        if head.name in self.jobs:
+            return Phase.WARMING
+        if not self.ready:
+            return Phase.BACKEND_DOWN
+        if state.error is not None:
+            return Phase.REFUSED
+        if head.name in self.retrying:
+            return Phase.RETRYING
+        if head.name in self.wanted:
+            return Phase.QUEUED
+        if self.backend.pins and any(slot.contents.key == head.key for slot in self.scheduler.slots):
+            return Phase.IN_SLOT
+        if state.inRam and not self.backend.pins:
+            return Phase.IN_RAM
+        if self.cache.saved(head):
+            return Phase.ON_DISK
+        return Phase.COLD
 
     def untried(self, prefixes: Iterable[str]) -> list[str]:
         """Those of prefixes whose warmup has not yet run to an end."""
@@ -146,6 +183,7 @@ class Warmer(Service):
         for call in self._retries:
             if call.active():
                 call.cancel()
+        self.retrying.clear()
         for job in list(self.jobs.values()):
             job.cancel()
 
@@ -236,6 +274,7 @@ class Warmer(Service):
                 self.cache.unclaim(slot)
         state.warm = True
         state.lastWarmup = self.clock.seconds()
+        state.lastHow = how
         return how
 
     async def _warmPinned(self, lease: Lease, head: Head, state: WarmState) -> Warmed:
@@ -295,4 +334,9 @@ class Warmer(Service):
         if not self.running:
             return
         self._retries = [c for c in self._retries if c.active()]
-        self._retries.append(self.clock.callLater(self.retryDelay, self.request, prefix))
+        self.retrying.add(prefix)
+        self._retries.append(self.clock.callLater(self.retryDelay, self._retry, prefix))
+
+    def _retry(self, prefix: str) -> None:
+        self.retrying.discard(prefix)
+        self.request(prefix)

@@ -99,3 +99,40 @@ class ReadyTests(SynchronousTestCase):
         m.warmer.request("@u")
         m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
         self.assertEqual(self.ready(m)[0], 200)
+
+
+class PhaseTests(SynchronousTestCase):
+    """Issue 15, items 4 and 5: is a head warm, where, and why not."""
+
+    def test_phases(self) -> None:
+        from bioproxy.heads import templateHead
+        from bioproxy.warmup import Phase
+
+        m = Memory(Path(self.mktemp()), unified=False, slots=1, cacheRam=False)
+        t = templateHead(m.template("@t", "Review this:\n<{message}>"))
+        u = templateHead(m.template("@u", "Translate this:\n<{message}>"))
+        self.assertEqual(m.warmer.phase(t), Phase.BACKEND_DOWN)
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        phases = {m.warmer.phase(t), m.warmer.phase(u)}
+        self.assertEqual(
+            phases, {Phase.IN_SLOT, Phase.ON_DISK}, "one slot: one holds it, the other is a file"
+        )
+        m.warmer.retrying.add("@t")
+        self.assertEqual(m.warmer.phase(t), Phase.RETRYING)
+        m.warmer.retrying.clear()
+        m.cache.state(t).error = "prompt too long"
+        self.assertEqual(m.warmer.phase(t), Phase.REFUSED)
+
+    def test_clearedModeIsTheRamCache(self) -> None:
+        from bioproxy.heads import templateHead
+        from bioproxy.warmup import Phase
+
+        m = Memory(Path(self.mktemp()), unified=True)
+        t = templateHead(m.template("@t", "Review this:\n<{message}>"))
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        self.assertEqual(m.warmer.phase(t), Phase.IN_RAM)
+        view = m.cache.state(t).view(m.backend)
+        self.assertEqual(view["last_warmup_how"], "prefill")
+        self.assertRegex(view["last_warmup_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
