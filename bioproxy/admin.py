@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -15,12 +16,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__
 from .errors import JSONResource, writeError
-from .heads import Head, HeadBook, Kind, templateHead
-from .kvcache import KVCache, isoTime
+from .heads import HeadBook
+from .kvcache import KVCache
 from .metrics import Metrics, MetricsResource
 from .monitor import BackendMonitor
 from .scheduler import SlotScheduler
-from .templates import describe
+from .snapshot import Snapshot
+from .statuspage import STATUS_PAGE
 from .warmup import Warmer
 from .watcher import TemplateWatcher
 
@@ -31,55 +33,27 @@ def jsonBody(request: Request, value: Any, status: int = 200) -> bytes:
     return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
 
 
-class HealthResource(JSONResource):
-    def __init__(self, monitor: BackendMonitor, clock: IReactorTime, backendURL: str) -> None:
+class JSONView(JSONResource):
+    """GET: one part of the snapshot, as JSON."""
+
+    def __init__(self, view: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
-        self.monitor = monitor
-        self.clock = clock
-        self.startedAt = clock.seconds()
-        self.backendURL = backendURL
+        self.view = view
 
     def render_GET(self, request: Request) -> bytes:
-        monitor = self.monitor
-        return jsonBody(
-            request,
-            {
-                # The proxy itself is up whenever it answers; the backend's
-                # state is reported beside it rather than failing the check.
-                "status": "ok" if monitor.reachable else "degraded",
-                "uptime_seconds": round(self.clock.seconds() - self.startedAt, 3),
-                "version": __version__,
-                "backend": {
-                    "url": self.backendURL,
-                    "reachable": monitor.reachable,
-                    "last_checked_ago_seconds": (
-                        None
-                        if monitor.lastChecked is None
-                        else round(self.clock.seconds() - monitor.lastChecked, 3)
-                    ),
-                    "last_error": monitor.lastError,
-                },
-            },
-        )
+        return jsonBody(request, self.view())
 
 
 class ReadyResource(JSONResource):
     """200 once the backend has been probed and every template's warmup has run to an end; 503 before."""
 
-    def __init__(self, watcher: TemplateWatcher, warmer: Warmer | None) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         super().__init__()
-        self.watcher = watcher
-        self.warmer = warmer
+        self.snapshot = snapshot
 
     def render_GET(self, request: Request) -> bytes:
-        backend = self.warmer is not None and self.warmer.ready
-        untried = self.warmer.untried(self.watcher.library.templates) if self.warmer is not None else []
-        ready = backend and not untried
-        return jsonBody(
-            request,
-            {"ready": ready, "backend_ready": backend, "templates_untried": untried},
-            200 if ready else 503,
-        )
+        ready = self.snapshot.ready()
+        return jsonBody(request, ready, 200 if ready["ready"] else 503)
 
 
 class TemplatesResource(JSONResource):
@@ -87,58 +61,16 @@ class TemplatesResource(JSONResource):
 
     isLeaf = True
 
-    def __init__(
-        self,
-        watcher: TemplateWatcher,
-        cache: KVCache | None,
-        warmer: Warmer | None,
-        book: HeadBook | None = None,
-    ) -> None:
+    def __init__(self, snapshot: Snapshot, warmer: Warmer | None) -> None:
         super().__init__()
-        self.watcher = watcher
-        self.cache = cache
+        self.snapshot = snapshot
         self.warmer = warmer
-        self.book = book
 
     def render_GET(self, request: Request) -> bytes | int:
         if request.postpath and request.postpath != [b""]:
             writeError(request, 404, "No such admin resource.")
             return NOT_DONE_YET
-        out = []
-        uses = self.book.view() if self.book is not None else {}
-        for prefix, status in sorted(self.watcher.status.items()):
-            template = self.watcher.library.templates.get(prefix)
-            entry: dict[str, Any] = (
-                describe(template) if template else {"prefix": prefix, "path": str(status.path)}
-            )
-            entry["last_change"] = status.lastChange
-            entry["last_change_at"] = isoTime(status.lastChange)
-            entry["last_error"] = status.lastError
-            if template is not None and self.cache is not None:
-                head = templateHead(template)
-                entry.update(self.cache.state(head).view(self.cache.backend))
-                if self.warmer is not None:
-                    entry["warm_state"] = self.warmer.phase(head).value
-                entry["cache_file"] = self.cache.filename(head)
-                if self.book is not None:
-                    entry["variants"] = [self._variant(h, uses) for h in self.book.variantsOf(prefix)]
-            out.append(entry)
-        learned = []
-        if self.book is not None and self.cache is not None:
-            learned = [self._variant(h, uses) for h in self.book.wanted() if h.kind is Kind.LEARNED]
-        backend = self.cache.backend.view() if self.cache is not None else None
-        return jsonBody(request, {"templates": out, "learned": learned, "backend": backend})
-
-    def _variant(self, head: Head, uses: dict[str, Any]) -> dict[str, Any]:
-        """A learned head: its cache facts, and its uses from the book's view."""
-        assert self.cache is not None
-        entry: dict[str, Any] = {"name": head.name, "kind": head.kind.value}
-        entry.update(self.cache.state(head).view(self.cache.backend))
-        if self.warmer is not None:
-            entry["warm_state"] = self.warmer.phase(head).value
-        entry["cache_file"] = self.cache.filename(head)
-        entry.update(uses.get(head.name, {}))
-        return entry
+        return jsonBody(request, self.snapshot.templates())
 
     def render_POST(self, request: Request) -> bytes | int:
         path = request.postpath or []
@@ -152,41 +84,6 @@ class TemplatesResource(JSONResource):
         return jsonBody(request, {"queued": prefix, "backend_ready": self.warmer.ready}, status=202)
 
 
-class SlotsResource(JSONResource):
-    """bioproxy's view of each backend slot, which is what placement decides on."""
-
-    def __init__(self, scheduler: SlotScheduler, clock: IReactorTime) -> None:
-        super().__init__()
-        self.scheduler = scheduler
-        self.clock = clock
-
-    def render_GET(self, request: Request) -> bytes:
-        now = self.clock.seconds()
-        slots = []
-        for slot in self.scheduler.slots:
-            lease = slot.lease
-            slots.append(
-                {
-                    "id": slot.id,
-                    "state": slot.contents.label,
-                    "template": slot.contents.key,
-                    "busy": lease is not None,
-                    "holder": lease.priority if lease is not None else None,
-                    "idle_seconds": None
-                    if lease is not None or not slot.lastUsed
-                    else round(now - slot.lastUsed, 3),
-                }
-            )
-        return jsonBody(
-            request,
-            {
-                "slots": slots,
-                "retained": self.scheduler.retains,
-                "waiting": {priority: len(queue) for priority, queue in self.scheduler.queues.items()},
-            },
-        )
-
-
 class TokenGuard(Resource):
     """Requires `Authorization: Bearer <token>` before anything below it."""
 
@@ -196,10 +93,14 @@ class TokenGuard(Resource):
         self.token = token.encode()
         self.open = open or set()  # children anyone may read (a probe's /health)
 
-    def _allowed(self, request: Request) -> bool:
+    def _allowed(self, request: Request, page: bool = False) -> bool:
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+            return True
+        # A browser opening the status page cannot send a header: /?token=… (the page then sends it).
+        query = (request.args or {}).get(b"token", [b""])[0]
+        return page and bool(query) and hmac.compare_digest(query, self.token)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if path not in self.open and not self._allowed(request):
@@ -208,7 +109,7 @@ class TokenGuard(Resource):
         return child
 
     def render(self, request: Request) -> bytes | int:
-        if not self._allowed(request):
+        if not self._allowed(request, page=True):
             return _Unauthorized().render(request)
         result: bytes | int = self.wrapped.render(request)
         return result
@@ -239,28 +140,29 @@ def adminRoot(
     warmer: Warmer | None = None,
     book: HeadBook | None = None,
     openHealth: bool = False,
+    recent: Iterable[dict[str, Any]] = (),
 ) -> Resource:
+    snapshot = Snapshot(monitor, clock, backendURL, watcher, cache, warmer, book, scheduler, recent)
     root = AdminRoot()
-    root.add(
-        "health", "GET: the proxy's and the backend's health", HealthResource(monitor, clock, backendURL)
-    )
+    root.add("health", "GET: the proxy's and the backend's health", JSONView(snapshot.health))
     root.add(
         "ready",
         "GET: 200 once the backend is probed and every template has been tried, else 503",
-        ReadyResource(watcher, warmer),
+        ReadyResource(snapshot),
     )
     root.add("metrics", "GET: Prometheus metrics", MetricsResource(metrics.registry))
     root.add(
         "templates",
         "GET: templates, their heads and warm state; POST /templates/<prefix>/warmup: warm one now",
-        TemplatesResource(watcher, cache, warmer, book),
+        TemplatesResource(snapshot, warmer),
     )
     if scheduler is not None:
         root.add(
-            "slots",
-            "GET: each slot, what it holds and who holds it; the queues",
-            SlotsResource(scheduler, clock),
+            "slots", "GET: each slot, what it holds and who holds it; the queues", JSONView(snapshot.slots)
         )
+    root.add(
+        "status", "GET: all of the above and the last requests, in one snapshot", JSONView(snapshot.whole)
+    )
     return TokenGuard(root, token, {b"health"} if openHealth else set()) if token else root
 
 
@@ -276,6 +178,10 @@ class AdminRoot(JSONResource):
         self.endpoints["/" + name] = what
 
     def render_GET(self, request: Request) -> bytes:
+        # A browser gets the status page; anything else the list of endpoints.
+        if b"text/html" in (request.getHeader(b"accept") or b""):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return STATUS_PAGE
         return jsonBody(
             request, {"service": "bioproxy admin", "version": __version__, "endpoints": self.endpoints}
         )

@@ -198,6 +198,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
             warmer,
             book,
             config.admin_open_health,
+            proxySite.recent,
         ),
         timeout=config.client_timeout,
     )

@@ -9,6 +9,7 @@ metrics, and the set of in-flight requests that a graceful shutdown waits for.
 
 from __future__ import annotations
 
+from collections import deque
 from io import BytesIO
 from typing import Any
 
@@ -27,7 +28,8 @@ from .metrics import Metrics, methodLabel, pathLabel
 
 log = Logger()
 
-CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
+CLIENT_CLOSED = 499
+RECENT = 20  # requests the status page shows  # nginx's code for "the client went away first"
 
 
 class JSONChannel(HTTPChannel):
@@ -194,6 +196,7 @@ class ProxySite(JSONSite):
     ) -> None:
         super().__init__(resource, reactor=clock, **kwargs)
         self.accessLog = accessLog
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.metrics = metrics
         self.clock = clock
         self.maxBodyBytes = maxBodyBytes
@@ -219,10 +222,9 @@ class ProxySite(JSONSite):
             seconds = self.clock.seconds() - request.startedAt
             method = methodLabel(request.method.decode("latin-1"))
             self.metrics.requestEnded(request.routeLabel(), method, str(status), request.prefix, seconds)
-            if self.accessLog:
-                # A turn later: the dispatcher learns the timings (cached and
-                # computed tokens) just after the response's end.
-                self.clock.callLater(0, self._accessLine, request, method, status, seconds)
+            # A turn later: the dispatcher learns the timings (cached and
+            # computed tokens) just after the response's end.
+            self.clock.callLater(0, self._ended, request, method, status, seconds)
             if not self.active:
                 waiters, self._idleWaiters = self._idleWaiters, []
                 for waiter in waiters:
@@ -230,29 +232,34 @@ class ProxySite(JSONSite):
 
         request.notifyFinish().addBoth(ended)
 
-    def _accessLine(self, request: ProxyRequest, method: str, status: int, seconds: float) -> None:
-        """One line per request; its fields are the event's too (for --log-format json)."""
+    def _ended(self, request: ProxyRequest, method: str, status: int, seconds: float) -> None:
+        """
+        A request's record: kept among the last few (the status page shows
+        them) and, with access_log, one log line whose fields are the event's
+        too (for --log-format json).
+        """
+        record = {
+            "method": method,
+            "path": request.path.decode("latin-1"),
+            "status": status,
+            "prefix": request.prefix or None,
+            "slot": request.slot,
+            "cached": request.cached,
+            "computed": request.computed,
+            "ttfb_ms": None if request.firstByte is None else round(request.firstByte * 1000, 1),
+            "ms": round(seconds * 1000, 1),
+        }
+        self.recent.append(record)
+        if not self.accessLog:
+            return
         detail = f" {request.prefix}" if request.prefix else ""
         if request.slot is not None:
             detail += f" slot {request.slot}"
         if request.cached is not None:
             detail += f" cached {request.cached} computed {request.computed}"
-        ttfb = None if request.firstByte is None else round(request.firstByte * 1000, 1)
-        if ttfb is not None:
-            detail += f" ttfb {ttfb} ms"
-        log.info(
-            "{method} {path} {status}{detail} in {ms} ms",
-            method=method,
-            path=request.path.decode("latin-1"),
-            status=status,
-            detail=detail,
-            ms=round(seconds * 1000, 1),
-            prefix=request.prefix or None,
-            slot=request.slot,
-            cached=request.cached,
-            computed=request.computed,
-            ttfb_ms=ttfb,
-        )
+        if record["ttfb_ms"] is not None:
+            detail += f" ttfb {record['ttfb_ms']} ms"
+        log.info("{method} {path} {status}{detail} in {ms} ms", detail=detail, **record)
 
     async def drain(self, grace: float) -> None:
         """

@@ -248,7 +248,7 @@ class AdminTests(TestCase):
         response = await http.get("http://admin/", headers={"Authorization": "Bearer s3cret"})
         self.assertEqual(response.code, 200)
         endpoints = (await response.json())["endpoints"]
-        self.assertEqual(set(endpoints), {"/health", "/ready", "/metrics", "/templates"})
+        self.assertEqual(set(endpoints), {"/health", "/ready", "/metrics", "/templates", "/status"})
         for path in endpoints:
             answer = await http.get("http://admin" + path, headers={"Authorization": "Bearer s3cret"})
             self.assertEqual(answer.code, 503 if path == "/ready" else 200, path)  # no backend here

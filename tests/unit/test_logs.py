@@ -71,11 +71,13 @@ class ReadyTests(SynchronousTestCase):
         from treq.testing import StubTreq
 
         from bioproxy.admin import ReadyResource
+        from bioproxy.snapshot import Snapshot
 
         class Watched:
             library = m.library
 
-        http = StubTreq(ReadyResource(Watched(), m.warmer))  # type: ignore[arg-type]
+        snapshot = Snapshot(m.monitor, m.clock, "http://llama", Watched(), m.cache, m.warmer)  # type: ignore[arg-type]
+        http = StubTreq(ReadyResource(snapshot))
         answers: list[Any] = []
         http.get("http://admin/").addCallback(
             lambda r: r.json().addCallback(lambda j: answers.append((r.code, j)))

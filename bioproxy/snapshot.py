@@ -1,0 +1,143 @@
+"""
+What bioproxy is doing, as one JSON-able snapshot. Every admin view is a
+part of it (/health, /ready, /templates, /slots) or all of it (/status,
+which the status page polls), so that each fact is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from . import __version__
+from .heads import Head, HeadBook, Kind, templateHead
+from .kvcache import KVCache, isoTime
+from .monitor import BackendMonitor
+from .scheduler import SlotScheduler
+from .templates import describe
+from .warmup import Warmer
+from .watcher import TemplateWatcher
+
+
+class Snapshot:
+    def __init__(
+        self,
+        monitor: BackendMonitor,
+        clock: IReactorTime,
+        backendURL: str,
+        watcher: TemplateWatcher,
+        cache: KVCache | None = None,
+        warmer: Warmer | None = None,
+        book: HeadBook | None = None,
+        scheduler: SlotScheduler | None = None,
+        recent: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        self.monitor = monitor
+        self.clock = clock
+        self.startedAt = clock.seconds()
+        self.backendURL = backendURL
+        self.watcher = watcher
+        self.cache = cache
+        self.warmer = warmer
+        self.book = book
+        self.scheduler = scheduler
+        self.recent = recent  # the proxy site's last requests, newest last
+
+    def whole(self) -> dict[str, Any]:
+        return {
+            "health": self.health(),
+            "ready": self.ready(),
+            "templates": self.templates(),
+            "slots": self.slots() if self.scheduler is not None else None,
+            "requests": list(self.recent),
+        }
+
+    def health(self) -> dict[str, Any]:
+        monitor, now = self.monitor, self.clock.seconds()
+        return {
+            # The proxy itself is up whenever it answers; the backend's
+            # state is reported beside it rather than failing the check.
+            "status": "ok" if monitor.reachable else "degraded",
+            "uptime_seconds": round(now - self.startedAt, 3),
+            "version": __version__,
+            "backend": {
+                "url": self.backendURL,
+                "reachable": monitor.reachable,
+                "last_checked_ago_seconds": (
+                    None if monitor.lastChecked is None else round(now - monitor.lastChecked, 3)
+                ),
+                "last_error": monitor.lastError,
+            },
+        }
+
+    def ready(self) -> dict[str, Any]:
+        backend = self.warmer is not None and self.warmer.ready
+        untried = self.warmer.untried(self.watcher.library.templates) if self.warmer is not None else []
+        return {"ready": backend and not untried, "backend_ready": backend, "templates_untried": untried}
+
+    def templates(self) -> dict[str, Any]:
+        out = []
+        uses = self.book.view() if self.book is not None else {}
+        for prefix, status in sorted(self.watcher.status.items()):
+            template = self.watcher.library.templates.get(prefix)
+            entry: dict[str, Any] = (
+                describe(template) if template else {"prefix": prefix, "path": str(status.path)}
+            )
+            entry["last_change"] = status.lastChange
+            entry["last_change_at"] = isoTime(status.lastChange)
+            entry["last_error"] = status.lastError
+            if template is not None and self.cache is not None:
+                entry.update(self._head(templateHead(template), uses))
+                if self.book is not None:
+                    entry["variants"] = [
+                        {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}
+                        for h in self.book.variantsOf(prefix)
+                    ]
+            out.append(entry)
+        learned = []
+        if self.book is not None and self.cache is not None:
+            learned = [
+                {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}
+                for h in self.book.wanted()
+                if h.kind is Kind.LEARNED
+            ]
+        backend = self.cache.backend.view() if self.cache is not None else None
+        return {"templates": out, "learned": learned, "backend": backend}
+
+    def _head(self, head: Head, uses: dict[str, Any]) -> dict[str, Any]:
+        """A head's cache facts, its warm state, and its uses from the book."""
+        assert self.cache is not None
+        entry = self.cache.state(head).view(self.cache.backend)
+        if self.warmer is not None:
+            entry["warm_state"] = self.warmer.phase(head).value
+        entry["cache_file"] = self.cache.filename(head)
+        if head.kind is not Kind.TEMPLATE:
+            entry.update(uses.get(head.name, {}))
+        return entry
+
+    def slots(self) -> dict[str, Any]:
+        """bioproxy's view of each backend slot, which is what placement decides on."""
+        assert self.scheduler is not None
+        now = self.clock.seconds()
+        slots = []
+        for slot in self.scheduler.slots:
+            lease = slot.lease
+            slots.append(
+                {
+                    "id": slot.id,
+                    "state": slot.contents.label,
+                    "template": slot.contents.key,
+                    "busy": lease is not None,
+                    "holder": lease.priority if lease is not None else None,
+                    "idle_seconds": None
+                    if lease is not None or not slot.lastUsed
+                    else round(now - slot.lastUsed, 3),
+                }
+            )
+        return {
+            "slots": slots,
+            "retained": self.scheduler.retains,
+            "waiting": {priority: len(queue) for priority, queue in self.scheduler.queues.items()},
+        }
