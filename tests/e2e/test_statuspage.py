@@ -1,0 +1,127 @@
+"""
+The status page in a real headless browser (Debian's chromium and
+chromium-driver, selenium from PyPI; `make test` installs them as root):
+what it renders from a running bioproxy, with admin_token set.
+
+BIOPROXY_SCREENSHOT=path saves what the browser shows (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor, threads
+from twisted.trial.unittest import SkipTest, TestCase
+
+from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
+
+from ..helpers import asyncTest, listen
+from ..stack import Bioproxy, templateText
+
+R: Any = reactor
+TOKEN = "s3cret"
+
+
+def browser() -> Any:
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        raise SkipTest("selenium is not installed") from None
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        raise SkipTest("chromium and chromium-driver are missing (Debian packages; make test installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def rendered(url: str, screenshot: str | None) -> dict[str, Any]:
+    """In a thread (selenium blocks): open the page and read what it rendered once it has data."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(url)
+
+        def loaded(d: Any) -> bool:
+            requests = d.find_elements(By.CSS_SELECTOR, "#requests tbody tr")
+            return bool(requests) and "up" in d.find_element(By.ID, "backend").text
+
+        WebDriverWait(driver, 20).until(loaded)
+
+        def rows(table: str) -> list[list[str]]:
+            return [
+                [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+            ]
+
+        if screenshot:
+            driver.save_screenshot(screenshot)
+        return {
+            "templates": rows("templates"),
+            "slots": rows("slots"),
+            "requests": rows("requests"),
+            "backend": driver.find_element(By.ID, "backend").text,
+            "ready": driver.find_element(By.ID, "ready").text,
+            "error": driver.find_element(By.ID, "error").text,
+        }
+    finally:
+        driver.quit()
+
+
+class StatusPageTests(TestCase):
+    timeout = 120
+
+    @asyncTest
+    async def test_rendersTemplatesSlotsAndRequests(self) -> None:
+        browser().quit()  # skips here, before anything starts, when there is no browser
+        directory = Path(self.mktemp()).absolute()
+        (directory / "slots").mkdir(parents=True)
+        llama = FakeLlama(R, slots=2, unified=False, saveDir=directory / "slots")
+        stack = Bioproxy(
+            self,
+            directory,
+            listen(R, FakeLlamaResource(llama), self),
+            {"@code": templateText(1), "@debug": templateText(2)},
+            admin_token=TOKEN,
+        )
+        stack.headers = {}
+        await stack.allWarm()
+        await stack.chat("@code what does this do?")
+        page = await threads.deferToThread(
+            rendered, f"{stack.admin}/?token={TOKEN}", os.environ.get("BIOPROXY_SCREENSHOT")
+        )
+        self.assertEqual(page["error"], "")
+        self.assertIn("up", page["backend"])
+        self.assertEqual(page["ready"], "ready")
+        templates = {row[0]: row for row in page["templates"]}
+        self.assertEqual(set(templates), {"@code", "@debug"})
+        for row in templates.values():
+            self.assertIn(row[1], ("warm in a slot", "on disk", "warm in llama-server's RAM cache"), row)
+        self.assertEqual(templates["@code"][3], "1")  # one hit
+        self.assertEqual([row[0] for row in page["slots"]], ["0", "1"])
+        [chat] = [row for row in page["requests"] if row[0] == "POST /v1/chat/completions"]
+        self.assertEqual((chat[1], chat[2]), ("200", "@code"))
+        self.assertGreater(int(chat[4]), 0, "cached tokens shown")
+
+    @asyncTest
+    async def test_refusedWithoutTheToken(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        llama = FakeLlama(R)
+        stack = Bioproxy(self, directory, listen(R, FakeLlamaResource(llama), self), {}, admin_token=TOKEN)
+        response = await stack.http.get(stack.admin + "/", headers={"Accept": "text/html"})
+        self.assertEqual(response.code, 401)
+        response = await stack.http.get(stack.admin + f"/?token={TOKEN}", headers={"Accept": "text/html"})
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"<title>bioproxy</title>", await response.content())
+        # The query token opens the page only, not the data behind it.
+        response = await stack.http.get(stack.admin + f"/status?token={TOKEN}")
+        self.assertEqual(response.code, 401)
