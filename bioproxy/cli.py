@@ -91,12 +91,12 @@ def status(args: list[str]) -> int:
     except (OSError, ValueError) as e:
         sys.stderr.write(f"bioproxy: cannot read {admin}: {e}\n")
         return 2
-    rows: list[tuple[str, ...]] = [("TEMPLATE", "WARM", "HITS", "MISSES", "TOKENS", "MODE", "ERROR")]
+    rows: list[tuple[str, ...]] = [("TEMPLATE", "WARM STATE", "HITS", "MISSES", "TOKENS", "MODE", "ERROR")]
     for t in templates.get("templates", []):
         rows.append(
             (
                 t["prefix"],
-                "yes" if t.get("warm") else "no",
+                t.get("warm_state") or ("warm" if t.get("warm") else "cold"),
                 str(t.get("hits", 0)),
                 str(t.get("misses", 0)),
                 str(t.get("tokens") or ""),

@@ -104,6 +104,7 @@ class JSONSite(Site):
 
     protocol = JSONChannel  # type: ignore[assignment]  # HTTP/1.1 only, as llama-server speaks it
     requestFactory = JSONRequest
+    noisy = False  # the start-up banner says where it listens
 
     def __init__(self, resource: Resource, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)

@@ -137,7 +137,7 @@ class CommandTests(TestCase):
         self.assertEqual(code, 0, err)
         lines = out.splitlines()
         self.assertTrue(lines[0].startswith("TEMPLATE"), out)
-        self.assertRegex(out, r"@code\s+yes")
+        self.assertRegex(out, r"@code\s+(warm in a slot|on disk)\s")
         self.assertEqual(sum(1 for line in lines if line[:1].isdigit()), 2, out)
         _, err, code = await bioproxy("status", "--admin", "http://127.0.0.1:9", cwd=self.dir)
         self.assertEqual((code, len(err.strip().splitlines())), (2, 1), err)
