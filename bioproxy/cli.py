@@ -91,7 +91,9 @@ def status(args: list[str]) -> int:
     except (OSError, ValueError) as e:
         sys.stderr.write(f"bioproxy: cannot read {admin}: {e}\n")
         return 2
-    rows: list[tuple[str, ...]] = [("TEMPLATE", "WARM STATE", "HITS", "MISSES", "TOKENS", "MODE", "ERROR")]
+    rows: list[tuple[str, ...]] = [
+        ("TEMPLATE", "WARM STATE", "HITS", "MISSES", "TOKENS", "SAVED", "MODE", "ERROR")
+    ]
     for t in templates.get("templates", []):
         rows.append(
             (
@@ -100,6 +102,7 @@ def status(args: list[str]) -> int:
                 str(t.get("hits", 0)),
                 str(t.get("misses", 0)),
                 str(t.get("tokens") or ""),
+                str(t.get("tokens_saved", "")),
                 str(t.get("warmup_mode") or ""),
                 t.get("warmup_error") or t.get("last_error") or "",
             )

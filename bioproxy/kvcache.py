@@ -107,6 +107,7 @@ class KVCache:
         self.llama = backend.llama
         self.metrics = metrics
         self.states: dict[str, WarmState] = {}
+        self.tokensSaved: dict[str, int] = {}  # by template prefix: prompt tokens its requests reused
         self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
         self._saving = 0  # saves under way that a new task could spoil
         self._waiting: list[defer.Deferred[None]] = []
@@ -482,7 +483,10 @@ class KVCache:
         return False
 
     def count(self, prefix: str, timings: dict[str, Any]) -> None:
-        self.metrics.promptTokens.labels(prefix=prefix, kind="cached").inc(max(0, timings.get("cache_n", 0)))
+        cached = max(0, timings.get("cache_n", 0))
+        if prefix:
+            self.tokensSaved[prefix] = self.tokensSaved.get(prefix, 0) + cached
+        self.metrics.promptTokens.labels(prefix=prefix, kind="cached").inc(cached)
         self.metrics.promptTokens.labels(prefix=prefix, kind="computed").inc(
             max(0, timings.get("prompt_n", 0))
         )

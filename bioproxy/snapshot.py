@@ -90,6 +90,7 @@ class Snapshot:
             entry["last_error"] = status.lastError
             if template is not None and self.cache is not None:
                 entry.update(self._head(templateHead(template), uses))
+                entry["tokens_saved"] = self.cache.tokensSaved.get(prefix, 0)
                 if self.book is not None:
                     entry["variants"] = [
                         {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}

@@ -34,7 +34,7 @@ STATUS_PAGE = b"""<!doctype html>
 <div id="error"></div>
 <h2>Templates</h2>
 <table id="templates"><thead><tr><th>head</th><th>warm state</th><th>tokens</th><th>hits</th><th>misses</th>
-<th>hit ratio</th><th>warmup</th><th>last warmup</th><th>why not / error</th></tr></thead><tbody></tbody></table>
+<th>hit ratio</th><th>tokens saved</th><th>warmup</th><th>last warmup</th><th>why not / error</th></tr></thead><tbody></tbody></table>
 <h2>Slots</h2>
 <table id="slots"><thead><tr><th>slot</th><th>holds</th><th>state</th><th>busy</th><th>idle s</th></tr></thead>
 <tbody></tbody></table>
@@ -71,6 +71,7 @@ function head(row, t, name, sub) {
   badge(row, t.warm_state);
   cell(row, t.tokens, "num"); cell(row, t.hits, "num"); cell(row, t.misses, "num");
   cell(row, t.hit_ratio === null || t.hit_ratio === undefined ? "" : (100 * t.hit_ratio).toFixed(0) + "%", "num");
+  cell(row, t.tokens_saved, "num");
   cell(row, t.warmup_mode);
   cell(row, [t.last_warmup_how, t.last_warmup_at].filter(Boolean).join(" at "));
   cell(row, t.warmup_error || t.last_error || (t.warmup_mode === "prefill" ? t.warmup_mode_reason : ""), "why");

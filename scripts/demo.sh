@@ -54,6 +54,7 @@ Try, in another terminal:
   curl -s localhost:8089/metrics | grep ^bioproxy_
 TRY
 echo "  $BIN/bioproxy status          # templates, slots and the queue, as a table"
+echo "Open http://localhost:8089/ in a browser for the live status page."
 echo "Press Ctrl+C to stop."
 echo
 "$BIN/bioproxy" run --config examples/config.yaml --backend "$BACKEND"

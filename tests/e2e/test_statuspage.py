@@ -106,6 +106,7 @@ class StatusPageTests(TestCase):
         for row in templates.values():
             self.assertIn(row[1], ("warm in a slot", "on disk", "warm in llama-server's RAM cache"), row)
         self.assertEqual(templates["@code"][3], "1")  # one hit
+        self.assertGreater(int(templates["@code"][6]), 0, "tokens saved")
         self.assertEqual([row[0] for row in page["slots"]], ["0", "1"])
         [chat] = [row for row in page["requests"] if row[0] == "POST /v1/chat/completions"]
         self.assertEqual((chat[1], chat[2]), ("200", "@code"))
