@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__
 from .errors import JSONResource, writeError
-from .heads import HeadBook
-from .kvcache import KVCache
 from .metrics import Metrics, MetricsResource
-from .monitor import BackendMonitor
-from .scheduler import SlotScheduler
 from .snapshot import Snapshot
 from .statuspage import STATUS_PAGE
 from .warmup import Warmer
-from .watcher import TemplateWatcher
 
 
 def jsonBody(request: Request, value: Any, status: int = 200) -> bytes:
@@ -130,19 +124,11 @@ class _Unauthorized(Resource):
 
 def adminRoot(
     metrics: Metrics,
-    monitor: BackendMonitor,
-    watcher: TemplateWatcher,
-    clock: IReactorTime,
-    backendURL: str,
+    snapshot: Snapshot,
     token: str | None = None,
-    scheduler: SlotScheduler | None = None,
-    cache: KVCache | None = None,
-    warmer: Warmer | None = None,
-    book: HeadBook | None = None,
     openHealth: bool = False,
-    recent: Iterable[dict[str, Any]] = (),
 ) -> Resource:
-    snapshot = Snapshot(monitor, clock, backendURL, watcher, cache, warmer, book, scheduler, recent)
+    """The admin site: every view a part of snapshot; warmups asked of its warmer."""
     root = AdminRoot()
     root.add("health", "GET: the proxy's and the backend's health", JSONView(snapshot.health))
     root.add(
@@ -154,9 +140,9 @@ def adminRoot(
     root.add(
         "templates",
         "GET: templates, their heads and warm state; POST /templates/<prefix>/warmup: warm one now",
-        TemplatesResource(snapshot, warmer),
+        TemplatesResource(snapshot, snapshot.warmer),
     )
-    if scheduler is not None:
+    if snapshot.scheduler is not None:
         root.add(
             "slots", "GET: each slot, what it holds and who holds it; the queues", JSONView(snapshot.slots)
         )

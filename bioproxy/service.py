@@ -30,6 +30,7 @@ from .monitor import BackendMonitor
 from .proxy import ProxyResource
 from .scheduler import SlotScheduler
 from .site import JSONSite, ProxySite
+from .snapshot import Snapshot
 from .state import StateFile
 from .templates import Sources, TemplateLibrary
 from .warmup import Warmer
@@ -185,21 +186,11 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.access_log,
         timeout=config.client_timeout,
     )
+    snapshot = Snapshot(
+        monitor, reactor, config.backend_url, watcher, cache, warmer, book, scheduler, proxySite.recent
+    )
     adminSite = JSONSite(
-        adminRoot(
-            metrics,
-            monitor,
-            watcher,
-            reactor,
-            config.backend_url,
-            config.admin_token,
-            scheduler,
-            cache,
-            warmer,
-            book,
-            config.admin_open_health,
-            proxySite.recent,
-        ),
+        adminRoot(metrics, snapshot, config.admin_token, config.admin_open_health),
         timeout=config.client_timeout,
     )
 

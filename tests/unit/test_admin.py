@@ -14,6 +14,7 @@ from bioproxy import __version__
 from bioproxy.admin import adminRoot
 from bioproxy.metrics import Metrics
 from bioproxy.monitor import BackendMonitor
+from bioproxy.snapshot import Snapshot
 from bioproxy.templates import Sources, TemplateLibrary
 from bioproxy.watcher import TemplateWatcher
 
@@ -147,10 +148,7 @@ class AdminTests(TestCase):
         return StubTreq(
             adminRoot(
                 self.metrics,
-                self.monitor,
-                self.watcher,
-                self.clock,
-                "http://b:1",
+                Snapshot(self.monitor, self.clock, "http://b:1", self.watcher),
                 token,
                 openHealth=openHealth,
             )
