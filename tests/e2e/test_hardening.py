@@ -116,13 +116,13 @@ class StalledClientTests(TestCase):
 
     @asyncTest
     async def test_clientThatTakesNothingIsDropped(self) -> None:
-        stack = await Stack(self, write_stall_timeout=0.5, response_buffer_bytes=16384).ready()
+        stack = await Stack(self, write_stall_timeout=2, response_buffer_bytes=16384).ready()
         Raw(self, stack.proxy, receiveBuffer=4096).send(chatRequest(40000))
         await until(R, stack.answered, what="the answer to be generated")
         # More than response_buffer_bytes is waiting, so the slot waits too...
         self.assertEqual(stack.leased(), [0])
         # ...until the client has taken nothing for write_stall_timeout.
-        await until(R, lambda: not stack.site.active and not stack.leased(), timeout=5, what="the drop")
+        await until(R, lambda: not stack.site.active and not stack.leased(), timeout=10, what="the drop")
         self.assertEqual(
             stack.metric(
                 "bioproxy_requests_total", path="/v1/chat/completions", method="POST", status="499", prefix=""
