@@ -28,8 +28,8 @@ from .metrics import Metrics, methodLabel, pathLabel
 
 log = Logger()
 
-CLIENT_CLOSED = 499
-RECENT = 20  # requests the status page shows  # nginx's code for "the client went away first"
+CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
+RECENT = 20  # requests the status page shows
 
 
 class JSONChannel(HTTPChannel):
