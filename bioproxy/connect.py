@@ -14,6 +14,7 @@ until a connection there fails.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from twisted.internet import defer
@@ -25,6 +26,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from .wire import LeanAgent
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -142,19 +145,38 @@ class BackendEndpoints:
         return tcp
 
 
-def backendAgents(
-    reactor: Any, idleTimeout: int, connectTimeout: float = 10
-) -> tuple[Agent, Agent, QuietPool]:
+@dataclasses.dataclass
+class BackendClients:
     """
-    The Agent every call to the backend goes through, and its pool (closed
-    on stop); and an Agent that always connects anew, for the one retry of
-    a request whose pooled connection the backend had closed (another pooled
-    one may be as stale).
+    The HTTP clients of one backend: `agent` for bioproxy's own calls
+    (health, props, slot actions, warmups), `forward` for the requests it
+    relays (wire.LeanAgent, with the Agent for bodies kept in files), and
+    `retry`, which always connects anew, for the one retry of a request whose
+    pooled connection the backend had closed (another pooled one may be as
+    stale).
     """
+
+    agent: Agent
+    forward: LeanAgent
+    retry: LeanAgent
+    pool: QuietPool
+
+    def close(self) -> defer.Deferred[None]:
+        self.forward.closeCachedConnections()
+        self.retry.closeCachedConnections()
+        return self.pool.closeCachedConnections()
+
+
+def backendClients(reactor: Any, idleTimeout: int, connectTimeout: float = 10) -> BackendClients:
     endpoints = BackendEndpoints(reactor, connectTimeout)
     pool = QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     pool.cachedConnectionTimeout = idleTimeout
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     fresh = Agent.usingEndpointFactory(reactor, endpoints, pool=QuietPool(reactor, persistent=False))
-    return agent, fresh, pool
+    return BackendClients(
+        agent,
+        LeanAgent(reactor, endpoints, agent, idleTimeout),
+        LeanAgent(reactor, endpoints, fresh, idleTimeout, fresh=True),
+        pool,
+    )

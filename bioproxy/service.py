@@ -19,7 +19,7 @@ from . import __version__
 from .admin import adminRoot
 from .backend import Backend
 from .config import Config
-from .connect import backendAgents
+from .connect import backendClients
 from .dispatch import Dispatcher
 from .forward import Forwarder
 from .heads import HeadBook
@@ -138,10 +138,11 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     watcher.setName("templates")
     watcher.loadAll()
 
-    agent, fresh, pool = backendAgents(reactor, IDLE_CONNECTION_TIMEOUT)
+    clients = backendClients(reactor, IDLE_CONNECTION_TIMEOUT)
+    agent = clients.agent
 
     forwarder = Forwarder(
-        agent,
+        clients.forward,
         config.backend_url,
         reactor,
         metrics,
@@ -149,7 +150,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.backend_idle_timeout,
         config.response_buffer_bytes,
         config.write_stall_timeout,
-        retryAgent=fresh,
+        retryAgent=clients.retry,
     )
     llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor, apiKey=config.backendApiKey())
     monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
@@ -195,7 +196,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     )
 
     for child in (
-        _CallOnStop("pool", pool.closeCachedConnections),
+        _CallOnStop("pool", clients.close),
         _CallOnStop("backend", backend.stop),
         *([state] if state is not None else []),
         warmer,
