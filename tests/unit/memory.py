@@ -15,9 +15,14 @@ from typing import Any, TypeVar
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.server import Site
+from zope.interface import implementer
 
 from bioproxy.backend import Backend
 from bioproxy.dispatch import Dispatcher
@@ -33,6 +38,7 @@ from bioproxy.site import ProxySite
 from bioproxy.templates import Sources, Template, TemplateLibrary, load
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 from bioproxy.warmup import Warmer
+from bioproxy.wire import LeanAgent
 
 T = TypeVar("T")
 
@@ -62,8 +68,13 @@ class Memory:
         self.backend.listeners.append(self.warmer)
         self.warmer.startService()
         self.monitor = BackendMonitor(self.llama, self.clock, self.metrics, 60)
-        self.agent = RequestTraversalAgent(FakeLlamaResource(self.fake))
-        forwarder = Forwarder(self.agent, "http://llama", self.clock, self.metrics, 30)
+        # Forwarding goes through bioproxy's own client (wire.py), over
+        # in-memory connections to the fake; bodies in files, through treq's.
+        self.endpoints = MemoryEndpoints(Site(FakeLlamaResource(self.fake), reactor=self.clock), self.clock)
+        files = RequestTraversalAgent(FakeLlamaResource(self.fake))
+        self.agent = _Both(LeanAgent(self.clock, self.endpoints, files, 2), self.endpoints)
+        retry = LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
+        forwarder = Forwarder(self.agent.lean, "http://llama", self.clock, self.metrics, 30, retryAgent=retry)
         dispatcher = Dispatcher(
             self.scheduler, self.cache, forwarder, self.warmer, self.monitor, self.backend
         )
@@ -155,6 +166,53 @@ def _unchunk(data: bytes) -> bytes:
         out.append(data[:n])
         data = data[n + 2 :]
     return b"".join(out)
+
+
+@implementer(IStreamClientEndpoint)
+class _Endpoint:
+    def __init__(self, owner: MemoryEndpoints) -> None:
+        self.owner = owner
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        owner = self.owner
+        address = IPv4Address("TCP", "127.0.0.1", 8081)
+        server, client = owner.site.buildProtocol(address), factory.buildProtocol(address)
+        serverIO = iosim.FakeTransport(server, isServer=True, hostAddress=address, peerAddress=address)
+        clientIO = iosim.FakeTransport(client, isServer=False, hostAddress=address, peerAddress=address)
+        owner.pumps.append(iosim.connect(server, serverIO, client, clientIO, greet=False, clock=owner.clock))
+        return defer.succeed(client)
+
+
+@implementer(IAgentEndpointFactory)
+class MemoryEndpoints:
+    """Connections to a site in memory, moved along by flush()."""
+
+    def __init__(self, site: Site, clock: Clock) -> None:
+        self.site = site
+        self.clock = clock
+        self.pumps: list[Any] = []
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return _Endpoint(self)
+
+    def flush(self) -> None:
+        for pump in list(self.pumps):
+            pump.flush(advanceClock=False)
+            if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                self.pumps.remove(pump)
+
+
+class _Both:
+    """The forwarder's lean agent and its fallback, flushed together."""
+
+    def __init__(self, lean: LeanAgent, endpoints: MemoryEndpoints) -> None:
+        self.lean = lean
+        self.endpoints = endpoints
+
+    def flush(self) -> None:
+        self.endpoints.flush()
+        fallback: Any = self.lean.fallback
+        fallback.flush()
 
 
 class Alone:
