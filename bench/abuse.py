@@ -26,29 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def waitFor(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} never answered")
+from warm import ROOT, Bioproxy, call, freePort, waitFor  # noqa: E402
 
 
 def rss(pid: int) -> int:
@@ -71,57 +56,28 @@ def chat(port: int, tokens: int, stream: bool) -> bytes:
 
 @contextlib.contextmanager
 def stack(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
+    """fakellama (answers generated at once) and bioproxy (warm.py's) in front of it."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    llamaPort, port, admin = freePort(), freePort(), freePort()
+    backend = types.SimpleNamespace(url=f"http://127.0.0.1:{freePort()}", key=None)
     fake = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bioproxy.testing.fakellama",
-            "--port",
-            str(llamaPort),
-            "--ms-per-generated-token",
-            "0",
-        ],
+        [sys.executable, "-m", "bioproxy.testing.fakellama", "--port", backend.url.rsplit(":", 1)[1]]
+        + ["--ms-per-generated-token", "0"],
         stdout=(work / "fake.log").open("ab"),
         stderr=subprocess.STDOUT,
         env=env,
     )
-    config = {
-        "backend_url": f"http://127.0.0.1:{llamaPort}",
-        "listen": f"tcp:{port}:interface=127.0.0.1",
-        "admin_listen": f"tcp:{admin}:interface=127.0.0.1",
-        "max_queue_wait": 90,
-    }
-    (work / "config.json").write_text(json.dumps(config))
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "bioproxy",
-            "--config",
-            str(work / "config.json"),
-        ],
-        stdout=(work / "bioproxy.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        cwd=work,
-        env=env,
-    )
+    proxy = Bioproxy(work, backend, {}, max_queue_wait=90)
     try:
-        waitFor(f"http://127.0.0.1:{llamaPort}/health")
-        waitFor(f"http://127.0.0.1:{admin}/health")
-        time.sleep(1)  # the backend probed
-        yield port, admin, proxy
+        waitFor(lambda: call(backend.url + "/health") is not None, "fakellama", timeout=30)
+        waitFor(lambda: call(proxy.admin + "/ready") is not None, "bioproxy", timeout=30)
+        yield proxy.port, proxy.adminPort, proxy.proc
     finally:
-        for process in (proxy, fake):
-            process.terminate()
-            process.wait(30)
+        proxy.stop()
+        fake.terminate()
+        fake.wait(30)
 
 
 def stalled(count: int, tokens: int) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class Llama:
 
 
 class Bioproxy:
-    def __init__(self, work: Path, llama: Llama, prefixes: dict[str, str]) -> None:
+    def __init__(self, work: Path, llama: Any, prefixes: dict[str, str], **settings: Any) -> None:
         self.port, self.adminPort = freePort(), freePort()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.adminPort}"
@@ -145,6 +145,7 @@ class Bioproxy:
             "warmup_check_interval": 0.5,
             "health_check_interval": 0.5,
             "prefixes": prefixes,
+            **settings,
         }
         if llama.key:
             config["backend_api_key"] = llama.key

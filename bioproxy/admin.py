@@ -18,7 +18,6 @@ from .errors import JSONResource, writeError
 from .metrics import Metrics, MetricsResource
 from .snapshot import Snapshot
 from .statuspage import STATUS_PAGE
-from .warmup import Warmer
 
 
 def jsonBody(request: Request, value: Any, status: int = 200) -> bytes:
@@ -55,10 +54,10 @@ class TemplatesResource(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, snapshot: Snapshot, warmer: Warmer | None) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         super().__init__()
         self.snapshot = snapshot
-        self.warmer = warmer
+        self.warmer = snapshot.warmer
 
     def render_GET(self, request: Request) -> bytes | int:
         if request.postpath and request.postpath != [b""]:
@@ -140,7 +139,7 @@ def adminRoot(
     root.add(
         "templates",
         "GET: templates, their heads and warm state; POST /templates/<prefix>/warmup: warm one now",
-        TemplatesResource(snapshot, snapshot.warmer),
+        TemplatesResource(snapshot),
     )
     if snapshot.scheduler is not None:
         root.add(

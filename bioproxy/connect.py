@@ -37,42 +37,9 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 class QuietPool(HTTPConnectionPool):
-    """
-    A pool of quiet connections that keeps one spare ready: whenever a
-    request has to connect, another connection is opened beside it, so
-    the next request finds one open rather than connecting first.
-    """
+    """A pool of quiet connections, for bioproxy's own calls (forwarding keeps its own, wire.py)."""
 
     _factory = _QuietFactory
-
-    def __init__(self, reactor: Any, persistent: bool = True) -> None:
-        super().__init__(reactor, persistent)
-        self._spares: dict[Any, defer.Deferred[Any]] = {}
-        self._closed = False
-
-    def _newConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> defer.Deferred[Any]:
-        connecting = super()._newConnection(key, endpoint)
-        if self.persistent and key not in self._spares and not self._closed:
-            spare = self._spares[key] = super()._newConnection(key, endpoint)
-            spare.addCallbacks(self._spareReady, lambda _: None, (key,))
-            spare.addBoth(self._spareDone, key)
-        return connecting
-
-    def _spareReady(self, connection: Any, key: Any) -> None:
-        if self._closed:
-            connection.transport.loseConnection()
-        else:
-            self._putConnection(key, connection)
-
-    def _spareDone(self, result: object, key: Any) -> None:
-        self._spares.pop(key, None)
-
-    def closeCachedConnections(self) -> defer.Deferred[None]:
-        self._closed = True
-        for spare in list(self._spares.values()):
-            spare.cancel()
-        result: defer.Deferred[None] = super().closeCachedConnections()
-        return result
 
 
 def _direct(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
@@ -164,7 +131,8 @@ class BackendClients:
     def close(self) -> defer.Deferred[None]:
         self.forward.closeCachedConnections()
         self.retry.closeCachedConnections()
-        return self.pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self.pool.closeCachedConnections()
+        return closed
 
 
 def backendClients(reactor: Any, idleTimeout: int, connectTimeout: float = 10) -> BackendClients:
