@@ -7,6 +7,9 @@ The `bioproxy` command, beside `twistd -n bioproxy` (which keeps working).
                                     load the config, every template and include; a summary, exit 0 or 2
     bioproxy status [--admin URL] [--token T]
                                     templates, slots and the queue, from a running bioproxy's admin API
+    bioproxy prune-cache --dir D [--admin URL] [--token T] [--dry-run]
+                                    remove from llama-server's --slot-save-path D the cache files
+                                    of template versions and builds a running bioproxy no longer uses
 
 `run` hands its flags to twistd's bioproxy plugin, so both take the same
 flags and report errors alike: one line on stderr and exit status 2.
@@ -15,11 +18,13 @@ flags and report errors alike: one line on stderr and exit status 2.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__
 
@@ -43,8 +48,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(checkConfig(rest))
     elif command == "status":
         raise SystemExit(status(rest))
+    elif command == "prune-cache":
+        raise SystemExit(pruneCache(rest))
     else:
-        _fail(f"unknown command {command!r}; one of run, check-config, status (see bioproxy --help)")
+        _fail(
+            f"unknown command {command!r}; one of run, check-config, status, prune-cache (see bioproxy --help)"
+        )
 
 
 def run(flags: list[str]) -> None:
@@ -127,6 +136,50 @@ def status(args: list[str]) -> int:
     return 0
 
 
+# What bioproxy names its cache files: <head>-<12 hex of its version>-<build fingerprint>.bin
+_CACHE_FILE = re.compile(r"^[A-Za-z0-9_-]+-[0-9a-f]{12}-[0-9a-f]+\.bin$")
+
+
+def pruneCache(args: list[str]) -> int:
+    """
+    Obsolete files are those named as bioproxy names cache files that no head
+    of the running bioproxy uses now: older versions of edited templates,
+    dropped learned heads, other llama-server builds. bioproxy cannot delete
+    through llama-server, which has no such action, hence a command run where
+    the directory is.
+    """
+    directory = _option(args, "--dir")
+    if directory is None:
+        _fail("prune-cache needs --dir, llama-server's --slot-save-path")
+    admin = (_option(args, "--admin") or "http://localhost:8089").rstrip("/")
+    try:
+        view = _get(admin + "/templates", _option(args, "--token"))
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"bioproxy: cannot read {admin}: {e}\n")
+        return 2
+    if not (view.get("backend") or {}).get("fingerprint"):
+        sys.stderr.write(
+            "bioproxy: the backend is not probed yet, so the files in use are not known; try again\n"
+        )
+        return 2
+    heads = [
+        *view["templates"],
+        *(v for t in view["templates"] for v in t.get("variants", [])),
+        *view["learned"],
+    ]
+    used = {h.get("cache_file") for h in heads}
+    dryRun = "--dry-run" in args
+    removed = 0
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and _CACHE_FILE.match(path.name) and path.name not in used:
+            print(("would remove " if dryRun else "removed ") + str(path))
+            if not dryRun:
+                path.unlink()
+            removed += 1
+    print(f"{removed} obsolete file(s); {len(used - {None})} in use kept")
+    return 0
+
+
 def _get(url: str, token: str | None) -> Any:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -153,6 +206,6 @@ def _option(args: list[str], *names: str) -> str | None:
     return None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"bioproxy: {message}\n")
     raise SystemExit(2)

@@ -141,3 +141,31 @@ class CommandTests(TestCase):
         self.assertEqual(sum(1 for line in lines if line[:1].isdigit()), 2, out)
         _, err, code = await bioproxy("status", "--admin", "http://127.0.0.1:9", cwd=self.dir)
         self.assertEqual((code, len(err.strip().splitlines())), (2, 1), err)
+
+    @asyncTest
+    async def test_pruneCache(self) -> None:
+        """Issue 15, item 8: files of old template versions and builds go; those in use, and others, stay."""
+        slots = self.dir / "slots"
+        slots.mkdir()
+        llama = FakeLlama(R, slots=2, unified=False, saveDir=slots)
+        stack = Bioproxy(
+            self, self.dir, listen(R, FakeLlamaResource(llama), self), {"@code": "Review: <{message}>"}
+        )
+        await stack.allWarm()
+        [current] = [t["cache_file"] for t in (await stack.templates()).values()]
+        self.assertTrue((slots / current).exists())
+        old = ["_code-0123456789ab-" + current.rsplit("-", 1)[1], current.rsplit("-", 1)[0] + "-deadbeef.bin"]
+        for name in old:
+            (slots / name).write_bytes(b"old")
+        (slots / "notes.txt").write_text("not ours")
+        out, err, code = await bioproxy(
+            "prune-cache", "--dir", str(slots), "--admin", stack.admin, "--dry-run", cwd=self.dir
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 obsolete file(s)", out)
+        self.assertTrue(all((slots / name).exists() for name in old), "a dry run removes nothing")
+        out, err, code = await bioproxy(
+            "prune-cache", "--dir", str(slots), "--admin", stack.admin, cwd=self.dir
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(p.name for p in slots.iterdir()), sorted([current, "notes.txt"]))

@@ -34,6 +34,12 @@ class WheelTests(TestCase):
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertIn("bioproxy/testing/fakellama.py", names)
+        self.assertIn("bioproxy/py.typed", names)  # the embedding API is typed
+        metadata = (
+            zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        )
+        self.assertIn("License-Expression: MIT", metadata)
+        self.assertIn("Project-URL: Go original, https://github.com/okuvshynov/bioproxy", metadata)
 
         target = work / "site"
         out, err, code = await getProcessOutputAndValue(
