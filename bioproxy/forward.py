@@ -363,6 +363,7 @@ class _BodyPump(Protocol):
         self.idle: IDelayedCall | None = None
         self.stall: IDelayedCall | None = None
         self.silent = False  # cut off for sending nothing for too long
+        self.lastBytes = 0.0  # when the backend last sent something
 
     def connectionMade(self) -> None:
         self.exchange.request.registerProducer(self, True)
@@ -440,12 +441,19 @@ class _BodyPump(Protocol):
         self.exchange._abortClient()
 
     def _expectBytes(self) -> None:
-        if self.idle is not None and self.idle.active():
-            self.idle.reset(self.forwarder.idleTimeout)
-        else:
-            self.idle = self.forwarder.clock.callLater(self.forwarder.idleTimeout, self._silent)
+        # The time is noted per event and the timer armed once: resetting a
+        # DelayedCall per event re-sorts the reactor's heap every time.
+        clock = self.forwarder.clock
+        self.lastBytes = clock.seconds()
+        if self.idle is None or not self.idle.active():
+            self.idle = clock.callLater(self.forwarder.idleTimeout, self._silent)
 
     def _silent(self) -> None:
+        clock, limit = self.forwarder.clock, self.forwarder.idleTimeout
+        quiet = clock.seconds() - self.lastBytes
+        if quiet < limit:
+            self.idle = clock.callLater(limit - quiet, self._silent)
+            return
         self.silent = True
         self.transport.loseConnection()  # type: ignore[union-attr]
 

@@ -33,9 +33,16 @@ def jsonLine(event: dict[str, Any]) -> str:
         "message": formatEvent(event),
     }
     # The event's own fields (prefix, slot, status, ms, ...), which the
-    # message was formatted from: a shipper can filter on them.
+    # message was formatted from: a shipper can filter on them. A field that
+    # is the whole message (the access line is made before it is logged) is
+    # not written twice.
     for key, value in event.items():
-        if not key.startswith("log_") and key not in record and isinstance(value, _PLAIN):
+        if (
+            not key.startswith("log_")
+            and key not in record
+            and isinstance(value, _PLAIN)
+            and value != record["message"]
+        ):
             record[key] = value
     failure = event.get("log_failure")
     if failure is not None:

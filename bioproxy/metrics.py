@@ -6,6 +6,7 @@ two services in one process (or two tests) never share counters.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -15,6 +16,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -126,12 +128,6 @@ class Metrics:
             ["prefix"],
             registry=r,
         )
-        self.queueDepth = Gauge(
-            "bioproxy_queue_depth",
-            "Requests waiting for a slot, by priority (user, warmup).",
-            ["priority"],
-            registry=r,
-        )
         self.queueWait = Histogram(
             "bioproxy_queue_wait_seconds",
             "Time from asking for a slot to getting one, by priority.",
@@ -139,12 +135,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.slotState = Gauge(
-            "bioproxy_slots",
-            "Backend slots by what bioproxy knows of them (busy, template, other, empty, unknown).",
-            ["state"],
-            registry=r,
-        )
+        self.slotGauges = _SlotGauges()
+        r.register(self.slotGauges)
         # The next four keep the original's names.
         self.warmups = Counter(
             "bioproxy_warmup",
@@ -205,6 +197,10 @@ class Metrics:
         GCCollector(registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
+    def reportSlots(self, source: Callable[[], SlotCounts]) -> None:
+        """The scheduler whose queues and slots the two gauges read, when scraped."""
+        self.slotGauges.source = source
+
     def child(self, metric: Any, *values: str) -> Any:
         """metric.labels(*values), looked up once: on every request it is a measurable cost."""
         key = (id(metric), values)
@@ -216,6 +212,44 @@ class Metrics:
     def requestEnded(self, path: str, method: str, status: str, prefix: str, seconds: float) -> None:
         self.child(self.requests, path, method, status, prefix).inc()
         self.child(self.duration, path).observe(seconds)
+
+
+SlotCounts = tuple[dict[str, int], dict[str, int]]  # waiting by priority, slots by state
+
+
+class _SlotGauges:
+    """
+    bioproxy_queue_depth and bioproxy_slots, read from the scheduler when
+    scraped: setting them on every dispatch was a dozen label lookups per
+    request.
+    """
+
+    source: Callable[[], SlotCounts] | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return self._families(self.source() if self.source else ({}, {}))
+
+    def _families(self, counts: SlotCounts = ({}, {})) -> Iterator[GaugeMetricFamily]:
+        waiting, states = counts
+        queue = GaugeMetricFamily(
+            "bioproxy_queue_depth",
+            "Requests waiting for a slot, by priority (user, warmup).",
+            labels=["priority"],
+        )
+        for priority, n in waiting.items():
+            queue.add_metric([priority], n)
+        slots = GaugeMetricFamily(
+            "bioproxy_slots",
+            "Backend slots by what bioproxy knows of them (busy, template, other, empty, unknown).",
+            labels=["state"],
+        )
+        for state, n in states.items():
+            slots.add_metric([state], n)
+        yield queue
+        yield slots
 
 
 class MetricsResource(JSONResource):

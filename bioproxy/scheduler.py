@@ -177,7 +177,7 @@ class SlotScheduler:
         self._seq = 0
         self._dispatching = False
         self._again = False
-        self._report()
+        metrics.reportSlots(self.counts)
 
     def lease(
         self,
@@ -224,7 +224,6 @@ class SlotScheduler:
         """A slot's contents turned out not to be what we thought."""
         if slotId < len(self.slots):
             self.slots[slotId].contents = UNKNOWN
-            self._report()
 
     def holders(self, key: str) -> list[Slot]:
         return [s for s in self.slots if s.contents.key == key]
@@ -283,7 +282,6 @@ class SlotScheduler:
                     )
                     lease.granted.callback(lease)
                 self._preempt()
-                self._report()
         finally:
             self._dispatching = False
 
@@ -341,15 +339,13 @@ class SlotScheduler:
     def _warmupSlots(self) -> Iterator[Slot]:
         return (s for s in self.slots if s.lease is not None and s.lease.priority == WARMUP)
 
-    def _report(self) -> None:
-        metrics = self.metrics
-        for priority, queue in self.queues.items():
-            metrics.queueDepth.labels(priority=priority).set(len(queue))
-        counts = dict.fromkeys(("unknown", "empty", "template", "other", "busy"), 0)
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Requests waiting by priority, and slots by what they hold (busy, template, other, empty, unknown)."""
+        waiting = {priority: len(queue) for priority, queue in self.queues.items()}
+        states = dict.fromkeys(("unknown", "empty", "template", "other", "busy"), 0)
         for slot in self.slots:
-            counts["busy" if slot.lease else slot.contents.label] += 1
-        for state, n in counts.items():
-            metrics.slotState.labels(state=state).set(n)
+            states["busy" if slot.lease else slot.contents.label] += 1
+        return waiting, states
 
 
 def _costToLose(slot: Slot) -> tuple[int, bool, float]:

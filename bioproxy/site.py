@@ -20,11 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .errors import errorResponse, failRequest, writeError
 from .metrics import Metrics, methodLabel, pathLabel
+from .wire import sendNow
 
 log = Logger()
 
@@ -59,6 +61,27 @@ class JSONChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopReading()
         super().connectionLost(reason)
+
+    # Writes: the head in one piece (Twisted's is a sequence of some forty
+    # strings, each checked), queued so that the first body bytes join it;
+    # body chunks in one piece and sent at once (wire.sendNow).
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):  # Twisted's own compatibility case: let it sanitize
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        sendNow(self.transport, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        sendNow(self.transport, b"".join(iovec))
 
     def _stopReading(self) -> None:
         if self._reading is not None:
@@ -253,14 +276,18 @@ class ProxySite(JSONSite):
         self.recent.append(record)
         if not self.accessLog:
             return
-        detail = f" {request.prefix}" if request.prefix else ""
+        line = f"{method} {record['path']} {status}"
+        if request.prefix:
+            line += f" {request.prefix}"
         if request.slot is not None:
-            detail += f" slot {request.slot}"
+            line += f" slot {request.slot}"
         if request.cached is not None:
-            detail += f" cached {request.cached} computed {request.computed}"
+            line += f" cached {request.cached} computed {request.computed}"
         if record["ttfb_ms"] is not None:
-            detail += f" ttfb {record['ttfb_ms']} ms"
-        log.info("{method} {path} {status}{detail} in {ms} ms", detail=detail, **record)
+            line += f" ttfb {record['ttfb_ms']} ms"
+        # Made here, one field for the logger to format: a format of nine
+        # fields cost more than the rest of the line's work.
+        log.info("{access}", access=f"{line} in {record['ms']} ms", **record)
 
     async def drain(self, grace: float) -> None:
         """

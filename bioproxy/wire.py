@@ -76,6 +76,37 @@ class _BodyTransport:
         self.connection.close()
 
 
+def sendNow(transport: Any, data: bytes) -> None:
+    """
+    transport.write(data), but sent at once when nothing is queued before it.
+
+    Twisted queues each write until the reactor's next turn: two epoll_ctl
+    calls and a turn of the loop per write, and a streamed answer makes one
+    write per event. A plain TCP connection with an empty buffer is sent to
+    straight away; whatever the kernel does not take, and every write on
+    any other transport (TLS, or a test's in-memory one), goes the usual
+    way, behind anything already queued, with the producer's flow control
+    intact. An error is left for Twisted's own write to find and report.
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or getattr(transport, "TLS", False)
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except OSError:
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
+
+
 class _Chunks:
     """Decodes a chunked body, handing each piece on; done once the last chunk and its trailer are in."""
 
@@ -144,7 +175,7 @@ class _Connection(Protocol):
         self.noBody = method == b"HEAD"
         self.waiting = defer.Deferred(lambda _: self.abort())
         assert self.transport is not None
-        self.transport.write(data)
+        sendNow(self.transport, data)
         return self.waiting
 
     def dataReceived(self, data: bytes) -> None:
@@ -298,6 +329,7 @@ class LeanAgent:
         self.fresh = fresh  # always a new connection (the retry's agent), none kept
         self.idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
         self.spares: dict[tuple[bytes, bytes, int], defer.Deferred[Any]] = {}
+        self._origins: dict[tuple[bytes, bytes], tuple[tuple[bytes, bytes, int], bytes, URI]] = {}
         self.closed = False
 
     def request(
@@ -310,13 +342,10 @@ class LeanAgent:
         body = getattr(bodyProducer, "data", None) if bodyProducer is not None else b""
         if not isinstance(body, bytes):
             return self.fallback.request(method, uri, headers, bodyProducer)
-        parsed = URI.fromBytes(uri)
-        key = (parsed.scheme, parsed.host, parsed.port)
-        default = {b"http": 80, b"https": 443}.get(parsed.scheme)
-        host = parsed.host if parsed.port == default else b"%s:%d" % (parsed.host, parsed.port)
-        if b":" in parsed.host and not parsed.host.startswith(b"["):
-            host = b"[%s]:%d" % (parsed.host, parsed.port)
-        lines = [method + b" " + parsed.originForm + b" HTTP/1.1", b"Host: " + host]
+        scheme, _, rest = uri.partition(b"://")
+        netloc, slash, tail = rest.partition(b"/")
+        key, host, parsed = self._origin(scheme, netloc)
+        lines = [method + b" " + (slash + tail or b"/") + b" HTTP/1.1", b"Host: " + host]
         for name, values in (headers or Headers()).getAllRawHeaders():
             lines.extend(name + b": " + value for value in values)
         if bodyProducer is not None:
@@ -355,6 +384,22 @@ class LeanAgent:
         connecting.addCallbacks(connected, settle)
         return answer
 
+    def _origin(self, scheme: bytes, netloc: bytes) -> tuple[tuple[bytes, bytes, int], bytes, URI]:
+        """A backend's pool key, Host header and address, worked out once: there are few backends."""
+        found = self._origins.get((scheme, netloc))
+        if found is None:
+            parsed = URI.fromBytes(scheme + b"://" + netloc)
+            default = {b"http": 80, b"https": 443}.get(parsed.scheme)
+            host = parsed.host if parsed.port == default else b"%s:%d" % (parsed.host, parsed.port)
+            if b":" in parsed.host and not parsed.host.startswith(b"["):
+                host = b"[%s]:%d" % (parsed.host, parsed.port)
+            found = self._origins[(scheme, netloc)] = (
+                (parsed.scheme, parsed.host, parsed.port),
+                host,
+                parsed,
+            )
+        return found
+
     def _connect(self, key: tuple[bytes, bytes, int], uri: URI) -> defer.Deferred[_Connection]:
         endpoint: IStreamClientEndpoint = self.endpoints.endpointForURI(uri)
         factory = Factory.forProtocol(lambda: _Connection(self, key))
@@ -368,7 +413,12 @@ class LeanAgent:
             return
         spare = self.spares[key] = self._connect(key, uri)
         spare.addCallbacks(self.putBack, lambda _: None)
-        spare.addBoth(lambda _: self.spares.pop(key, None))
+
+        def settled(_: None) -> None:
+            # Not a lambda returning pop's value: that is this very Deferred.
+            self.spares.pop(key, None)
+
+        spare.addBoth(settled)
 
     def _take(self, key: tuple[bytes, bytes, int]) -> _Connection | None:
         connections = self.idle.get(key) or []

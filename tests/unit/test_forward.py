@@ -39,6 +39,10 @@ class Backend(Resource):
         request.notifyFinish().addErrback(lambda _: self.gone.append(request.path))
         if request.path == b"/hang":
             return NOT_DONE_YET
+        if request.path == b"/drip":  # the test writes the body
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: 1\n\n")
+            return NOT_DONE_YET
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"got": len(request.content.read())}).encode()
 
@@ -95,12 +99,16 @@ class _Collect:
 
 
 class Harness:
-    def __init__(self, agent: Any = None, maxBody: int = 1000, timeout: float = 5.0) -> None:
+    def __init__(
+        self, agent: Any = None, maxBody: int = 1000, timeout: float = 5.0, idleTimeout: float = 600.0
+    ) -> None:
         self.clock = Clock()
         self.backend = Backend()
         self.agent = agent or RequestTraversalAgent(self.backend)
         self.metrics = Metrics()
-        forwarder = Forwarder(self.agent, "http://backend:8081", self.clock, self.metrics, timeout)
+        forwarder = Forwarder(
+            self.agent, "http://backend:8081", self.clock, self.metrics, timeout, idleTimeout=idleTimeout
+        )
         self.site = ProxySite(ProxyResource(forwarder), self.metrics, self.clock, maxBody)
 
     def connect(self) -> tuple[Any, StringTransport]:
@@ -190,6 +198,28 @@ class ForwardTests(TestCase):
         self.assertEqual(body(transport)["error"]["code"], "backend_timeout")
         self.assertEqual(h.backend.gone, [b"/hang"])
         self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="timeout"), 1.0)
+
+    def test_backendSilentForIdleTimeoutIsCutOff(self) -> None:
+        """
+        backend_idle_timeout counts from the backend's last bytes, not from
+        the first: a backend that keeps sending is never cut off.
+        """
+        h = Harness(idleTimeout=10.0)
+        _, transport = h.send(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n")
+        (backendRequest,) = h.backend.requests
+        for _ in range(3):  # 24 s in all, never 10 s without bytes
+            h.clock.advance(8)
+            backendRequest.write(b"data: more\n\n")
+            h.flush()
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="idle"), None)
+        h.clock.advance(9.5)
+        self.assertFalse(transport.disconnected)
+        h.clock.advance(0.5)
+        h.flush()
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="idle"), 1.0)
+        self.assertEqual(transport.value().count(b"data: more"), 3)
 
     def test_unreachableIs502(self) -> None:
         h = Harness(agent=_Refusing())

@@ -42,6 +42,7 @@ class AccessLineTests(SynchronousTestCase):
         for key in ("method", "path", "status", "prefix", "slot", "cached", "computed", "ttfb_ms", "ms"):
             self.assertIn(key, record)
         self.assertIn(f"@t slot {line['slot']} cached {line['cached']}", record["message"])
+        self.assertNotIn(record["message"], [v for k, v in record.items() if k != "message"], "the line once")
 
     def test_refusalsAreLogged(self) -> None:
         m = Memory(Path(self.mktemp()))

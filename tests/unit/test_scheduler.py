@@ -136,6 +136,27 @@ class PlacementTests(SynchronousTestCase):
         again.release()  # KEEP
         self.assertEqual(s.slots[0].contents, holding("code@1"))
 
+    def test_gaugesReadTheSchedulerWhenScraped(self) -> None:
+        s, _ = scheduler(2)
+        registry = s.metrics.registry
+
+        def sample(name: str, **labels: str) -> float | None:
+            value: float | None = registry.get_sample_value(name, labels)
+            return value
+
+        first = self.successResultOf(s.lease("code@1"))
+        self.successResultOf(s.lease(None))
+        waiting = s.lease(None)
+        self.assertEqual(sample("bioproxy_slots", state="busy"), 2)
+        self.assertEqual(sample("bioproxy_queue_depth", priority="user"), 1)
+        first.release(holding("code@1"))
+        self.successResultOf(waiting)
+        self.assertEqual(sample("bioproxy_slots", state="busy"), 2)
+        self.assertEqual(sample("bioproxy_queue_depth", priority="user"), 0)
+        s.slots[0].lease.release(holding("code@1"))  # type: ignore[union-attr]
+        self.assertEqual(sample("bioproxy_slots", state="template"), 1)
+        self.assertEqual(sample("bioproxy_slots", state="empty"), 0)
+
     def test_pinnedLeaseWaitsForItsSlot(self) -> None:
         s, clock = scheduler(2)
         first = self.successResultOf(s.lease(None, pin=1))
