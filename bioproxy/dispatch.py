@@ -16,7 +16,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request
 
 from .backend import Backend
 from .errors import writeError
@@ -36,6 +35,7 @@ from .scheduler import (
     SlotScheduler,
     holding,
 )
+from .serve import ProxyRequest
 from .timings import TimingsReader
 from .warmup import Warmer
 
@@ -59,7 +59,7 @@ class Dispatcher:
         self.monitor = monitor
         self.backend = backend
 
-    async def send(self, request: Request, body: Body, pinnable: bool = True) -> None:
+    async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
         """
         Forward body on a leased slot. body.head is the head the prompt
         starts with, whose cache the slot can reuse. pinnable: llama-server reads
@@ -109,7 +109,7 @@ class Dispatcher:
 
     async def _run(
         self,
-        request: Request,
+        request: ProxyRequest,
         lease: Lease,
         body: Body,
         head: Head | None,
@@ -140,13 +140,13 @@ class Dispatcher:
         reader = TimingsReader()
         pinned = pins and pinnable
         if pinned:
-            request.slot = slot  # type: ignore[attr-defined]  # for the access line
+            request.slot = slot  # for the access line
         await self.cache.quiet()
         outcome = await self.forwarder.forward(request, body.pinned(slot if pinned else None), reader.feed)
         contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text, rewarm)
         if reader.timings is not None:  # for the access line
-            request.cached = reader.timings.get("cache_n")  # type: ignore[attr-defined]
-            request.computed = reader.timings.get("prompt_n")  # type: ignore[attr-defined]
+            request.cached = reader.timings.get("cache_n")
+            request.computed = reader.timings.get("prompt_n")
         return contents if pins else UNKNOWN
 
     async def _preparePinned(self, lease: Lease, head: Head | None) -> Prepared:

@@ -10,7 +10,7 @@ a request to answer (errorResponse).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +18,9 @@ from twisted.web import http
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+
+if TYPE_CHECKING:
+    from .serve import ProxyRequest
 
 log = Logger()
 
@@ -47,7 +50,7 @@ def errorBody(status: int, message: str, code: str | None = None) -> bytes:
 
 
 def writeError(
-    request: Request,
+    request: Request | ProxyRequest,
     status: int,
     message: str,
     code: str | None = None,
@@ -64,7 +67,7 @@ def writeError(
     request.finish()
 
 
-def failRequest(request: Request, reason: Failure) -> None:
+def failRequest(request: Request | ProxyRequest, reason: Failure) -> None:
     """
     Something raised while request was handled: the client gets a JSON 500
     or, once its response has begun, a closed connection; never silence.

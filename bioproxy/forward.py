@@ -40,12 +40,12 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from .errors import writeError
 from .headers import appendForwarded, endToEnd
 from .metrics import Metrics
+from .serve import ProxyRequest
 
 log = Logger()
 _T = TypeVar("_T")
@@ -111,7 +111,7 @@ class Forwarder:
 
     def forward(
         self,
-        request: Request,
+        request: ProxyRequest,
         body: bytes | IO[bytes] | None = None,
         observer: BodyObserver | None = None,
     ) -> defer.Deferred[Outcome]:
@@ -121,11 +121,11 @@ class Forwarder:
         """
         return _Exchange(self, request, body, observer).start()
 
-    def url(self, request: Request) -> bytes:
+    def url(self, request: ProxyRequest) -> bytes:
         uri: bytes = request.uri
         return self.backend + (uri if uri.startswith(b"/") else b"/" + uri)
 
-    def headers(self, request: Request) -> Headers:
+    def headers(self, request: ProxyRequest) -> Headers:
         headers = endToEnd(request.requestHeaders, drop=_DROP_FROM_CLIENT)
         peer = request.getClientAddress()
         address = getattr(peer, "host", None) or "unix"
@@ -133,7 +133,7 @@ class Forwarder:
         return headers
 
 
-def _hasBody(request: Request) -> bool:
+def _hasBody(request: ProxyRequest) -> bool:
     headers = request.requestHeaders
     return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
 
@@ -144,7 +144,7 @@ class _Exchange:
     def __init__(
         self,
         forwarder: Forwarder,
-        request: Request,
+        request: ProxyRequest,
         body: bytes | IO[bytes] | None,
         observer: BodyObserver | None,
     ) -> None:
@@ -227,7 +227,6 @@ class _Exchange:
             return
         request.setResponseCode(response.code, response.phrase)
         # The client gets exactly the backend's headers, no invented ones.
-        request.defaultContentType = None
         for name, values in endToEnd(response.headers).getAllRawHeaders():
             request.responseHeaders.setRawHeaders(name, list(values))
         # Agent keeps Content-Length out of the headers; restore it so the

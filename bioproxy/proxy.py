@@ -11,8 +11,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from .dispatch import Dispatcher
 from .errors import failRequest, writeError
@@ -29,6 +27,7 @@ from .expand import (
 from .forward import Forwarder
 from .heads import HeadBook, locate, shellOf
 from .routes import Route, Shape, route
+from .serve import ProxyRequest
 from .templates import TemplateLibrary
 
 log = Logger()
@@ -37,10 +36,8 @@ log = Logger()
 _SLOT_ACTION = re.compile(rb"^/slots/[^/]*/?$")
 
 
-class ProxyResource(Resource):
+class ProxyResource:
     """Forwards every request, whatever its path, to the backend."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -51,7 +48,6 @@ class ProxyResource(Resource):
         normaliseHeaders: bool = True,
         allowSlotActions: bool = False,
     ) -> None:
-        super().__init__()
         self.allowSlotActions = allowSlotActions
         self.forwarder = forwarder
         self.library = library or TemplateLibrary()
@@ -59,7 +55,7 @@ class ProxyResource(Resource):
         self.book = book
         self.normaliseHeaders = normaliseHeaders
 
-    def render(self, request: Request) -> int:
+    def render(self, request: ProxyRequest) -> None:
         if request.method == b"POST" and not self.allowSlotActions and _SLOT_ACTION.match(request.path):
             writeError(
                 request,
@@ -67,11 +63,11 @@ class ProxyResource(Resource):
                 "Slot actions (save, restore, erase) belong to bioproxy, which keeps the templates' "
                 "caches in the slots; set allow_slot_actions to let clients use them.",
             )
-            return NOT_DONE_YET
+            return
         found = route(request.method, request.path)
         if found is None:
             self.forwarder.forward(request)
-            return NOT_DONE_YET
+            return
         content: Any = request.content
         content.seek(0)
         raw = content.read()
@@ -80,15 +76,14 @@ class ProxyResource(Resource):
             forwarded = body.forwarded  # encoded here, so that text it cannot carry is a 400 now
         except BadRequest as e:
             writeError(request, 400, str(e))
-            return NOT_DONE_YET
+            return
         if self.dispatcher is None or not found.slot:
             self.forwarder.forward(request, forwarded if body.expanded else None)
-            return NOT_DONE_YET
+            return
         d = defer.ensureDeferred(self.dispatcher.send(request, body, found.pins))
         d.addErrback(lambda reason: failRequest(request, reason))  # the dispatcher has released what it held
-        return NOT_DONE_YET
 
-    def _read(self, request: Request, found: Route, raw: bytes) -> Body:
+    def _read(self, request: ProxyRequest, found: Route, raw: bytes) -> Body:
         """
         The body, parsed, its templates expanded in place, and (for a
         request that runs on a slot) the head it starts with.
@@ -111,7 +106,7 @@ class ProxyResource(Resource):
         if prefix is not None:
             body.prefix = prefix
             request.setHeader(b"x-bioproxy-template", prefix.encode("utf-8"))
-            request.prefix = prefix  # type: ignore[attr-defined]
+            request.prefix = prefix
         if learning:
             assert self.book is not None
             if shape is Shape.PROMPT:

@@ -29,7 +29,8 @@ from .metrics import Metrics
 from .monitor import BackendMonitor
 from .proxy import ProxyResource
 from .scheduler import SlotScheduler
-from .site import JSONSite, ProxySite
+from .serve import ProxySite
+from .site import JSONSite
 from .snapshot import Snapshot
 from .state import StateFile
 from .templates import Sources, TemplateLibrary

@@ -107,6 +107,13 @@ def sendNow(transport: Any, data: bytes) -> None:
         transport.write(data[sent:] if sent else data)
 
 
+MAX_CHUNK_LINE = 16384
+
+
+class BadChunk(ValueError):
+    """Chunked framing that is not HTTP/1.1's."""
+
+
 class _Chunks:
     """Decodes a chunked body, handing each piece on; done once the last chunk and its trailer are in."""
 
@@ -131,11 +138,18 @@ class _Chunks:
             end = data.find(b"\n", i)
             if end < 0:
                 self.line += data[i:]
+                if len(self.line) > MAX_CHUNK_LINE:
+                    raise BadChunk("a chunk's size or trailer line is too long")
                 return b""
             line, self.line = (self.line + data[i:end]).rstrip(b"\r"), b""
             i = end + 1
+            if len(line) > MAX_CHUNK_LINE:
+                raise BadChunk("a chunk's size or trailer line is too long")
             if self.state == "size":
-                self.left = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
+                    raise BadChunk(f"not a chunk size: {size[:20]!r}")
+                self.left = int(size, 16)
                 self.state = "data" if self.left else "trailer"
             elif self.state == "crlf":
                 self.state = "size"
@@ -231,7 +245,11 @@ class _Connection(Protocol):
             return
         if self.chunks is not None:
             out: list[bytes] = []
-            self.chunks.feed(data, out)
+            try:
+                self.chunks.feed(data, out)
+            except BadChunk:
+                self.abort()  # the body is cut short: the client's response is too
+                return
             for piece in out:
                 self._deliver(piece)
             if self.chunks.done:

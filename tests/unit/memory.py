@@ -34,7 +34,7 @@ from bioproxy.metrics import Metrics
 from bioproxy.monitor import BackendMonitor
 from bioproxy.proxy import ProxyResource
 from bioproxy.scheduler import SlotScheduler
-from bioproxy.site import ProxySite
+from bioproxy.serve import ProxySite
 from bioproxy.templates import Sources, Template, TemplateLibrary, load
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 from bioproxy.warmup import Warmer

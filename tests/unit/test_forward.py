@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from bioproxy.forward import Forwarder
 from bioproxy.metrics import Metrics
 from bioproxy.proxy import ProxyResource
-from bioproxy.site import ProxySite
+from bioproxy.serve import ProxySite
 
 
 class Backend(Resource):

@@ -28,7 +28,7 @@ class AccessLineTests(SynchronousTestCase):
         seen = self.events()
         status, _ = m.postRaw("/v1/chat/completions", {"messages": [{"role": "user", "content": "@t hi"}]})
         self.assertEqual(status, 200)
-        [line] = [e for e in seen if e.get("log_namespace") == "bioproxy.site" and "path" in e]
+        [line] = [e for e in seen if e.get("log_namespace") == "bioproxy.serve" and "path" in e]
         self.assertEqual(
             (line["method"], line["path"], line["status"]), ("POST", "/v1/chat/completions", 200)
         )
@@ -48,7 +48,7 @@ class AccessLineTests(SynchronousTestCase):
         m = Memory(Path(self.mktemp()))
         seen = self.events()
         m.postRaw("/slots/0?action=erase", {})
-        [line] = [e for e in seen if e.get("log_namespace") == "bioproxy.site" and "path" in e]
+        [line] = [e for e in seen if e.get("log_namespace") == "bioproxy.serve" and "path" in e]
         self.assertEqual(line["status"], 403)
         self.assertIsNone(line["slot"])
 

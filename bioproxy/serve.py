@@ -1,0 +1,613 @@
+"""
+The proxy port's HTTP/1.1 server.
+
+twisted.web is general and costs accordingly on every request: the head is
+parsed a line at a time through LineReceiver, a Request of some forty
+attributes is built, a resource tree with one leaf is traversed, and every
+write goes through three layers. On the pass-through path that was most of
+bioproxy's cost (bench/passthrough.py; its lean relay is the measuring
+stick). The proxy needs much less: parse the head in one pass, keep the
+body (in memory, in a file past BODY_IN_MEMORY), hand a request to the
+proxy's resource, and write the response with the framing HTTP/1.1 asks
+for. The admin port stays on twisted.web: it is not on the request path.
+
+What twisted.web gave the proxy is kept here: a deadline for a request's
+head and body from its first byte (408), JSON refusals of what is not
+HTTP/1.1 (400, 414, 431, 413), Expect: 100-continue, keep-alive with one
+request at a time (pipelined ones wait, read ahead up to a bound), HEAD,
+chunked bodies both ways, the connection as the response's consumer for
+producers, and the idle timeout of a kept-alive connection.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import deque
+from collections.abc import Sequence
+from io import BytesIO
+from typing import IO, Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.http_headers import Headers
+
+from .errors import errorResponse, failRequest, writeError
+from .metrics import Metrics, methodLabel, pathLabel
+from .wire import BadChunk, _Chunks, sendNow
+
+log = Logger()
+
+CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
+RECENT = 20  # requests the status page shows
+MAX_LINE = 16384  # the request line; and the headers in all (Twisted's limits)
+MAX_HEADERS = 500
+BODY_IN_MEMORY = 1 << 20  # a larger body is kept in a temporary file
+READ_AHEAD = 1 << 16  # bytes of pipelined requests read while one is answered
+LINGER = 2.0  # seconds a refused body is still read (and dropped) before closing
+_NO_BODY = frozenset((204, 304))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Renderer(TypingProtocol):
+    """What the site hands each request to (bioproxy.proxy.ProxyResource)."""
+
+    def render(self, request: ProxyRequest) -> object: ...
+
+
+class ProxyRequest:
+    """
+    One request and its response: the part of twisted.web's Request that
+    the proxy's resource, forwarder and dispatcher use, and what the access
+    line tells of it.
+    """
+
+    code = 200
+    code_message = b"OK"
+    startedWriting = False
+    finished = False
+    chunked = False
+    persistent = True  # the connection takes another request after this one
+    _disconnected = False
+    # What the access line tells of a slot-using request (the dispatcher sets them).
+    prefix = ""  # the template prefix used, if any; a metrics label
+    slot: int | None = None  # the slot it was pinned to
+    cached: int | None = None  # prompt tokens reused from the cache
+    computed: int | None = None  # prompt tokens computed
+    firstByte: float | None = None  # seconds to the response's first body byte
+
+    def __init__(
+        self, channel: ProxyChannel, method: bytes, uri: bytes, clientproto: bytes, headers: Headers
+    ) -> None:
+        self.channel = channel
+        self.site = channel.site
+        self.method = method
+        self.uri = uri
+        self.path = uri.split(b"?", 1)[0]
+        self.clientproto = clientproto
+        self.requestHeaders = headers
+        self.responseHeaders = Headers()
+        self.content: IO[bytes] = BytesIO()
+        self.startedAt = self.site.clock.seconds()
+        self._finished: list[defer.Deferred[None]] = []
+
+    # -- what the request says
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def getClientAddress(self) -> IAddress:
+        transport: Any = self.channel.transport
+        address: IAddress = transport.getPeer()
+        return address
+
+    def isSecure(self) -> bool:
+        return ISSLTransport.providedBy(self.channel.transport)
+
+    def routeLabel(self) -> str:
+        return pathLabel(self.path.decode("latin-1"))
+
+    # -- the response
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        self.code_message = message or http.RESPONSES.get(code, b"Unknown Status")
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("ProxyRequest.write called after finish")
+        if self._disconnected:
+            return
+        if not self.startedWriting:
+            self._writeHead(data)
+        elif data and self.method != b"HEAD" and self.code not in _NO_BODY:
+            sendNow(self.channel.transport, b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        if data and self.firstByte is None:
+            self.firstByte = self.site.clock.seconds() - self.startedAt
+            metrics = self.site.metrics
+            metrics.child(metrics.ttfb, self.routeLabel()).observe(self.firstByte)
+
+    def _writeHead(self, data: bytes) -> None:
+        """The status line and headers, and the first body bytes with them, in one write."""
+        self.startedWriting = True
+        headers = self.responseHeaders
+        bodiless = self.method == b"HEAD" or self.code in _NO_BODY or self.code < 200
+        if not bodiless and not headers.hasHeader(b"content-length"):
+            if self.clientproto == b"HTTP/1.1":
+                self.chunked = True
+                headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+            else:
+                self.persistent = False  # the body ends when the connection does
+        if not self.persistent:
+            headers.setRawHeaders(b"connection", [b"close"])
+        head = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"\r\n")
+        if data and not bodiless:
+            head.append(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        self.channel.transport.write(b"".join(head))  # type: ignore[union-attr]
+
+    def finish(self) -> None:
+        if self.finished or self._disconnected:
+            return
+        if not self.startedWriting:
+            if self.method != b"HEAD" and not self.responseHeaders.hasHeader(b"content-length"):
+                self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+            self._writeHead(b"")
+        if self.chunked:
+            sendNow(self.channel.transport, b"0\r\n\r\n")
+        self.finished = True
+        self._notify(None)
+        self.channel.requestDone(self)
+
+    def notifyFinish(self) -> defer.Deferred[None]:
+        """Fires when the response is finished, or fails when the connection is lost first."""
+        if self.finished:
+            return defer.succeed(None)
+        if self._disconnected:
+            return defer.fail(Failure(http._DataLoss()))
+        d: defer.Deferred[None] = defer.Deferred()
+        self._finished.append(d)
+        return d
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.channel.transport.registerProducer(producer, streaming)  # type: ignore[union-attr]
+
+    def unregisterProducer(self) -> None:
+        transport: Any = self.channel.transport
+        if transport is not None:
+            transport.unregisterProducer()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.finished:
+            return
+        self._disconnected = True
+        self._notify(reason)
+
+    def _notify(self, reason: Failure | None) -> None:
+        waiting, self._finished = self._finished, []
+        for d in waiting:
+            if reason is None:
+                d.callback(None)
+            else:
+                d.errback(reason)
+
+
+class ProxyChannel(Protocol):
+    """
+    One client connection: requests parsed by hand, answered one at a time.
+
+    Between requests the connection may stay idle for the site's timeout;
+    from a request's first byte, its head and body must arrive within it.
+    """
+
+    def __init__(self, site: ProxySite) -> None:
+        self.site = site
+        self.buffer = b""
+        self.request: ProxyRequest | None = None  # being read, or answered
+        self.answering = False  # its head and body are in; its response is not done
+        self.closed = False  # refused, or told to close: nothing more is read
+        self.chunks: _Chunks | None = None  # a chunked body being read
+        self.left = 0  # bytes of a sized body still to come
+        self.received = 0
+        self.timer: IDelayedCall | None = None
+        self.paused = False  # reading is paused: READ_AHEAD bytes wait
+        self.parsing = False
+        self.lingering = False  # answered and closing: what still comes is read and dropped
+
+    def connectionMade(self) -> None:
+        self.site.channels.add(self)
+        self._idle()
+
+    # -- reading
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return  # refused, or lingering after a 413
+        if self.answering:
+            self.buffer += data  # a pipelined request: read once this one is answered
+            if len(self.buffer) > READ_AHEAD and not self.paused:
+                self.paused = True
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+            return
+        if self.request is None and not self.buffer and data:
+            self._deadline()
+        self.buffer += data
+        self._parse()
+
+    def _parse(self) -> None:
+        # A loop, not recursion: a request answered at once (an error) ends
+        # in requestDone, which leaves the next pipelined one to this loop.
+        if self.parsing:
+            return
+        self.parsing = True
+        try:
+            while not self.closed and not self.answering and self.buffer:
+                if self.request is None:
+                    if not self._readHead():
+                        return
+                else:
+                    self._readBody()
+        finally:
+            self.parsing = False
+
+    def _readHead(self) -> bool:
+        buffer = self.buffer = self.buffer.lstrip(b"\r\n")  # empty lines before a request are allowed
+        if not buffer:
+            return False
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            firstLine = buffer.find(b"\r\n")
+            if firstLine < 0 and len(buffer) > MAX_LINE:
+                self._refuse(414, f"The request line is longer than {MAX_LINE} bytes.")
+            elif firstLine >= 0 and len(buffer) - firstLine > MAX_LINE:
+                self._refuse(431, f"The request's headers exceed {MAX_LINE} bytes.")
+            return False
+        head, self.buffer = buffer[:end], buffer[end + 4 :]
+        lines = head.split(b"\r\n")
+        first = lines[0]
+        if len(first) > MAX_LINE:
+            self._refuse(414, f"The request line is longer than {MAX_LINE} bytes.")
+            return False
+        if len(head) - len(first) > MAX_LINE:
+            self._refuse(431, f"The request's headers exceed {MAX_LINE} bytes.")
+            return False
+        if len(lines) - 1 > MAX_HEADERS:
+            self._refuse(431, f"The request has more than {MAX_HEADERS} headers.")
+            return False
+        parts = first.split(b" ")
+        headers = Headers()
+        if len(parts) != 3 or not parts[0].isalpha() or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            return self._malformed()
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            # No space before the colon and no folded lines: both are ways
+            # to smuggle a header past one parser and not another.
+            if not colon or not name or name != name.strip() or name[:1] in b" \t":
+                return self._malformed()
+            headers.addRawHeader(name, value.strip(b" \t"))
+        method, uri, version = parts
+        request = self.request = ProxyRequest(self, method, uri, version, headers)
+        if not self._framing(request):
+            return False
+        if version == b"HTTP/1.0" or b"close" in _tokens(headers, b"connection"):
+            request.persistent = False
+        if self.chunks is None and not self.left:
+            self._received()
+        return True
+
+    def _framing(self, request: ProxyRequest) -> bool:
+        """How the body is framed, and whether it may come at all; False if refused."""
+        headers = request.requestHeaders
+        coding = headers.getRawHeaders(b"transfer-encoding")
+        lengths = headers.getRawHeaders(b"content-length")
+        limit = self.site.maxBodyBytes
+        self.chunks, self.left, self.received = None, 0, 0
+        if coding is not None:
+            if lengths is not None or [t.lower() for t in _split(coding)] != [b"chunked"]:
+                self._malformed()
+                return False
+            self.chunks = _Chunks()
+        elif lengths is not None:
+            values = set(_split(lengths))
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                self._malformed()
+                return False
+            self.left = int(values.pop())
+            if self.left > limit:
+                self._tooLarge(request)
+                return False
+        if (self.chunks is not None or self.left) and b"100-continue" in _tokens(headers, b"expect"):
+            if request.clientproto == b"HTTP/1.1":
+                self.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        return True
+
+    def _readBody(self) -> None:
+        request = self.request
+        assert request is not None
+        data, self.buffer = self.buffer, b""
+        if self.chunks is not None:
+            pieces: list[bytes] = []
+            try:
+                self.buffer = self.chunks.feed(data, pieces)
+            except BadChunk:
+                self._malformed()
+                return
+            for piece in pieces:
+                self._store(request, piece)
+            if self.chunks.done and not self.closed:
+                self._received()
+            return
+        piece, self.buffer = data[: self.left], data[self.left :]
+        self.left -= len(piece)
+        self._store(request, piece)
+        if not self.left and not self.closed:
+            self._received()
+
+    def _store(self, request: ProxyRequest, piece: bytes) -> None:
+        if self.closed:
+            return
+        self.received += len(piece)
+        if self.received > self.site.maxBodyBytes:
+            self._tooLarge(request)
+            return
+        content = request.content
+        if isinstance(content, BytesIO) and self.received > BODY_IN_MEMORY:
+            spilled = request.content = tempfile.TemporaryFile()
+            spilled.write(content.getvalue())
+            content = spilled
+        content.write(piece)
+
+    def _received(self) -> None:
+        """The request's head and body are in: answer it."""
+        request = self.request
+        assert request is not None
+        self._stopTimer()
+        self.answering = True
+        request.content.seek(0)
+        self.site.process(request)
+
+    # -- answering
+
+    def requestDone(self, request: ProxyRequest) -> None:
+        if request is not self.request:
+            return
+        self.request, self.answering = None, False
+        if self.lingering:
+            self._linger()
+            return
+        if not request.persistent or self.closed:
+            self.closed = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self.buffer:
+            self._deadline()  # the next request's first bytes are in
+            self._parse()
+        else:
+            self._idle()
+
+    def _linger(self) -> None:
+        """
+        Close after a 413 without resetting the connection: a client still
+        sending its body would get a reset, not the answer. Half-close, read
+        and drop what comes for a while, then close.
+        """
+        transport: Any = self.transport
+        if not hasattr(transport, "loseWriteConnection"):
+            transport.loseConnection()
+            return
+        transport.loseWriteConnection()
+        self.timer = self.site.clock.callLater(LINGER, transport.abortConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        self.site.channels.discard(self)
+        self._stopTimer()
+        request, self.request = self.request, None
+        if request is not None:
+            request.connectionLost(reason)
+
+    # -- deadlines and refusals
+
+    def _idle(self) -> None:
+        self._stopTimer()
+        if self.site.timeout:
+            self.timer = self.site.clock.callLater(self.site.timeout, self._idleTooLong)
+
+    def _deadline(self) -> None:
+        self._stopTimer()
+        if self.site.timeout:
+            self.timer = self.site.clock.callLater(self.site.timeout, self._tooSlow)
+
+    def _stopTimer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def _idleTooLong(self) -> None:
+        self.timer = None
+        self.closed = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _tooSlow(self) -> None:
+        self.timer = None
+        self._refuse(408, f"The request's headers and body did not arrive within {self.site.timeout:g} s.")
+
+    def _malformed(self) -> bool:
+        self._refuse(400, "The request is not well-formed HTTP/1.1.")
+        return False
+
+    def _tooLarge(self, request: ProxyRequest) -> None:
+        """413 through the request, so that it is counted and logged; nothing more is parsed."""
+        self.closed = self.lingering = True
+        self.answering = True
+        self._stopTimer()
+        request.persistent = False
+        self.site.track(request)
+        writeError(request, 413, f"Request body exceeds the limit of {self.site.maxBodyBytes} bytes.")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """An answer before there is a request to answer; the connection closes after it."""
+        self.closed = True
+        self._stopTimer()
+        transport: Any = self.transport
+        if transport is not None and not transport.disconnecting:
+            transport.write(errorResponse(status, message))
+            transport.loseConnection()
+
+
+def _split(values: Sequence[bytes]) -> list[bytes]:
+    return [t.strip() for value in values for t in value.split(b",") if t.strip()]
+
+
+def _tokens(headers: Headers, name: bytes) -> list[bytes]:
+    return [t.lower() for t in _split(headers.getRawHeaders(name) or [])]
+
+
+class ProxySite(Factory):
+    """
+    The proxy port: its connections, the requests in flight (a graceful
+    shutdown waits for them), per-request metrics, the access line, and
+    the last few requests the status page shows.
+    """
+
+    noisy = False  # the start-up banner says where it listens
+
+    def __init__(
+        self,
+        resource: Renderer,
+        metrics: Metrics,
+        clock: IReactorTime,
+        maxBodyBytes: int,
+        accessLog: bool = True,
+        timeout: float = 60.0,
+    ) -> None:
+        self.resource = resource
+        self.metrics = metrics
+        self.clock = clock
+        self.maxBodyBytes = maxBodyBytes
+        self.accessLog = accessLog
+        self.timeout = timeout  # client_timeout
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.active: set[ProxyRequest] = set()
+        self.channels: set[ProxyChannel] = set()
+        self._idleWaiters: list[defer.Deferred[None]] = []
+        self.draining = False
+        self._closing: list[Any] = []  # transports told to flush and close
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyChannel:
+        return ProxyChannel(self)
+
+    def process(self, request: ProxyRequest) -> None:
+        self.track(request)
+        try:
+            self.resource.render(request)
+        except Exception:  # noqa: BLE001 - any failure is answered in JSON, and the next request served
+            failRequest(request, Failure())
+
+    def track(self, request: ProxyRequest) -> None:
+        self.active.add(request)
+        self.metrics.inFlight.inc()
+        request.notifyFinish().addBoth(self._finished, request)
+
+    def _finished(self, result: None | Failure, request: ProxyRequest) -> None:
+        transport = request.channel.transport
+        if self.draining and transport is not None:
+            # Close after the last bytes are written, so shutdown does
+            # not cut the tail of a response that did finish.
+            transport.loseConnection()
+            self._closing.append(transport)
+        self.active.discard(request)
+        self.metrics.inFlight.dec()
+        status = CLIENT_CLOSED if isinstance(result, Failure) else request.code
+        seconds = self.clock.seconds() - request.startedAt
+        method = methodLabel(request.method.decode("latin-1"))
+        self.metrics.requestEnded(request.routeLabel(), method, str(status), request.prefix, seconds)
+        # A turn later: the dispatcher learns the timings (cached and
+        # computed tokens) just after the response's end.
+        self.clock.callLater(0, self._ended, request, method, status, seconds)
+        if not self.active:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _ended(self, request: ProxyRequest, method: str, status: int, seconds: float) -> None:
+        """
+        A request's record: kept among the last few (the status page shows
+        them) and, with access_log, one log line whose fields are the event's
+        too (for --log-format json).
+        """
+        record = {
+            "method": method,
+            "path": request.path.decode("latin-1"),
+            "status": status,
+            "prefix": request.prefix or None,
+            "slot": request.slot,
+            "cached": request.cached,
+            "computed": request.computed,
+            "ttfb_ms": None if request.firstByte is None else round(request.firstByte * 1000, 1),
+            "ms": round(seconds * 1000, 1),
+        }
+        self.recent.append(record)
+        if not self.accessLog:
+            return
+        line = f"{method} {record['path']} {status}"
+        if request.prefix:
+            line += f" {request.prefix}"
+        if request.slot is not None:
+            line += f" slot {request.slot}"
+        if request.cached is not None:
+            line += f" cached {request.cached} computed {request.computed}"
+        if record["ttfb_ms"] is not None:
+            line += f" ttfb {record['ttfb_ms']} ms"
+        # Made here, one field for the logger to format: a format of nine
+        # fields cost more than the rest of the line's work.
+        log.info("{access}", access=f"{line} in {record['ms']} ms", **record)
+
+    async def drain(self, grace: float) -> None:
+        """
+        Stop starting work and let what is in flight finish, for up to grace
+        seconds, including flushing each response's last bytes.
+        """
+        self.draining = True
+        deadline = self.clock.seconds() + grace
+        idle = self.whenIdle()
+        idle.addTimeout(grace, self.clock)
+        try:
+            await idle
+        except defer.TimeoutError:
+            log.warn("grace period over; {n} request(s) cut short", n=len(self.active))
+            return
+        # Kept-alive connections between requests, and those still reading
+        # a refused body, are closed too (as nginx closes its idle ones).
+        for channel in list(self.channels):
+            transport: Any = channel.transport
+            if channel.lingering:
+                transport.abortConnection()
+            elif not channel.answering:
+                transport.loseConnection()
+            self._closing.append(transport)
+        while any(t.connected for t in self._closing) and self.clock.seconds() < deadline:
+            await task.deferLater(self.clock, 0.02)
+
+    def whenIdle(self) -> defer.Deferred[None]:
+        """Fires once no request is in flight."""
+        if not self.active:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idleWaiters.append(d)
+        return d
