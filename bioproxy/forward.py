@@ -38,14 +38,14 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from .errors import writeError
-from .headers import appendForwarded, endToEnd
+from .headers import RawHeaders, appendForwarded, endToEnd
 from .metrics import Metrics
 from .serve import ProxyRequest
+from .wire import LeanAgent
 
 log = Logger()
 _T = TypeVar("_T")
@@ -125,7 +125,7 @@ class Forwarder:
         uri: bytes = request.uri
         return self.backend + (uri if uri.startswith(b"/") else b"/" + uri)
 
-    def headers(self, request: ProxyRequest) -> Headers:
+    def headers(self, request: ProxyRequest) -> RawHeaders:
         headers = endToEnd(request.requestHeaders, drop=_DROP_FROM_CLIENT)
         peer = request.getClientAddress()
         address = getattr(peer, "host", None) or "unix"
@@ -168,13 +168,16 @@ class _Exchange:
         producer: IBodyProducer | None = None
         if isinstance(self.body, bytes):
             producer = _InMemory(self.body)
-        elif self.body is not None:  # a large upload, which Twisted keeps in a file
+        elif self.body is not None:  # a large upload, kept in a file
             self.body.seek(0)
             producer = FileBodyProducer(_KeptOpen(self.body), cooperator=forwarder.cooperator)
         agent = forwarder.agent if retry else forwarder.retryAgent
-        d = agent.request(
-            self.request.method, forwarder.url(self.request), forwarder.headers(self.request), producer
-        )
+        headers = forwarder.headers(self.request)
+        url = forwarder.url(self.request)
+        if isinstance(agent, LeanAgent):  # it takes bioproxy's own headers as they are
+            d = agent.request(self.request.method, url, headers, producer)
+        else:
+            d = agent.request(self.request.method, url, headers.twisted(), producer)
         self.pending = d
         timer = forwarder.clock.callLater(forwarder.timeout, self._timeout)
         d.addBoth(_passThrough(lambda: _stop(timer)))

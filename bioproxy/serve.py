@@ -34,9 +34,9 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http_headers import Headers
 
 from .errors import errorResponse, failRequest, writeError
+from .headers import RawHeaders
 from .metrics import Metrics, methodLabel, pathLabel
 from .wire import BadChunk, _Chunks, sendNow
 
@@ -81,7 +81,7 @@ class ProxyRequest:
     firstByte: float | None = None  # seconds to the response's first body byte
 
     def __init__(
-        self, channel: ProxyChannel, method: bytes, uri: bytes, clientproto: bytes, headers: Headers
+        self, channel: ProxyChannel, method: bytes, uri: bytes, clientproto: bytes, headers: RawHeaders
     ) -> None:
         self.channel = channel
         self.site = channel.site
@@ -90,7 +90,7 @@ class ProxyRequest:
         self.path = uri.split(b"?", 1)[0]
         self.clientproto = clientproto
         self.requestHeaders = headers
-        self.responseHeaders = Headers()
+        self.responseHeaders = RawHeaders()
         self.content: IO[bytes] = BytesIO()
         self.startedAt = self.site.clock.seconds()
         self._finished: list[defer.Deferred[None]] = []
@@ -286,14 +286,14 @@ class ProxyChannel(Protocol):
             self._refuse(431, f"The request has more than {MAX_HEADERS} headers.")
             return False
         parts = first.split(b" ")
-        headers = Headers()
+        headers = RawHeaders()
         if len(parts) != 3 or not parts[0].isalpha() or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             return self._malformed()
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            # No space before the colon and no folded lines: both are ways
-            # to smuggle a header past one parser and not another.
-            if not colon or not name or name != name.strip() or name[:1] in b" \t":
+            # No space before the colon, no folded lines, no bare CR or LF:
+            # each is a way to smuggle a header past one parser and not another.
+            if not colon or not name or name != name.strip() or b"\r" in line or b"\n" in line:
                 return self._malformed()
             headers.addRawHeader(name, value.strip(b" \t"))
         method, uri, version = parts
@@ -474,7 +474,7 @@ def _split(values: Sequence[bytes]) -> list[bytes]:
     return [t.strip() for value in values for t in value.split(b",") if t.strip()]
 
 
-def _tokens(headers: Headers, name: bytes) -> list[bytes]:
+def _tokens(headers: RawHeaders, name: bytes) -> list[bytes]:
     return [t.lower() for t in _split(headers.getRawHeaders(name) or [])]
 
 

@@ -30,6 +30,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .headers import RawHeaders
+
 _NO_BODY_STATUS = (204, 304)
 
 
@@ -42,7 +44,7 @@ class _Response:
     previousResponse = None
 
     def __init__(
-        self, code: int, phrase: bytes, headers: Headers, length: Any, connection: _Connection
+        self, code: int, phrase: bytes, headers: RawHeaders, length: Any, connection: _Connection
     ) -> None:
         self.code = code
         self.phrase = phrase
@@ -211,8 +213,11 @@ class _Connection(Protocol):
     def _gotHead(self, head: bytes, rest: bytes) -> None:
         lines = head.split(b"\r\n")
         version, code, phrase = (lines[0].split(b" ", 2) + [b""])[:3]
-        headers = Headers()
+        headers = RawHeaders()
         for line in lines[1:]:
+            if b"\r" in line or b"\n" in line:
+                self.abort()  # a header split in two on its way to the client
+                return
             name, _, value = line.partition(b":")
             headers.addRawHeader(name.strip(), value.strip())
         status = int(code)
@@ -354,17 +359,19 @@ class LeanAgent:
         self,
         method: bytes,
         uri: bytes,
-        headers: Headers | None = None,
+        headers: Headers | RawHeaders | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> defer.Deferred[IResponse]:
         body = getattr(bodyProducer, "data", None) if bodyProducer is not None else b""
         if not isinstance(body, bytes):
+            if isinstance(headers, RawHeaders):
+                headers = headers.twisted()
             return self.fallback.request(method, uri, headers, bodyProducer)
         scheme, _, rest = uri.partition(b"://")
         netloc, slash, tail = rest.partition(b"/")
         key, host, parsed = self._origin(scheme, netloc)
         lines = [method + b" " + (slash + tail or b"/") + b" HTTP/1.1", b"Host: " + host]
-        for name, values in (headers or Headers()).getAllRawHeaders():
+        for name, values in headers.getAllRawHeaders() if headers is not None else ():
             lines.extend(name + b": " + value for value in values)
         if bodyProducer is not None:
             lines.append(b"Content-Length: %d" % len(body))

@@ -262,6 +262,8 @@ class RefusalTests(SynchronousTestCase):
             b"GET / HTTP/1.1\r\nNo-Colon\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-Space : v\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-A: v\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: v\nX-Smuggled: w\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: v\rX-Smuggled: w\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
             b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n",

@@ -6,12 +6,15 @@ split across reads, writes sent at once, and its spare connections.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from bioproxy.wire import _Chunks, sendNow
+from bioproxy.wire import BadChunk, _Chunks, _Connection, sendNow
 
 from .memory import Memory
 
@@ -41,6 +44,12 @@ class ChunksTests(SynchronousTestCase):
         decoder, out = _Chunks(), []
         decoder.feed(b"A;name=value\r\n0123456789\r\n0\r\n\r\n", out)
         self.assertEqual((b"".join(out), decoder.done), (b"0123456789", True))
+
+
+class BadChunkTests(SynchronousTestCase):
+    def test_notAChunkSize(self) -> None:
+        for wire in (b"zz\r\n", b"-5\r\nabc\r\n", b"\r\n", b"0x5\r\n", b"1" * 16 + b"\r\n", b"5" * 20000):
+            self.assertRaises(BadChunk, _Chunks().feed, wire, [])
 
 
 class _Socket:
@@ -118,3 +127,39 @@ class SpareTests(TestCase):
         self.assertEqual(
             [w["message"] for w in self.flushWarnings() if "Callback returned" in str(w["message"])], []
         )
+
+
+class _Owner:
+    def forget(self, connection: Any) -> None:
+        pass
+
+    def putBack(self, connection: Any) -> None:
+        pass
+
+
+class ResponseHeadTests(SynchronousTestCase):
+    def exchange(self, head: bytes) -> tuple[StringTransport, defer.Deferred[Any]]:
+        connection = _Connection(_Owner(), (b"http", b"b", 80))  # type: ignore[arg-type]
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        answer = connection.send(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", b"GET")
+        connection.dataReceived(head)
+        return transport, answer
+
+    def test_headersAreRead(self) -> None:
+        transport, answer = self.exchange(
+            b"HTTP/1.1 200 OK\r\nX-A: one\r\nx-a: two\r\nContent-Length: 0\r\n\r\n"
+        )
+        response = self.successResultOf(answer)
+        self.assertEqual((response.code, response.headers.getRawHeaders(b"x-a")), (200, [b"one", b"two"]))
+        self.assertFalse(transport.disconnecting)
+
+    def test_aBareLineBreakIsNotPassedOn(self) -> None:
+        """A backend's header with a bare LF would reach the client as two headers."""
+        for head in (
+            b"HTTP/1.1 200 OK\r\nX-A: v\nSet-Cookie: x=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-A: v\rSet-Cookie: x=1\r\nContent-Length: 0\r\n\r\n",
+        ):
+            transport, answer = self.exchange(head)
+            self.assertTrue(transport.disconnecting)
+            self.assertNoResult(answer)
