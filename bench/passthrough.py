@@ -2,7 +2,11 @@
 Pass-through overhead: a fast backend reached directly, through bioproxy and
 through nginx, measured side by side in one run.
 
-    python bench/passthrough.py [--duration 5] [--connections 1,10,50]
+    python bench/passthrough.py [--duration 5] [--connections 1,10,50] [--baseline DIR]
+
+--baseline runs a second bioproxy from another checkout beside this one (say
+`git worktree add ../before REV`), so that before and after are measured in
+one run. A row without the access line shows what that line costs.
 
 Needs `wrk` and `nginx` (Debian: wrk, nginx-light); the script installs them
 with apt-get when missing and it runs as root. The backend is nginx itself
@@ -111,9 +115,11 @@ def ensureTools() -> None:
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
 
-def startBioproxy(work: Path, name: str, backend: int, port: int, admin: int) -> subprocess.Popen[bytes]:
-    config = work / "bench.yaml"
-    config.write_text("health_check_interval: 60\n")
+def startBioproxy(
+    work: Path, name: str, backend: int, port: int, admin: int, root: Path = ROOT, settings: str = ""
+) -> subprocess.Popen[bytes]:
+    config = work / f"{name}.yaml"
+    config.write_text("health_check_interval: 60\n" + settings)
     return subprocess.Popen(
         [
             sys.executable,
@@ -133,7 +139,8 @@ def startBioproxy(work: Path, name: str, backend: int, port: int, admin: int) ->
             "--admin-port",
             str(admin),
         ],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=work,  # not the caller's directory, which `-c` would put first on sys.path
     )
 
 
@@ -182,13 +189,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", default="1,10,50")
+    parser.add_argument("--baseline", type=Path, default=None, help="another bioproxy checkout, run beside")
     args = parser.parse_args()
     ensureTools()
 
     work = Path(tempfile.mkdtemp(prefix="bioproxy-bench-"))
     ports = {
         name: freePort()
-        for name in ("backend", "proxy", "sse", "bio", "bioadmin", "biosse", "biosseadmin", "lean", "leansse")
+        for name in (
+            "backend",
+            "proxy",
+            "sse",
+            "bio",
+            "bioadmin",
+            "biosse",
+            "biosseadmin",
+            "lean",
+            "leansse",
+            "quiet",
+            "quietadmin",
+            "base",
+            "baseadmin",
+        )
     }
     (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, **ports))
     procs = [
@@ -196,6 +218,14 @@ def main() -> None:
         subprocess.Popen([sys.executable, "-c", SSE_SERVER, str(ports["sse"])]),
         startBioproxy(work, "plain", ports["backend"], ports["bio"], ports["bioadmin"]),
         startBioproxy(work, "sse", ports["sse"], ports["biosse"], ports["biosseadmin"]),
+        startBioproxy(
+            work,
+            "quiet",
+            ports["backend"],
+            ports["quiet"],
+            ports["quietadmin"],
+            settings="access_log: false\n",
+        ),
         # What a leaner Twisted forwarding path would give (bench/lean.py): a yardstick, not bioproxy.
         subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["lean"]), str(ports["backend"])]
@@ -204,12 +234,24 @@ def main() -> None:
             [sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["leansse"]), str(ports["sse"])]
         ),
     ]
+    if args.baseline is not None:
+        procs.append(
+            startBioproxy(work, "base", ports["backend"], ports["base"], ports["baseadmin"], args.baseline)
+        )
+    else:
+        del ports["base"], ports["baseadmin"]
     try:
         for name in ports:
             waitFor(ports[name])
         targets = {
             "direct": f"http://127.0.0.1:{ports['backend']}/v1/models",
+            **(
+                {"bioproxy at baseline": f"http://127.0.0.1:{ports['base']}/v1/models"}
+                if args.baseline
+                else {}
+            ),
             "bioproxy": f"http://127.0.0.1:{ports['bio']}/v1/models",
+            "bioproxy, no access line": f"http://127.0.0.1:{ports['quiet']}/v1/models",
             "nginx": f"http://127.0.0.1:{ports['proxy']}/v1/models",
             "lean Twisted relay": f"http://127.0.0.1:{ports['lean']}/v1/models",
         }
