@@ -2,13 +2,16 @@
 What a proxy adds to each request: time to first token and CPU, bioproxy
 against the Go original and against llama-server alone, paths interleaved.
 
-    python bench/latency.py [--configs np4,default] [--requests 60] [--go PATH]
+    python bench/latency.py [--configs np4,default] [--requests 60] [--go PATH] [--lean]
 
 Each path has its own llama-server with the same flags (tiny model, `-t 2`),
 so that no path's slots are another's: "alone" is used straight, one is
 behind bioproxy (a twistd subprocess), one behind the Go original (built
 from its repository: `go build ./cmd/bioproxy`; skipped without --go). Each
 request goes to every path in turn, so all see the machine at one moment.
+With --lean, bench/lean.py --fresh is one more path, sent what llama-server
+alone is sent: a relay on Twisted's reactor that parses heads and copies
+bytes and nothing else, the floor under any Python proxy's CPU here.
 
 Scenarios, streamed chats unless named:
 
@@ -159,9 +162,11 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
     for i, text in enumerate(texts.values()):
         (work / f"t{i}.txt").write_text(text)
         prefixes[f"@t{i}"] = str(work / f"t{i}.txt")
-    servers = {name: Llama(binary, model, work, name, config) for name in ("alone", "bioproxy", "go")}
+    servers = {name: Llama(binary, model, work, name, config) for name in ("alone", "bioproxy", "go", "lean")}
     if not args.go:
         del servers["go"]
+    if not args.lean:
+        del servers["lean"]
     for server in servers.values():
         server.start()
     bio = Bioproxy(work, servers["bioproxy"], prefixes)
@@ -172,6 +177,19 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
     }
     if go is not None:
         paths["go"] = (go.url, go.proc.pid)
+    lean = None
+    if args.lean:
+        leanPort = freePort()
+        lean = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).parent / "lean.py"),
+                str(leanPort),
+                servers["lean"].url.rsplit(":", 1)[1],
+                "--fresh",
+            ]
+        )
+        paths["lean relay"] = (f"http://127.0.0.1:{leanPort}", lean.pid)
     try:
         waitFor(bio.warm, "bioproxy's warmups")
         time.sleep(2 if go is None else 10)  # the Go original warms on its own clock
@@ -182,7 +200,7 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                 for name, (url, pid) in paths.items():
                     if name == "go" and scenario not in GO_SCENARIOS:
                         continue
-                    path, body = bodies(scenario, i, name != "alone", texts)
+                    path, body = bodies(scenario, i, name not in ("alone", "lean relay"), texts)
                     before = cpuNanoseconds(pid) if pid else 0
                     try:
                         ttft, promptS = send(url, path, body)
@@ -198,6 +216,9 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         bio.stop()
         if go is not None:
             go.stop()
+        if lean is not None:
+            lean.terminate()
+            lean.wait(30)
         for server in servers.values():
             server.stop()
 
@@ -241,6 +262,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--rules", type=int, default=24, help="lines per template")
     parser.add_argument("--go", default=None, help="the Go original's binary")
+    parser.add_argument(
+        "--lean", action="store_true", help="also the lean relay, the floor of a Python relay's cost"
+    )
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()

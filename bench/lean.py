@@ -2,7 +2,7 @@
 A measuring stick, not a product: how fast can a pass-through proxy written
 on Twisted be when it skips Twisted's HTTP Request and Agent machinery?
 
-    python bench/lean.py LISTEN_PORT BACKEND_PORT
+    python bench/lean.py LISTEN_PORT BACKEND_PORT [--fresh]
 
 It parses only what it must (the request line and headers, Content-Length
 bodies; the response's status line, headers and framing), relays the
@@ -10,7 +10,10 @@ response's bytes as they come, chunked framing included, with backpressure
 both ways, and keeps one backend connection per idle slot in a pool. No
 templates, no slots, no chunked uploads, no timeouts: bench/passthrough.py
 runs it beside bioproxy and nginx to show what a leaner forwarding path
-would be worth.
+would be worth. With --fresh it connects anew for every request, as
+llama-server needs (it closes the connection after a streamed answer,
+though its headers say keep-alive); bench/latency.py runs it so, as the
+floor of what any relay on this reactor costs per chat.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ def parseHead(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
 class Backend(Protocol):
     """One backend connection: relays one response at a time to its client."""
 
-    def __init__(self, pool: list[Backend]) -> None:
-        self.pool = pool
+    def __init__(self, pool: list[Backend] | None) -> None:
+        self.pool = pool  # None: a connection per request
         self.client: Client | None = None
         self.buffer = b""
         self.head = True
@@ -119,11 +122,14 @@ class Backend(Protocol):
         client, self.client = self.client, None
         if client is not None:
             client.transport.unregisterProducer()  # type: ignore[union-attr]
-            self.pool.append(self)
+            if self.pool is None:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                self.pool.append(self)
             client.responseDone()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self in self.pool:
+        if self.pool is not None and self in self.pool:
             self.pool.remove(self)
         if self.client is not None:
             self.client.transport.abortConnection()  # type: ignore[union-attr]
@@ -169,10 +175,11 @@ class Client(Protocol):
 
 
 class Lean(Factory):
-    def __init__(self, backendPort: int) -> None:
+    def __init__(self, backendPort: int, fresh: bool = False) -> None:
         self.host = b"127.0.0.1:%d" % backendPort
         self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", backendPort)
         self.idle: list[Backend] = []
+        self.fresh = fresh
 
     def buildProtocol(self, addr: Any) -> Client:
         return Client(self)
@@ -182,11 +189,11 @@ class Lean(Factory):
 
         if self.idle:
             return defer.succeed(self.idle.pop())
-        return self.endpoint.connect(Factory.forProtocol(lambda: Backend(self.idle)))
+        return self.endpoint.connect(Factory.forProtocol(lambda: Backend(None if self.fresh else self.idle)))
 
 
 if __name__ == "__main__":
     listen, backendPort = int(sys.argv[1]), int(sys.argv[2])
     running: Any = reactor
-    running.listenTCP(listen, Lean(backendPort), interface="127.0.0.1")
+    running.listenTCP(listen, Lean(backendPort, fresh="--fresh" in sys.argv), interface="127.0.0.1")
     running.run()
