@@ -28,6 +28,16 @@ class ConfigError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """One llama-server behind bioproxy, as configured."""
+
+    url: str
+    api_key: str | None = None
+    slots: int | None = None  # None: ask its /props
+    weight: float = 1.0  # its share of templates placed by hashing
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     proxy_host: str = "localhost"
     proxy_port: int = 8088
@@ -79,6 +89,11 @@ class Config:
     # across restarts of bioproxy (state.py). None: $STATE_DIRECTORY/state.json
     # under systemd's StateDirectory=, else nowhere (they last one process).
     state_file: str | None = None
+    # Several llama-servers: URLs, or mappings of url, api_key, slots, weight.
+    # Empty: the one backend of backend_url.
+    backends: tuple[BackendSpec, ...] = ()
+    # On how many backends each template is kept warm: a number, or "all".
+    warm_on: int | None = 1  # None: all
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -99,6 +114,16 @@ class Config:
     @property
     def admin_endpoint(self) -> str:
         return self.admin_listen or tcpEndpoint(self.admin_host, self.admin_port)
+
+    def backendSpecs(self, environ: Mapping[str, str] = os.environ) -> list[BackendSpec]:
+        """Every backend: those of `backends`, or else the one of backend_url and its settings."""
+        key = self.backendApiKey(environ)
+        if self.backends:  # the top-level key and slot count are each backend's default
+            return [
+                dataclasses.replace(spec, api_key=spec.api_key or key, slots=spec.slots or self.slots)
+                for spec in self.backends
+            ]
+        return [BackendSpec(self.backend_url, key, self.slots)]
 
     def backendApiKey(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """The key for bioproxy's own calls: the setting, else its file, else the environment."""
@@ -298,6 +323,50 @@ def _url(key: str, value: Any) -> str:
     return value.rstrip("/")
 
 
+def _backends(key: str, value: Any) -> tuple[BackendSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"config key {key!r}: expected a list of backend URLs or mappings, got {value!r}")
+    specs = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            specs.append(BackendSpec(_url(where, item)))
+            continue
+        if not isinstance(item, dict) or "url" not in item:
+            raise ConfigError(f"config key {where!r}: expected a URL or a mapping with a url, got {item!r}")
+        unknown = sorted(set(item) - {"url", "api_key", "slots", "weight"})
+        if unknown:
+            raise ConfigError(
+                f"config key {where!r}: unknown key {unknown[0]!r}; known: url, api_key, slots, weight"
+            )
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"config key {where + '.weight'!r}: expected a positive number, got {weight!r}")
+        specs.append(
+            BackendSpec(
+                _url(where + ".url", item["url"]),
+                _optionalString(where + ".api_key", item.get("api_key")),
+                _optionalCount(where + ".slots", item.get("slots")),
+                float(weight),
+            )
+        )
+    urls = [spec.url for spec in specs]
+    for url in urls:
+        if urls.count(url) > 1:
+            raise ConfigError(f"config key {key!r}: {url} is listed twice")
+    return tuple(specs)
+
+
+def _warmOn(key: str, value: Any) -> int | None:
+    if value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'config key {key!r}: expected a positive whole number or "all", got {value!r}')
+    return value
+
+
 def _optionalString(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -363,6 +432,8 @@ _CHECKS = {
     "allow_slot_actions": _flag,
     "access_log": _flag,
     "state_file": _optionalString,
+    "backends": _backends,
+    "warm_on": _warmOn,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

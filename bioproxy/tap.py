@@ -20,7 +20,6 @@ _FLAG_KEYS = {
     "port": "proxy_port",
     "admin-host": "admin_host",
     "admin-port": "admin_port",
-    "backend": "backend_url",
     "listen": "listen",
     "admin-listen": "admin_listen",
 }
@@ -52,7 +51,6 @@ class Options(usage.Options):
         ["port", "p", None, "Proxy listen port (default 8088). Shortcut for --listen."],
         ["admin-host", None, None, "Admin listen host (default localhost)."],
         ["admin-port", None, None, "Admin listen port (default 8089)."],
-        ["backend", "b", None, "llama-server base URL (default http://localhost:8081)."],
         [
             "listen",
             None,
@@ -67,9 +65,24 @@ class Options(usage.Options):
     config: Config
     flags: dict[str, Any]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.backends: list[str] = []
+
+    def opt_backend(self, url: str) -> None:
+        """llama-server base URL (default http://localhost:8081); repeat it for several."""
+        self.backends.append(url)
+
+    opt_b = opt_backend
+
     def postOptions(self) -> None:
         try:
             self.flags = {key: self[flag] for flag, key in _FLAG_KEYS.items() if self[flag] is not None}
+            # --backend replaces the file's backends, whether given once or more.
+            if len(self.backends) == 1:
+                self.flags["backend_url"], self.flags["backends"] = self.backends[0], None
+            elif self.backends:
+                self.flags["backends"] = list(self.backends)
             for key in ("proxy_port", "admin_port"):
                 if key in self.flags:
                     self.flags[key] = _portFlag(key, self.flags[key])
@@ -143,7 +156,11 @@ def makeService(options: Options) -> IService:
     root = _Root(observer(options["log-format"]))
     service.setServiceParent(root)
     # Last, so that it starts once everything listens and stops first.
-    notifier = Notifier(os.environ, reactorAny, status=f"proxying to {options.config.backend_url}")
+    notifier = Notifier(
+        os.environ,
+        reactorAny,
+        status="proxying to " + ", ".join(spec.url for spec in options.config.backendSpecs()),
+    )
     watcher = service.getServiceNamed("templates")
     HangupReloader(options.reread, watcher, reactorAny, options.config, notifier).setServiceParent(root)
     notifier.setServiceParent(root)

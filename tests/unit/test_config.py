@@ -160,3 +160,57 @@ class LoadTests(TestCase):
 
     def test_ipv6Host(self) -> None:
         self.assertEqual(validate({"proxy_host": "::1"}).proxy_endpoint, r"tcp6:8088:interface=\:\:1")
+
+
+class BackendsTests(TestCase):
+    """Issue 16, item 1: several backends, in the config or by repeated --backend."""
+
+    def test_oneBackendForm(self) -> None:
+        specs = validate({"backend_url": "http://a:1", "slots": 3, "backend_api_key": "k"}).backendSpecs()
+        self.assertEqual(specs, [config.BackendSpec("http://a:1", "k", 3)])
+
+    def test_urlsAndMappings(self) -> None:
+        c = validate(
+            {
+                "backend_api_key": "shared",
+                "slots": 2,
+                "backends": ["http://a:1/", {"url": "http://b:2", "api_key": "own", "slots": 4, "weight": 2}],
+            }
+        )
+        self.assertEqual(
+            c.backendSpecs(),
+            [config.BackendSpec("http://a:1", "shared", 2), config.BackendSpec("http://b:2", "own", 4, 2.0)],
+        )
+
+    def test_badBackends(self) -> None:
+        for value, words in (
+            ("http://a:1", "list"),
+            (["ftp://a"], "backends[0]"),
+            ([{"api_key": "k"}], "backends[0]"),
+            ([{"url": "http://a:1", "port": 3}], "unknown key 'port'"),
+            ([{"url": "http://a:1", "weight": 0}], "backends[0].weight"),
+            ([{"url": "http://a:1", "slots": -1}], "backends[0].slots"),
+            (["http://a:1", "http://a:1/"], "listed twice"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                validate({"backends": value})
+            self.assertIn(words, str(caught.exception), value)
+
+    def test_warmOn(self) -> None:
+        self.assertEqual(validate({}).warm_on, 1)
+        self.assertIsNone(validate({"warm_on": "all"}).warm_on)
+        self.assertEqual(validate({"warm_on": 2}).warm_on, 2)
+        for bad in (0, "two", True, 1.5):
+            self.assertRaises(ConfigError, validate, {"warm_on": bad})
+
+    def test_repeatedFlag(self) -> None:
+        from bioproxy.tap import Options
+
+        path = Path(self.mktemp())
+        path.write_text(json.dumps({"backends": ["http://file:1", "http://file:2"]}))
+        options = Options()
+        options.parseOptions(["--config", str(path), "--backend", "http://a:1", "-b", "http://b:2"])
+        self.assertEqual([s.url for s in options.config.backendSpecs()], ["http://a:1", "http://b:2"])
+        options = Options()
+        options.parseOptions(["--config", str(path), "--backend", "http://c:3"])
+        self.assertEqual([s.url for s in options.config.backendSpecs()], ["http://c:3"])
