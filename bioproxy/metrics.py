@@ -197,9 +197,9 @@ class Metrics:
         GCCollector(registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def reportSlots(self, source: Callable[[], SlotCounts]) -> None:
-        """The scheduler whose queues and slots the two gauges read, when scraped."""
-        self.slotGauges.source = source
+    def reportSlots(self, backend: str, source: Callable[[], SlotCounts]) -> None:
+        """A backend's scheduler, whose queues and slots the two gauges read when scraped."""
+        self.slotGauges.sources[backend] = source
 
     def child(self, metric: Any, *values: str) -> Any:
         """metric.labels(*values), looked up once: on every request it is a measurable cost."""
@@ -224,30 +224,31 @@ class _SlotGauges:
     request.
     """
 
-    source: Callable[[], SlotCounts] | None = None
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], SlotCounts]] = {}  # by backend URL
 
     def describe(self) -> list[GaugeMetricFamily]:
-        return list(self._families())
+        return list(self._families({}))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        return self._families(self.source() if self.source else ({}, {}))
+        return self._families({backend: source() for backend, source in self.sources.items()})
 
-    def _families(self, counts: SlotCounts = ({}, {})) -> Iterator[GaugeMetricFamily]:
-        waiting, states = counts
+    def _families(self, counts: dict[str, SlotCounts]) -> Iterator[GaugeMetricFamily]:
         queue = GaugeMetricFamily(
             "bioproxy_queue_depth",
-            "Requests waiting for a slot, by priority (user, warmup).",
-            labels=["priority"],
+            "Requests waiting for a slot, by backend and priority (user, warmup).",
+            labels=["backend", "priority"],
         )
-        for priority, n in waiting.items():
-            queue.add_metric([priority], n)
         slots = GaugeMetricFamily(
             "bioproxy_slots",
             "Backend slots by what bioproxy knows of them (busy, template, other, empty, unknown).",
-            labels=["state"],
+            labels=["backend", "state"],
         )
-        for state, n in states.items():
-            slots.add_metric([state], n)
+        for backend, (waiting, states) in counts.items():
+            for priority, n in waiting.items():
+                queue.add_metric([backend, priority], n)
+            for state, n in states.items():
+                slots.add_metric([backend, state], n)
         yield queue
         yield slots
 

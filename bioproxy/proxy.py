@@ -7,12 +7,11 @@ expanded, and go through the dispatcher, which leases them a slot.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .dispatch import Dispatcher
 from .errors import failRequest, writeError
 from .expand import (
     BadRequest,
@@ -24,13 +23,25 @@ from .expand import (
     normaliseBillingHeader,
     parseBody,
 )
-from .forward import Forwarder
 from .heads import HeadBook, locate, shellOf
 from .routes import Route, Shape, route
 from .serve import ProxyRequest
 from .templates import TemplateLibrary
 
 log = Logger()
+
+
+class Forwarding(Protocol):
+    """Where requests that use no slot go (a Forwarder, or the router over several)."""
+
+    def forward(self, request: ProxyRequest, body: bytes | None = None) -> object: ...
+
+
+class Sending(Protocol):
+    """Where requests that run on a slot go (a Dispatcher, or the router over several)."""
+
+    async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None: ...
+
 
 # llama-server's slot actions: POST /slots/<id>?action=save|restore|erase.
 _SLOT_ACTION = re.compile(rb"^/slots/[^/]*/?$")
@@ -41,9 +52,9 @@ class ProxyResource:
 
     def __init__(
         self,
-        forwarder: Forwarder,
+        forwarder: Forwarding,
         library: TemplateLibrary | None = None,
-        dispatcher: Dispatcher | None = None,
+        dispatcher: Sending | None = None,
         book: HeadBook | None = None,
         normaliseHeaders: bool = True,
         allowSlotActions: bool = False,

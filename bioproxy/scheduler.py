@@ -164,6 +164,7 @@ class SlotScheduler:
         metrics: Metrics,
         maxQueue: int = 256,
         maxWait: float = 300.0,
+        backend: str = "",
     ) -> None:
         self.clock = clock
         self.metrics = metrics
@@ -177,7 +178,7 @@ class SlotScheduler:
         self._seq = 0
         self._dispatching = False
         self._again = False
-        metrics.reportSlots(self.counts)
+        metrics.reportSlots(backend, self.counts)
 
     def lease(
         self,

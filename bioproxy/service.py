@@ -18,7 +18,9 @@ from twisted.logger import Logger
 from . import __version__
 from .admin import adminRoot
 from .backend import Backend
-from .config import Config
+from .backend.member import Member
+from .backend.router import Router
+from .config import BackendSpec, Config
 from .connect import backendClients
 from .dispatch import Dispatcher
 from .forward import Forwarder
@@ -96,7 +98,7 @@ class _Announce(Service):
             version=__version__,
             proxy=c.proxy_endpoint,
             admin=c.admin_endpoint,
-            backend=c.backend_url,
+            backend=", ".join(spec.url for spec in c.backendSpecs()),
             templates=len(c.prefixes),
             state=str(c.statePath() or "(none: learned heads last this process)"),
             source=c.source or "(defaults)",
@@ -115,6 +117,62 @@ def templateSources(config: Config) -> Sources:
     """Where config's templates and includes are looked for, and may live."""
     configDir = Path(config.source).parent if config.source else Path.cwd()
     return Sources.build(configDir, config.prefixes.values(), [configDir / r for r in config.template_roots])
+
+
+class _Changed:
+    """Tells the router that one of several backends came or went."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def backendReady(self) -> None:
+        self.router.membersChanged()
+
+    def backendLost(self) -> None:
+        self.router.membersChanged()
+
+
+def _member(
+    config: Config,
+    spec: BackendSpec,
+    book: HeadBook,
+    clients: Any,
+    metrics: Metrics,
+    reactor: Any,
+    first: bool,
+) -> Member:
+    """
+    One backend's pieces, wired to each other and to nothing of another
+    backend's. The first backend's services have the plain names.
+    """
+    suffix = "" if first else f" {spec.url}"
+    forwarder = Forwarder(
+        clients.forward,
+        spec.url,
+        reactor,
+        metrics,
+        config.backend_timeout,
+        config.backend_idle_timeout,
+        config.response_buffer_bytes,
+        config.write_stall_timeout,
+        retryAgent=clients.retry,
+    )
+    llama = LlamaClient(HTTPClient(clients.agent), spec.url, reactor, apiKey=spec.api_key)
+    monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
+    monitor.setName("monitor" + suffix)
+    # Until the backend's /props is read, one slot is the only safe guess.
+    scheduler = SlotScheduler(
+        reactor, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.url
+    )
+    backend = Backend(llama, scheduler, spec.slots, config.backend_timeout)
+    cache = KVCache(backend, metrics)
+    backend.onNewProcess.append(cache.forgetProcess)
+    warmer = Warmer(book, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
+    warmer.setName("warmup" + suffix)
+    monitor.listeners.append(backend)
+    backend.listeners.append(warmer)
+    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
+    return Member(spec, llama, monitor, scheduler, backend, cache, warmer, forwarder, dispatcher)
 
 
 def makeService(config: Config, reactor: Any) -> MultiService:
@@ -140,47 +198,29 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     watcher.loadAll()
 
     clients = backendClients(reactor, IDLE_CONNECTION_TIMEOUT)
-    agent = clients.agent
-
-    forwarder = Forwarder(
-        clients.forward,
-        config.backend_url,
-        reactor,
-        metrics,
-        config.backend_timeout,
-        config.backend_idle_timeout,
-        config.response_buffer_bytes,
-        config.write_stall_timeout,
-        retryAgent=clients.retry,
-    )
-    llama = LlamaClient(HTTPClient(agent), config.backend_url, reactor, apiKey=config.backendApiKey())
-    monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
-    monitor.setName("monitor")
-
-    # Until the backend's /props is read, one slot is the only safe guess.
-    scheduler = SlotScheduler(reactor, config.slots or 1, metrics, config.max_queue, config.max_queue_wait)
-    backend = Backend(llama, scheduler, config.slots, config.backend_timeout)
-    cache = KVCache(backend, metrics)
-    backend.onNewProcess.append(cache.forgetProcess)
     book = HeadBook(
         library, reactor.seconds, config.learn_after, config.max_learned, config.max_learned_bytes
     )
-    warmer = Warmer(book, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
-    book.dropped.append(cache.forget)
-    warmer.setName("warmup")
-    watcher.listeners.append(warmer.templateChanged)
-    monitor.listeners.append(backend)
-    backend.listeners.append(warmer)
+    members = [
+        _member(config, spec, book, clients, metrics, reactor, i == 0)
+        for i, spec in enumerate(config.backendSpecs())
+    ]
+    router = Router(members, config.warm_on)
+    for member in members:
+        watcher.listeners.append(member.warmer.templateChanged)
+        book.dropped.append(member.cache.forget)
+        if len(members) > 1:
+            member.backend.listeners.append(_Changed(router))
 
+    # The learned heads and their files' names, of the first backend.
     statePath = config.statePath()
-    state = StateFile(statePath, book, backend, reactor) if statePath else None
+    state = StateFile(statePath, book, members[0].backend, reactor) if statePath else None
     if state is not None:
         state.read()
 
-    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
     proxySite = ProxySite(
         ProxyResource(
-            forwarder, library, dispatcher, book, config.normalise_billing_header, config.allow_slot_actions
+            router, library, router, book, config.normalise_billing_header, config.allow_slot_actions
         ),
         metrics,
         reactor,
@@ -188,8 +228,18 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.access_log,
         timeout=config.client_timeout,
     )
+    first = members[0]
     snapshot = Snapshot(
-        monitor, reactor, config.backend_url, watcher, cache, warmer, book, scheduler, proxySite.recent
+        first.monitor,
+        reactor,
+        first.name,
+        watcher,
+        first.cache,
+        first.warmer,
+        book,
+        first.scheduler,
+        proxySite.recent,
+        members,
     )
     adminSite = JSONSite(
         adminRoot(metrics, snapshot, config.admin_token, config.admin_open_health),
@@ -198,10 +248,10 @@ def makeService(config: Config, reactor: Any) -> MultiService:
 
     for child in (
         _CallOnStop("pool", clients.close),
-        _CallOnStop("backend", backend.stop),
+        *(_CallOnStop(f"backend {m.name}", m.backend.stop) for m in members),
         *([state] if state is not None else []),
-        warmer,
-        monitor,
+        *(m.warmer for m in members),
+        *(m.monitor for m in members),
         watcher,
         _Drain(proxySite, config.shutdown_grace),
         _listen(reactor, config.admin_endpoint, adminSite, "admin"),

@@ -6,8 +6,8 @@ which the status page polls), so that each fact is written once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -19,6 +19,9 @@ from .scheduler import SlotScheduler
 from .templates import describe
 from .warmup import Warmer
 from .watcher import TemplateWatcher
+
+if TYPE_CHECKING:
+    from .backend.member import Member
 
 
 class Snapshot:
@@ -33,6 +36,7 @@ class Snapshot:
         book: HeadBook | None = None,
         scheduler: SlotScheduler | None = None,
         recent: Iterable[dict[str, Any]] = (),
+        members: Sequence[Member] = (),
     ) -> None:
         self.monitor = monitor
         self.clock = clock
@@ -44,6 +48,9 @@ class Snapshot:
         self.book = book
         self.scheduler = scheduler
         self.recent = recent  # the proxy site's last requests, newest last
+        # Every backend, when there are several; the one-backend fields
+        # above are the first's.
+        self.members = members
 
     def whole(self) -> dict[str, Any]:
         return {
@@ -55,21 +62,27 @@ class Snapshot:
         }
 
     def health(self) -> dict[str, Any]:
-        monitor, now = self.monitor, self.clock.seconds()
+        monitors = [(m.name, m.monitor) for m in self.members] or [(self.backendURL, self.monitor)]
+        backends = [self._backendHealth(url, monitor) for url, monitor in monitors]
         return {
-            # The proxy itself is up whenever it answers; the backend's
+            # The proxy itself is up whenever it answers; the backends'
             # state is reported beside it rather than failing the check.
-            "status": "ok" if monitor.reachable else "degraded",
-            "uptime_seconds": round(now - self.startedAt, 3),
+            "status": "ok" if all(b["reachable"] for b in backends) else "degraded",
+            "uptime_seconds": round(self.clock.seconds() - self.startedAt, 3),
             "version": __version__,
-            "backend": {
-                "url": self.backendURL,
-                "reachable": monitor.reachable,
-                "last_checked_ago_seconds": (
-                    None if monitor.lastChecked is None else round(now - monitor.lastChecked, 3)
-                ),
-                "last_error": monitor.lastError,
-            },
+            "backend": backends[0],
+            "backends": backends,
+        }
+
+    def _backendHealth(self, url: str, monitor: BackendMonitor) -> dict[str, Any]:
+        now = self.clock.seconds()
+        return {
+            "url": url,
+            "reachable": monitor.reachable,
+            "last_checked_ago_seconds": (
+                None if monitor.lastChecked is None else round(now - monitor.lastChecked, 3)
+            ),
+            "last_error": monitor.lastError,
         }
 
     def ready(self) -> dict[str, Any]:
@@ -121,9 +134,14 @@ class Snapshot:
     def slots(self) -> dict[str, Any]:
         """bioproxy's view of each backend slot, which is what placement decides on."""
         assert self.scheduler is not None
+        view = self._slotsOf(self.scheduler)
+        view["backends"] = [{"url": m.name, **self._slotsOf(m.scheduler)} for m in self.members]
+        return view
+
+    def _slotsOf(self, scheduler: SlotScheduler) -> dict[str, Any]:
         now = self.clock.seconds()
         slots = []
-        for slot in self.scheduler.slots:
+        for slot in scheduler.slots:
             lease = slot.lease
             slots.append(
                 {
@@ -139,6 +157,6 @@ class Snapshot:
             )
         return {
             "slots": slots,
-            "retained": self.scheduler.retains,
-            "waiting": {priority: len(queue) for priority, queue in self.scheduler.queues.items()},
+            "retained": scheduler.retains,
+            "waiting": {priority: len(queue) for priority, queue in scheduler.queues.items()},
         }

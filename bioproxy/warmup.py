@@ -17,7 +17,7 @@ second warmup would empty the first one's slot before it is saved.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from twisted.application.service import Service
@@ -82,6 +82,9 @@ class Warmer(Service):
         self.tried: set[str] = set()
         self._retries: list[IDelayedCall] = []
         self.retrying: set[str] = set()
+        # Whether a head is this backend's to warm; the router says, when
+        # there are several (warm_on).
+        self.assigned: Callable[[Head], bool] = lambda head: True
 
     @property
     def ready(self) -> bool:
@@ -193,6 +196,11 @@ class Warmer(Service):
         if not self.running or not self.ready:
             return
         for prefix in sorted(self.wanted - set(self.jobs)):
+            head = self.book.get(prefix)
+            if head is not None and not self.assigned(head):
+                self.wanted.discard(prefix)
+                self.tried.add(prefix)  # another backend's to warm: nothing to wait for here
+                continue
             if not self.backend.pins and self.jobs:
                 # Each task llama-server starts clears the idle slots, so a
                 # second warmup would clear the first's slot before its save.

@@ -51,6 +51,7 @@ class Bioproxy:
             **config,
         }
         (directory / "config.yaml").write_text(json.dumps(settings))
+        self.backendURL = backend
         self.service = makeService(load(str(directory / "config.yaml"), {"backend_url": backend}), R)
         self.service.startService()
         test.addCleanup(self.service.stopService)

@@ -273,7 +273,9 @@ class QueueLimitTests(TestCase):
         running = stack.http.post(stack.proxy + "/v1/chat/completions", json=body)
         await until(R, lambda: llama.slots[0].busy, what="the first request to run")
         queued = stack.http.post(stack.proxy + "/v1/chat/completions", json=body)
-        await until(R, lambda: stack.metric("bioproxy_queue_depth", priority="user") == 1)
+        await until(
+            R, lambda: stack.metric("bioproxy_queue_depth", backend=stack.backendURL, priority="user") == 1
+        )
         refused = await stack.http.post(stack.proxy + "/v1/chat/completions", json=body)
         self.assertEqual(refused.code, 503)
         self.assertEqual(refused.headers.getRawHeaders("retry-after"), ["5"])

@@ -147,15 +147,15 @@ class PlacementTests(SynchronousTestCase):
         first = self.successResultOf(s.lease("code@1"))
         self.successResultOf(s.lease(None))
         waiting = s.lease(None)
-        self.assertEqual(sample("bioproxy_slots", state="busy"), 2)
-        self.assertEqual(sample("bioproxy_queue_depth", priority="user"), 1)
+        self.assertEqual(sample("bioproxy_slots", backend="", state="busy"), 2)
+        self.assertEqual(sample("bioproxy_queue_depth", backend="", priority="user"), 1)
         first.release(holding("code@1"))
         self.successResultOf(waiting)
-        self.assertEqual(sample("bioproxy_slots", state="busy"), 2)
-        self.assertEqual(sample("bioproxy_queue_depth", priority="user"), 0)
+        self.assertEqual(sample("bioproxy_slots", backend="", state="busy"), 2)
+        self.assertEqual(sample("bioproxy_queue_depth", backend="", priority="user"), 0)
         s.slots[0].lease.release(holding("code@1"))  # type: ignore[union-attr]
-        self.assertEqual(sample("bioproxy_slots", state="template"), 1)
-        self.assertEqual(sample("bioproxy_slots", state="empty"), 0)
+        self.assertEqual(sample("bioproxy_slots", backend="", state="template"), 1)
+        self.assertEqual(sample("bioproxy_slots", backend="", state="empty"), 0)
 
     def test_pinnedLeaseWaitsForItsSlot(self) -> None:
         s, clock = scheduler(2)

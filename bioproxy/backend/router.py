@@ -1,0 +1,113 @@
+"""
+Which backend a request goes to, and on which backends a head is warmed.
+
+One backend's placement rule, across several: a request goes where its
+head is warm (in a slot or llama-server's RAM cache, else in a file it can
+restore); a head warm nowhere goes to the backend that rendezvous hashing
+of its key picks among the healthy ones, so heads spread by weight and
+stay put when a backend joins or leaves (only the leaver's heads move). A
+load guard overrides both when the backends are out of balance, as the
+SGLang model gateway does: the busiest has more than BALANCE_ABS more user
+requests than the least busy and more than BALANCE_REL times as many; then
+the least busy gets the request. Which slot, and users before warmups,
+stay each backend's scheduler's to decide.
+
+A head is warmed on warm_on backends (all, if None): those where it is
+already warm first, then the next by its hash. A backend that comes back
+therefore takes no head that is warm elsewhere, and one that goes away
+hands its heads to the next in each head's order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+
+from ..expand import Body
+from ..heads import Head
+from ..serve import ProxyRequest
+from .member import Member
+
+BALANCE_ABS = 64
+BALANCE_REL = 1.5
+HEADER = b"x-bioproxy-backend"
+
+
+def rendezvous(key: str, members: Sequence[Member]) -> list[Member]:
+    """members in key's order: highest random weight first (weighted: -w / ln(u))."""
+
+    def score(member: Member) -> float:
+        digest = hashlib.blake2b(f"{member.name}\0{key}".encode(), digest_size=8).digest()
+        unit = (int.from_bytes(digest, "big") + 0.5) / 2**64  # in (0, 1)
+        return -member.spec.weight / math.log(unit)
+
+    return sorted(members, key=score, reverse=True)
+
+
+def imbalanced(loads: Sequence[int]) -> bool:
+    busiest, idlest = max(loads), min(loads)
+    return busiest - idlest > BALANCE_ABS and busiest > BALANCE_REL * idlest
+
+
+class Router:
+    def __init__(self, members: Sequence[Member], warmOn: int | None = 1) -> None:
+        self.members = list(members)
+        self.warmOn = warmOn  # None: every backend
+        for member in self.members:
+            member.warmer.assigned = self._assigner(member)
+
+    # -- placing requests
+
+    def healthy(self) -> list[Member]:
+        return [m for m in self.members if m.healthy] or self.members
+
+    def choose(self, head: Head | None, affinity: str) -> Member:
+        """
+        The member for a request starting with head (None: no known head;
+        affinity, the request's own key, orders the members then).
+        """
+        candidates = self.healthy()
+        if len(candidates) == 1:
+            return candidates[0]
+        ordered = rendezvous(head.key if head is not None else affinity, candidates)
+        if imbalanced([m.load() for m in candidates]):
+            return min(ordered, key=lambda m: m.load())
+        if head is not None:
+            return max(ordered, key=lambda m: m.warmth(head))  # max keeps the first of equals
+        return ordered[0]
+
+    async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
+        """A request that runs on a slot: on the chosen member's dispatcher."""
+        member = self.choose(body.head, body.conversation or body.text[:4096])
+        request.setHeader(HEADER, member.name.encode())
+        await member.dispatcher.send(request, body, pinnable)
+
+    def forward(self, request: ProxyRequest, body: bytes | None = None) -> None:
+        """Any other request: to the least busy healthy member."""
+        member = min(self.healthy(), key=lambda m: m.load())
+        request.setHeader(HEADER, member.name.encode())
+        member.forwarder.forward(request, body)
+
+    # -- placing warmups
+
+    def warmTargets(self, head: Head) -> list[Member]:
+        """The members head is kept warm on: where it is warm already, then the next by its hash."""
+        candidates = [m for m in self.members if m.backend.ready]
+        if self.warmOn is None:
+            return candidates
+        ordered = rendezvous(head.key, candidates)
+        warm = [m for m in ordered if m.warmth(head) > 0]
+        rest = [m for m in ordered if m.warmth(head) == 0]
+        return (warm + rest)[: self.warmOn]
+
+    def _assigner(self, member: Member) -> Callable[[Head], bool]:
+        def assigned(head: Head) -> bool:
+            return len(self.members) == 1 or member in self.warmTargets(head)
+
+        return assigned
+
+    def membersChanged(self) -> None:
+        """A backend came or went: each member warms what is now its own."""
+        for member in self.members:
+            member.warmer.warmAll()

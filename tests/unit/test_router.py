@@ -1,0 +1,191 @@
+"""
+Issue 16, item 2: which backend a request and a warmup go to
+(bioproxy/backend/router.py), in memory, on stand-in members.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from bioproxy.backend.router import BALANCE_ABS, Router, imbalanced, rendezvous
+from bioproxy.config import BackendSpec
+from bioproxy.heads import Head, Kind
+
+
+@dataclass
+class _Warmer:
+    warmed: int = 0
+    assigned: Any = None
+
+    def warmAll(self) -> None:
+        self.warmed += 1
+
+
+@dataclass
+class _Ready:
+    ready: bool = True
+
+
+@dataclass(eq=False)
+class Stand:
+    """What the router reads of a member."""
+
+    url: str
+    weight: float = 1.0
+    healthy: bool = True
+    busy: int = 0
+    warm: dict[str, int] = field(default_factory=dict)  # head name -> warmth
+    backend: _Ready = field(default_factory=_Ready)
+    warmer: _Warmer = field(default_factory=_Warmer)
+
+    @property
+    def spec(self) -> BackendSpec:
+        return BackendSpec(self.url, weight=self.weight)
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def load(self) -> int:
+        return self.busy
+
+    def warmth(self, head: Head) -> int:
+        return self.warm.get(head.name, 0)
+
+
+def head(name: str) -> Head:
+    return Head(name, Kind.TEMPLATE, None, None, None, "0" * 12)
+
+
+def stands(n: int) -> list[Stand]:
+    return [Stand(f"http://b{i}:8081") for i in range(n)]
+
+
+def router(members: list[Stand], warmOn: int | None = 1) -> Router:
+    return Router(members, warmOn)  # type: ignore[arg-type]
+
+
+keys = st.text(min_size=1, max_size=20)
+
+
+class RendezvousTests(SynchronousTestCase):
+    @given(st.lists(keys, min_size=1, max_size=40, unique=True), st.integers(2, 6), st.data())
+    def test_aLeaverMovesOnlyItsOwnKeys(self, names: list[str], n: int, data: st.DataObject) -> None:
+        members = stands(n)
+        leaver = data.draw(st.sampled_from(members))
+        rest = [m for m in members if m is not leaver]
+        for key in names:
+            before = rendezvous(key, members)[0]  # type: ignore[arg-type]
+            after = rendezvous(key, rest)[0]  # type: ignore[arg-type]
+            if before is not leaver:
+                self.assertIs(after, before, key)
+
+    @given(st.lists(keys, min_size=1, max_size=40, unique=True), st.integers(1, 5))
+    def test_aJoinerTakesOnlyKeys(self, names: list[str], n: int) -> None:
+        members = stands(n + 1)
+        joiner, old = members[-1], members[:-1]
+        for key in names:
+            after = rendezvous(key, members)[0]  # type: ignore[arg-type]
+            self.assertIn(after, (rendezvous(key, old)[0], joiner))  # type: ignore[arg-type]
+
+    def test_weightsShareKeys(self) -> None:
+        members = [Stand("http://a:1", weight=1), Stand("http://b:1", weight=3)]
+        counts = Counter(rendezvous(f"key {i}", members)[0].url for i in range(4000))  # type: ignore[arg-type]
+        self.assertLess(abs(counts["http://b:1"] / 4000 - 0.75), 0.04, counts)
+
+
+class ChooseTests(SynchronousTestCase):
+    def test_warmWins(self) -> None:
+        members = stands(3)
+        for m in members:
+            h = head("code")
+            for other in members:
+                other.warm = {}
+            m.warm = {"code": 2}
+            self.assertIs(router(members).choose(h, ""), m)
+
+    def test_inASlotBeatsOnDisk(self) -> None:
+        members = stands(3)
+        members[0].warm = {"code": 1}
+        members[2].warm = {"code": 2}
+        self.assertIs(router(members).choose(head("code"), ""), members[2])
+
+    def test_coldGoesByHash(self) -> None:
+        members = stands(3)
+        r = router(members)
+        for i in range(20):
+            h = head(f"k{i}")
+            self.assertIs(r.choose(h, ""), rendezvous(h.key, members)[0])  # type: ignore[arg-type]
+
+    def test_noHeadGoesByTheRequestsOwnKey(self) -> None:
+        members = stands(3)
+        r = router(members)
+        self.assertIs(r.choose(None, "system prompt"), r.choose(None, "system prompt"))
+        self.assertIs(r.choose(None, "x"), rendezvous("x", members)[0])  # type: ignore[arg-type]
+
+    def test_unhealthyAreLeftOut(self) -> None:
+        members = stands(2)
+        members[0].warm = {"code": 2}
+        members[0].healthy = False
+        self.assertIs(router(members).choose(head("code"), ""), members[1])
+        members[1].healthy = False
+        self.assertIn(router(members).choose(head("code"), ""), members, "none healthy: one still answers")
+
+    def test_loadGuard(self) -> None:
+        members = stands(2)
+        members[0].warm = {"code": 2}
+        members[0].busy, members[1].busy = BALANCE_ABS + 10, 9
+        self.assertIs(router(members).choose(head("code"), ""), members[1])
+        members[1].busy = BALANCE_ABS  # within 1.5 times: affinity again
+        self.assertIs(router(members).choose(head("code"), ""), members[0])
+
+    @given(st.lists(st.integers(0, 500), min_size=2, max_size=6))
+    def test_imbalanceRule(self, loads: list[int]) -> None:
+        busiest, idlest = max(loads), min(loads)
+        self.assertEqual(imbalanced(loads), busiest - idlest > BALANCE_ABS and busiest > 1.5 * idlest)
+
+
+class WarmTargetTests(SynchronousTestCase):
+    def test_oneTargetByHash(self) -> None:
+        members = stands(3)
+        r = router(members)
+        for i in range(10):
+            h = head(f"t{i}")
+            [target] = r.warmTargets(h)
+            self.assertIs(target, rendezvous(h.key, members)[0])  # type: ignore[arg-type]
+            self.assertEqual([m.warmer.assigned(h) for m in members], [m is target for m in members])
+
+    def test_warmElsewhereStaysWhenItsOwnerReturns(self) -> None:
+        members = stands(2)
+        h = head("code")
+        owner = rendezvous(h.key, members)[0]  # type: ignore[arg-type]
+        other = next(m for m in members if m is not owner)
+        r = router(members)
+        owner.backend.ready = False  # gone: the other warms it
+        self.assertEqual(r.warmTargets(h), [other])
+        other.warm = {"code": 1}
+        owner.backend.ready = True  # back: the head stays where it is warm
+        self.assertEqual(r.warmTargets(h), [other])
+
+    def test_replication(self) -> None:
+        members = stands(3)
+        self.assertEqual(len(router(members, warmOn=2).warmTargets(head("x"))), 2)
+        self.assertEqual(router(members, warmOn=None).warmTargets(head("x")), members)
+        members[1].backend.ready = False
+        self.assertEqual(router(members, warmOn=None).warmTargets(head("x")), [members[0], members[2]])
+
+    def test_oneBackendWarmsEverything(self) -> None:
+        [only] = stands(1)
+        router([only])
+        self.assertTrue(only.warmer.assigned(head("x")))
+
+    def test_membersChangedRewarms(self) -> None:
+        members = stands(2)
+        router(members).membersChanged()
+        self.assertEqual([m.warmer.warmed for m in members], [1, 1])
