@@ -102,6 +102,10 @@ class QueueTimeout(Overloaded):
     pass
 
 
+class BackendGone(Exception):
+    """The backend went away while this request waited for one of its slots: place it elsewhere."""
+
+
 class BadSlot(ValueError):
     """A client pinned a slot the backend does not have."""
 
@@ -251,6 +255,17 @@ class SlotScheduler:
     def _withdraw(self, lease: Lease) -> None:
         self._unqueue(lease)
         self._dispatch()
+
+    def failWaiting(self, reason: str) -> int:
+        """
+        Give every user request still waiting its BackendGone, so that it is
+        placed on another backend; returns how many there were.
+        """
+        waiting = list(self.queues[USER])
+        for lease in waiting:
+            self._unqueue(lease)
+            lease.granted.errback(BackendGone(reason))
+        return len(waiting)
 
     def _expire(self, lease: Lease) -> None:
         lease._timer = None

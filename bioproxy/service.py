@@ -122,14 +122,15 @@ def templateSources(config: Config) -> Sources:
 class _Changed:
     """Tells the router that one of several backends came or went."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, member: Member) -> None:
         self.router = router
+        self.member = member
 
     def backendReady(self) -> None:
         self.router.membersChanged()
 
     def backendLost(self) -> None:
-        self.router.membersChanged()
+        self.router.lost(self.member)
 
 
 def _member(
@@ -210,7 +211,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         watcher.listeners.append(member.warmer.templateChanged)
         book.dropped.append(member.cache.forget)
         if len(members) > 1:
-            member.backend.listeners.append(_Changed(router))
+            member.backend.listeners.append(_Changed(router, member))
 
     # The learned heads and their files' names, of the first backend.
     statePath = config.statePath()

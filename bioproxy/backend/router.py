@@ -12,8 +12,9 @@ requests than the least busy and more than BALANCE_REL times as many; then
 the least busy gets the request. Which slot, and users before warmups,
 stay each backend's scheduler's to decide.
 
-A head is warmed on warm_on backends (all, if None): those where it is
-already warm first, then the next by its hash. A backend that comes back
+A head is warmed on warm_on backends (all, if None) among the healthy:
+those where it is warmest first (of equals, where it last went), then the
+next by its hash. A backend that comes back
 therefore takes no head that is warm elsewhere, and one that goes away
 hands its heads to the next in each head's order.
 """
@@ -22,15 +23,23 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from twisted.logger import Logger
+
+from ..errors import writeError
 from ..expand import Body
 from ..heads import Head
+from ..scheduler import BackendGone
 from ..serve import ProxyRequest
 from .member import Member
 
+log = Logger()
+
 BALANCE_ABS = 64
 BALANCE_REL = 1.5
+REMEMBERED = 1024  # heads whose last backend is remembered, most recent kept
 HEADER = b"x-bioproxy-backend"
 
 
@@ -54,6 +63,10 @@ class Router:
     def __init__(self, members: Sequence[Member], warmOn: int | None = 1) -> None:
         self.members = list(members)
         self.warmOn = warmOn  # None: every backend
+        # Where each head last went. Among equally warm backends it stays
+        # there: with a shared cache directory a head is on disk at each,
+        # and it must not move back to a backend that returns.
+        self.last: OrderedDict[str, Member] = OrderedDict()
         for member in self.members:
             member.warmer.assigned = self._assigner(member)
 
@@ -67,21 +80,38 @@ class Router:
         The member for a request starting with head (None: no known head;
         affinity, the request's own key, orders the members then).
         """
+        if len(self.members) == 1:
+            return self.members[0]
         candidates = self.healthy()
-        if len(candidates) == 1:
-            return candidates[0]
         ordered = rendezvous(head.key if head is not None else affinity, candidates)
-        if imbalanced([m.load() for m in candidates]):
-            return min(ordered, key=lambda m: m.load())
+        if len(ordered) > 1 and imbalanced([m.load() for m in ordered]):
+            chosen = min(ordered, key=lambda m: m.load())
+        elif head is None:
+            return ordered[0]
+        else:  # max keeps the first of equals: the hash's choice
+            chosen = max(ordered, key=lambda m: (m.warmth(head), m is self.last.get(head.name)))
         if head is not None:
-            return max(ordered, key=lambda m: m.warmth(head))  # max keeps the first of equals
-        return ordered[0]
+            self.last[head.name] = chosen
+            self.last.move_to_end(head.name)
+            if len(self.last) > REMEMBERED:
+                self.last.popitem(last=False)
+        return chosen
 
     async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
-        """A request that runs on a slot: on the chosen member's dispatcher."""
-        member = self.choose(body.head, body.conversation or body.text[:4096])
-        request.setHeader(HEADER, member.name.encode())
-        await member.dispatcher.send(request, body, pinnable)
+        """
+        A request that runs on a slot: on the chosen member's dispatcher. One
+        that was still waiting for a slot when its backend went away had not
+        started: it is placed again, on a backend still up.
+        """
+        for _ in self.members:
+            member = self.choose(body.head, body.conversation or body.text[:4096])
+            request.setHeader(HEADER, member.name.encode())
+            try:
+                await member.dispatcher.send(request, body, pinnable)
+                return
+            except BackendGone as e:
+                log.info("{backend} went away; placing a waiting request again", backend=e)
+        writeError(request, 502, "Every backend went away while this request waited for a slot.")
 
     def forward(self, request: ProxyRequest, body: bytes | None = None) -> None:
         """Any other request: to the least busy healthy member."""
@@ -93,11 +123,16 @@ class Router:
 
     def warmTargets(self, head: Head) -> list[Member]:
         """The members head is kept warm on: where it is warm already, then the next by its hash."""
-        candidates = [m for m in self.members if m.backend.ready]
+        # Not only those ready now: at start-up the first to be probed would
+        # otherwise take every head.
+        candidates = [m for m in self.members if m.healthy]
         if self.warmOn is None:
             return candidates
         ordered = rendezvous(head.key, candidates)
-        warm = [m for m in ordered if m.warmth(head) > 0]
+        last = self.last.get(head.name)
+        warm = sorted(
+            (m for m in ordered if m.warmth(head) > 0), key=lambda m: (-m.warmth(head), m is not last)
+        )
         rest = [m for m in ordered if m.warmth(head) == 0]
         return (warm + rest)[: self.warmOn]
 
@@ -111,3 +146,9 @@ class Router:
         """A backend came or went: each member warms what is now its own."""
         for member in self.members:
             member.warmer.warmAll()
+
+    def lost(self, member: Member) -> None:
+        """A backend stopped answering: requests waiting for its slots go elsewhere, its heads too."""
+        if len(self.members) > 1:
+            member.scheduler.failWaiting(member.name)
+        self.membersChanged()

@@ -11,11 +11,13 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend.router import BALANCE_ABS, Router, imbalanced, rendezvous
 from bioproxy.config import BackendSpec
 from bioproxy.heads import Head, Kind
+from bioproxy.scheduler import BackendGone
 
 
 @dataclass
@@ -32,6 +34,28 @@ class _Ready:
     ready: bool = True
 
 
+@dataclass
+class _Dispatcher:
+    """Raises BackendGone while its backend is down, else records the request."""
+
+    member: Any = None
+    sent: list[Any] = field(default_factory=list)
+
+    async def send(self, request: Any, body: Any, pinnable: bool = True) -> None:
+        if not self.member.healthy:
+            raise BackendGone(self.member.url)
+        self.sent.append(request)
+
+
+class _Request:
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.errors: list[int] = []
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name] = value
+
+
 @dataclass(eq=False)
 class Stand:
     """What the router reads of a member."""
@@ -43,6 +67,10 @@ class Stand:
     warm: dict[str, int] = field(default_factory=dict)  # head name -> warmth
     backend: _Ready = field(default_factory=_Ready)
     warmer: _Warmer = field(default_factory=_Warmer)
+    dispatcher: _Dispatcher = field(default_factory=_Dispatcher)
+
+    def __post_init__(self) -> None:
+        self.dispatcher.member = self
 
     @property
     def spec(self) -> BackendSpec:
@@ -137,6 +165,21 @@ class ChooseTests(SynchronousTestCase):
         members[1].healthy = False
         self.assertIn(router(members).choose(head("code"), ""), members, "none healthy: one still answers")
 
+    def test_ofEquallyWarmItStaysWhereItWent(self) -> None:
+        """With a shared cache directory a head is on disk everywhere: a returning backend must not take it back."""
+        members = stands(2)
+        h = head("code")
+        owner, other = rendezvous(h.key, members)  # type: ignore[arg-type]
+        r = router(members)
+        owner.healthy = False
+        self.assertIs(r.choose(h, ""), other)
+        owner.healthy = True
+        owner.warm = other.warm = {"code": 1}
+        self.assertIs(r.choose(h, ""), other)
+        self.assertEqual(r.warmTargets(h), [other])
+        owner.warm = {"code": 2}  # hotter there after all: it goes there
+        self.assertIs(r.choose(h, ""), owner)
+
     def test_loadGuard(self) -> None:
         members = stands(2)
         members[0].warm = {"code": 2}
@@ -167,18 +210,25 @@ class WarmTargetTests(SynchronousTestCase):
         owner = rendezvous(h.key, members)[0]  # type: ignore[arg-type]
         other = next(m for m in members if m is not owner)
         r = router(members)
-        owner.backend.ready = False  # gone: the other warms it
+        owner.healthy = False  # gone: the other warms it
         self.assertEqual(r.warmTargets(h), [other])
         other.warm = {"code": 1}
-        owner.backend.ready = True  # back: the head stays where it is warm
+        owner.healthy = True  # back: the head stays where it is warm
         self.assertEqual(r.warmTargets(h), [other])
 
     def test_replication(self) -> None:
         members = stands(3)
         self.assertEqual(len(router(members, warmOn=2).warmTargets(head("x"))), 2)
         self.assertEqual(router(members, warmOn=None).warmTargets(head("x")), members)
-        members[1].backend.ready = False
+        members[1].healthy = False
         self.assertEqual(router(members, warmOn=None).warmTargets(head("x")), [members[0], members[2]])
+
+    def test_warmestFirst(self) -> None:
+        members = stands(2)
+        h = head("code")
+        first, second = rendezvous(h.key, members)  # type: ignore[arg-type]
+        first.warm, second.warm = {"code": 1}, {"code": 2}  # on disk there, in a slot here
+        self.assertEqual(router(members).warmTargets(h), [second])
 
     def test_oneBackendWarmsEverything(self) -> None:
         [only] = stands(1)
@@ -189,3 +239,23 @@ class WarmTargetTests(SynchronousTestCase):
         members = stands(2)
         router(members).membersChanged()
         self.assertEqual([m.warmer.warmed for m in members], [1, 1])
+
+
+class FailoverTests(SynchronousTestCase):
+    def test_aWaitingRequestIsPlacedAgain(self) -> None:
+        members = stands(2)
+        h = head("code")
+        first, second = rendezvous(h.key, members)  # type: ignore[arg-type]
+        r = router(members)
+
+        class Body:
+            head = h
+            conversation = None
+            text = "x"
+
+        request = _Request()
+        first.healthy = False  # gone while the request waited: its dispatcher says so
+        d = defer.ensureDeferred(r.send(request, Body()))  # type: ignore[arg-type]
+        self.successResultOf(d)
+        self.assertEqual((first.dispatcher.sent, second.dispatcher.sent), ([], [request]))
+        self.assertEqual(request.headers[b"x-bioproxy-backend"], second.url.encode())

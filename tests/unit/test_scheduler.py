@@ -18,6 +18,7 @@ from bioproxy.scheduler import (
     UNKNOWN,
     USER,
     WARMUP,
+    BackendGone,
     BadSlot,
     Lease,
     QueueFull,
@@ -156,6 +157,17 @@ class PlacementTests(SynchronousTestCase):
         s.slots[0].lease.release(holding("code@1"))  # type: ignore[union-attr]
         self.assertEqual(sample("bioproxy_slots", backend="", state="template"), 1)
         self.assertEqual(sample("bioproxy_slots", backend="", state="empty"), 0)
+
+    def test_failWaitingGivesBackendGone(self) -> None:
+        s, _ = scheduler(1)
+        running = self.successResultOf(s.lease("a"))
+        waiting = s.lease("b")
+        warming = s.lease("c", WARMUP)
+        self.assertEqual(s.failWaiting("http://b:1"), 1)
+        self.failureResultOf(waiting, BackendGone)
+        self.assertNoResult(warming)  # the warmer cancels its own
+        running.release()
+        self.assertIsNotNone(granted(warming))
 
     def test_pinnedLeaseWaitsForItsSlot(self) -> None:
         s, clock = scheduler(2)
