@@ -94,6 +94,11 @@ class Config:
     backends: tuple[BackendSpec, ...] = ()
     # On how many backends each template is kept warm: a number, or "all".
     warm_on: int | None = 1  # None: all
+    # The load guard (the SGLang gateway's rule): when the busiest backend has
+    # more than balance_threshold more user requests than the least busy and
+    # more than balance_ratio times as many, affinity gives way to load.
+    balance_threshold: int = 64
+    balance_ratio: float = 1.5
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -359,6 +364,12 @@ def _backends(key: str, value: Any) -> tuple[BackendSpec, ...]:
     return tuple(specs)
 
 
+def _ratio(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        raise ConfigError(f"config key {key!r}: expected a number of at least 1, got {value!r}")
+    return float(value)
+
+
 def _warmOn(key: str, value: Any) -> int | None:
     if value == "all":
         return None
@@ -434,6 +445,8 @@ _CHECKS = {
     "state_file": _optionalString,
     "backends": _backends,
     "warm_on": _warmOn,
+    "balance_threshold": _count,
+    "balance_ratio": _ratio,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

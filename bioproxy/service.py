@@ -206,7 +206,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         _member(config, spec, book, clients, metrics, reactor, i == 0)
         for i, spec in enumerate(config.backendSpecs())
     ]
-    router = Router(members, config.warm_on)
+    router = Router(members, config.warm_on, config.balance_threshold, config.balance_ratio)
     for member in members:
         watcher.listeners.append(member.warmer.templateChanged)
         book.dropped.append(member.cache.forget)

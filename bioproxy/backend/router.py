@@ -7,9 +7,9 @@ restore); a head warm nowhere goes to the backend that rendezvous hashing
 of its key picks among the healthy ones, so heads spread by weight and
 stay put when a backend joins or leaves (only the leaver's heads move). A
 load guard overrides both when the backends are out of balance, as the
-SGLang model gateway does: the busiest has more than BALANCE_ABS more user
-requests than the least busy and more than BALANCE_REL times as many; then
-the least busy gets the request. Which slot, and users before warmups,
+SGLang model gateway does: the busiest has more than balance_threshold
+(64) more user requests than the least busy and more than balance_ratio
+(1.5) times as many; then the least busy gets the request. Which slot, and users before warmups,
 stay each backend's scheduler's to decide.
 
 A head is warmed on warm_on backends (all, if None) among the healthy:
@@ -54,15 +54,22 @@ def rendezvous(key: str, members: Sequence[Member]) -> list[Member]:
     return sorted(members, key=score, reverse=True)
 
 
-def imbalanced(loads: Sequence[int]) -> bool:
+def imbalanced(loads: Sequence[int], threshold: int = BALANCE_ABS, ratio: float = BALANCE_REL) -> bool:
     busiest, idlest = max(loads), min(loads)
-    return busiest - idlest > BALANCE_ABS and busiest > BALANCE_REL * idlest
+    return busiest - idlest > threshold and busiest > ratio * idlest
 
 
 class Router:
-    def __init__(self, members: Sequence[Member], warmOn: int | None = 1) -> None:
+    def __init__(
+        self,
+        members: Sequence[Member],
+        warmOn: int | None = 1,
+        threshold: int = BALANCE_ABS,
+        ratio: float = BALANCE_REL,
+    ) -> None:
         self.members = list(members)
         self.warmOn = warmOn  # None: every backend
+        self.threshold, self.ratio = threshold, ratio  # the load guard's
         # Where each head last went. Among equally warm backends it stays
         # there: with a shared cache directory a head is on disk at each,
         # and it must not move back to a backend that returns.
@@ -84,7 +91,7 @@ class Router:
             return self.members[0]
         candidates = self.healthy()
         ordered = rendezvous(head.key if head is not None else affinity, candidates)
-        if len(ordered) > 1 and imbalanced([m.load() for m in ordered]):
+        if len(ordered) > 1 and imbalanced([m.load() for m in ordered], self.threshold, self.ratio):
             chosen = min(ordered, key=lambda m: m.load())
         elif head is None:
             return ordered[0]

@@ -9,8 +9,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -259,3 +260,63 @@ class FailoverTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual((first.dispatcher.sent, second.dispatcher.sent), ([], [request]))
         self.assertEqual(request.headers[b"x-bioproxy-backend"], second.url.encode())
+
+
+class RouterMachine(RuleBasedStateMachine):
+    """
+    Several backends that come and go, fill up, and warm heads; whatever
+    happens, each request goes to a healthy backend when there is one,
+    to where its head is hottest unless the load guard says otherwise,
+    and each head is kept warm on warm_on healthy backends.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.members = stands(3)
+        self.router = router(self.members, warmOn=2)
+        self.router.threshold = 4  # small, so that the guard is reached
+
+    @rule(i=st.integers(0, 2))
+    def toggleHealth(self, i: int) -> None:
+        self.members[i].healthy = not self.members[i].healthy
+
+    @rule(i=st.integers(0, 2), n=st.integers(0, 12))
+    def setLoad(self, i: int, n: int) -> None:
+        self.members[i].busy = n
+
+    @rule(i=st.integers(0, 2), name=st.sampled_from(["a", "b", "c"]), warmth=st.integers(0, 2))
+    def warm(self, i: int, name: str, warmth: int) -> None:
+        self.members[i].warm[name] = warmth
+
+    @rule(name=st.sampled_from(["a", "b", "c"]))
+    def request(self, name: str) -> None:
+        h = head(name)
+        chosen = self.router.choose(h, "")
+        healthy = [m for m in self.members if m.healthy]
+        if healthy:
+            assert chosen in healthy
+            loads = [m.busy for m in healthy]
+            if imbalanced(loads, 4, 1.5):
+                assert chosen.busy == min(loads)
+            else:
+                assert chosen.warmth(h) == max(m.warmth(h) for m in healthy)
+
+    @invariant()
+    def warmTargets(self) -> None:
+        healthy = [m for m in self.members if m.healthy]
+        for name in ("a", "b", "c"):
+            h = head(name)
+            targets = self.router.warmTargets(h)
+            assert len(targets) == min(2, len(healthy))
+            assert all(t in healthy for t in targets)
+            hottest = max((m.warmth(h) for m in healthy), default=0)
+            if hottest:
+                assert any(t.warmth(h) == hottest for t in targets)
+
+
+RouterMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+class RouterMachineTests(SynchronousTestCase):
+    def test_machine(self) -> None:
+        RouterMachine.TestCase().runTest()
