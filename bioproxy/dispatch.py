@@ -28,6 +28,7 @@ from .scheduler import (
     EMPTY,
     UNKNOWN,
     USER,
+    BackendGone,
     BadSlot,
     Contents,
     Lease,
@@ -58,6 +59,9 @@ class Dispatcher:
         self.warmer = warmer
         self.monitor = monitor
         self.backend = backend
+        # Whether a request whose backend cannot be reached may go to another
+        # (the router sets it when there are several); else it gets a 502.
+        self.replaceable = False
 
     async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
         """
@@ -142,8 +146,13 @@ class Dispatcher:
         if pinned:
             request.slot = slot  # for the access line
         await self.cache.quiet()
-        outcome = await self.forwarder.forward(request, body.pinned(slot if pinned else None), reader.feed)
+        outcome = await self.forwarder.forward(
+            request, body.pinned(slot if pinned else None), reader.feed, self.replaceable
+        )
         contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text, rewarm)
+        if outcome.error == "connect" and outcome.status is None and self.replaceable:
+            # Nothing was answered: the router places the request on another backend.
+            raise BackendGone(self.forwarder.backend.decode())
         if reader.timings is not None:  # for the access line
             request.cached = reader.timings.get("cache_n")
             request.computed = reader.timings.get("prompt_n")

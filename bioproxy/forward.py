@@ -114,12 +114,18 @@ class Forwarder:
         request: ProxyRequest,
         body: bytes | IO[bytes] | None = None,
         observer: BodyObserver | None = None,
+        replaceable: bool = False,
     ) -> defer.Deferred[Outcome]:
         """
         Relay request (with body, if given, instead of the client's) and stream
         the answer back. The Deferred fires when the client's response ends.
+        replaceable: another backend can take it, so a backend that could not
+        be reached gets no 502 written; the outcome says "connect" and the
+        caller places the request again.
         """
-        return _Exchange(self, request, body, observer).start()
+        exchange = _Exchange(self, request, body, observer)
+        exchange.replaceable = replaceable
+        return exchange.start()
 
     def url(self, request: ProxyRequest) -> bytes:
         uri: bytes = request.uri
@@ -140,6 +146,8 @@ def _hasBody(request: ProxyRequest) -> bool:
 
 class _Exchange:
     """The state of one request/response pair; lives as long as the exchange."""
+
+    replaceable = False
 
     def __init__(
         self,
@@ -217,8 +225,10 @@ class _Exchange:
             path=self.request.path.decode(),
             why=_describe(reason),
         )
-        self.outcome.status, self.outcome.error = status, kind
-        writeError(self.request, status, message)
+        self.outcome.error = kind
+        if not (self.replaceable and kind == "connect"):
+            self.outcome.status = status
+            writeError(self.request, status, message)
         self._end()
 
     def _gotResponse(self, response: IResponse) -> None:

@@ -135,10 +135,11 @@ class BackendMonitor(Service):
                 log.info("backend is reachable")
             else:
                 log.warn("backend is unreachable: {problem}", problem=problem)
-        if self.reachable and not reachable:
-            for listener in self.listeners:
-                listener.backendLost()
+        lost = self.reachable and not reachable
         self.reachable = reachable
         self.lastError = problem
         self.lastChecked = self.clock.seconds()
         self.metrics.backendUp.set(1 if reachable else 0)
+        if lost:  # after the state is set: listeners (the router) read it
+            for listener in self.listeners:
+                listener.backendLost()

@@ -215,7 +215,10 @@ class Warmer(Service):
         if prefix not in self.wanted:  # not given back to a user, nor cancelled by a lost backend
             self.tried.add(prefix)
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
-            log.failure("warmup of {prefix} failed unexpectedly", result, prefix=prefix)
+            if not self.ready:  # its backend went away under it: the reason is logged already
+                log.info("warmup of {prefix} stopped: {why}", prefix=prefix, why=result.getErrorMessage())
+            else:
+                log.failure("warmup of {prefix} failed unexpectedly", result, prefix=prefix)
         self._kick()
 
     async def _run(self, prefix: str) -> None:

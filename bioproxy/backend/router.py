@@ -76,6 +76,7 @@ class Router:
         self.last: OrderedDict[str, Member] = OrderedDict()
         for member in self.members:
             member.warmer.assigned = self._assigner(member)
+            member.dispatcher.replaceable = len(self.members) > 1
 
     # -- placing requests
 
