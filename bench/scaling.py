@@ -185,8 +185,10 @@ def main() -> None:
                     procs.append(subprocess.Popen(["nginx", "-c", str(nginxWork / "nginx.conf")]))
                     bases[name] = f"http://127.0.0.1:{port}"
                 else:
+                    home = work / f"proxy{len(admins)}"  # its own config file and log
+                    home.mkdir()
                     bio = Bioproxy(
-                        work,
+                        home,
                         _Front(group[0].url),
                         prefixes,
                         backends=[s.url for s in group],

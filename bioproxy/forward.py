@@ -101,6 +101,7 @@ class Forwarder:
         self.agent = agent
         self.retryAgent = retryAgent or agent  # one that connects anew
         self.backend = backendURL.rstrip("/").encode("ascii")
+        self.label = backendURL.rstrip("/")  # the backend, as metrics name it
         self.clock = clock
         self.metrics = metrics
         self.timeout = timeout  # for the response's headers
@@ -217,7 +218,7 @@ class _Exchange:
             message = "The backend is unreachable: " + _describe(reason)
         else:
             reason.raiseException()
-        self.forwarder.metrics.backendErrors.labels(kind=kind).inc()
+        self.forwarder.metrics.backendErrors.labels(backend=self.forwarder.label, kind=kind).inc()
         log.warn(
             "backend {kind} error for {method} {path}: {why}",
             kind=kind,
@@ -264,7 +265,7 @@ class _Exchange:
             # Never end the client's response cleanly: that would hide the
             # truncation. Aborting makes every HTTP client report an error.
             kind = "idle" if idle else "midstream"
-            self.forwarder.metrics.backendErrors.labels(kind=kind).inc()
+            self.forwarder.metrics.backendErrors.labels(backend=self.forwarder.label, kind=kind).inc()
             if idle:
                 log.warn(
                     "backend sent nothing for {s:g} s mid-response; cutting it off",

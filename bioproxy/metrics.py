@@ -107,13 +107,14 @@ class Metrics:
         )
         self.backendErrors = Counter(
             "bioproxy_backend_errors",
-            "Failed exchanges with the backend, by kind (connect, timeout, midstream, idle).",
-            ["kind"],
+            "Failed exchanges with a backend, by backend and kind (connect, timeout, midstream, idle).",
+            ["backend", "kind"],
             registry=r,
         )
         self.backendUp = Gauge(
             "bioproxy_backend_up",
-            "1 when the last backend health check succeeded.",
+            "1 when the last health check of the backend succeeded.",
+            ["backend"],
             registry=r,
         )
         self.templateErrors = Counter(
@@ -190,6 +191,7 @@ class Metrics:
         self.backendRestarts = Counter(
             "bioproxy_backend_restarts",
             "Times the backend came back after being unreachable, or changed model or build.",
+            ["backend"],
             registry=r,
         )
         ProcessCollector(registry=r)

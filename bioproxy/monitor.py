@@ -117,7 +117,7 @@ class BackendMonitor(Service):
             or (props.get("media_marker") is None and self.reachable is False)
         )
         if restarted:
-            self.metrics.backendRestarts.inc()
+            self.metrics.backendRestarts.labels(backend=self.client.base).inc()
             log.info("backend restarted; its slots are unknown now")
         self.props = props
         self._record(True, None)
@@ -139,7 +139,7 @@ class BackendMonitor(Service):
         self.reachable = reachable
         self.lastError = problem
         self.lastChecked = self.clock.seconds()
-        self.metrics.backendUp.set(1 if reachable else 0)
+        self.metrics.backendUp.labels(backend=self.client.base).set(1 if reachable else 0)
         if lost:  # after the state is set: listeners (the router) read it
             for listener in self.listeners:
                 listener.backendLost()

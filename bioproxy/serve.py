@@ -79,6 +79,7 @@ class ProxyRequest:
     cached: int | None = None  # prompt tokens reused from the cache
     computed: int | None = None  # prompt tokens computed
     firstByte: float | None = None  # seconds to the response's first body byte
+    backend: str | None = None  # which backend answered, when there are several (the router sets it)
 
     def __init__(
         self, channel: ProxyChannel, method: bytes, uri: bytes, clientproto: bytes, headers: RawHeaders
@@ -561,6 +562,7 @@ class ProxySite(Factory):
             "computed": request.computed,
             "ttfb_ms": None if request.firstByte is None else round(request.firstByte * 1000, 1),
             "ms": round(seconds * 1000, 1),
+            "backend": request.backend,
         }
         self.recent.append(record)
         if not self.accessLog:
@@ -574,6 +576,8 @@ class ProxySite(Factory):
             line += f" cached {request.cached} computed {request.computed}"
         if record["ttfb_ms"] is not None:
             line += f" ttfb {record['ttfb_ms']} ms"
+        if request.backend is not None:
+            line += f" on {request.backend}"
         # Made here, one field for the logger to format: a format of nine
         # fields cost more than the rest of the line's work.
         log.info("{access}", access=f"{line} in {record['ms']} ms", **record)

@@ -86,8 +86,12 @@ class Snapshot:
         }
 
     def ready(self) -> dict[str, Any]:
-        backend = self.warmer is not None and self.warmer.ready
-        untried = self.warmer.untried(self.watcher.library.templates) if self.warmer is not None else []
+        """Ready once a backend is probed and every template's warmup has run to an end on every ready one."""
+        warmers = [m.warmer for m in self.members] or ([self.warmer] if self.warmer is not None else [])
+        up = [w for w in warmers if w.ready]
+        templates = self.watcher.library.templates
+        untried = sorted({p for w in up for p in w.untried(templates)})
+        backend = bool(up)
         return {"ready": backend and not untried, "backend_ready": backend, "templates_untried": untried}
 
     def templates(self) -> dict[str, Any]:
@@ -126,6 +130,10 @@ class Snapshot:
         entry = self.cache.state(head).view(self.cache.backend)
         if self.warmer is not None:
             entry["warm_state"] = self.warmer.phase(head).value
+        if len(self.members) > 1:  # the facts above are the first backend's
+            entry["backends"] = [
+                {"url": m.name, "warm_state": m.warmer.phase(head).value} for m in self.members
+            ]
         entry["cache_file"] = self.cache.filename(head)
         if head.kind is not Kind.TEMPLATE:
             entry.update(uses.get(head.name, {}))

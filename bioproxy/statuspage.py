@@ -79,12 +79,14 @@ function head(row, t, name, sub) {
 function render(s) {
   const h = s.health;
   document.getElementById("version").textContent = h.version;
-  document.getElementById("backend").textContent =
-    "backend " + h.backend.url + ": " + (h.backend.reachable ? "up" : "down" + (h.backend.last_error ? " (" + h.backend.last_error + ")" : ""));
+  const backends = h.backends || [h.backend];
+  document.getElementById("backend").textContent = (backends.length > 1 ? "backends " : "backend ") +
+    backends.map(b => b.url + ": " + (b.reachable ? "up" : "down" + (b.last_error ? " (" + b.last_error + ")" : ""))).join("; ");
   document.getElementById("ready").textContent = s.ready.ready ? "ready" : "not ready: " +
     (s.ready.backend_ready ? "warming " + s.ready.templates_untried.join(", ") : "backend not probed");
-  const w = (s.slots && s.slots.waiting) || {};
-  document.getElementById("queue").textContent = "queue: " + (w.user || 0) + " user, " + (w.warmup || 0) + " warmup";
+  const each = (s.slots && s.slots.backends && s.slots.backends.length) ? s.slots.backends : (s.slots ? [s.slots] : []);
+  const waiting = p => each.reduce((n, b) => n + ((b.waiting || {})[p] || 0), 0);
+  document.getElementById("queue").textContent = "queue: " + waiting("user") + " user, " + waiting("warmup") + " warmup";
   const rows = [];
   for (const t of s.templates.templates) {
     rows.push([t, t.prefix, false]);
@@ -92,8 +94,9 @@ function render(s) {
   }
   for (const l of s.templates.learned) rows.push([l, "learned " + l.name, false]);
   fill("templates", rows, (row, r) => head(row, r[0], r[1], r[2]));
-  fill("slots", (s.slots && s.slots.slots) || [], (row, slot) => {
-    cell(row, slot.id, "num"); cell(row, slot.template || ""); cell(row, slot.state);
+  const slots = each.flatMap((b, i) => b.slots.map(slot => [each.length > 1 ? (i + 1) + "/" + slot.id : slot.id, slot]));
+  fill("slots", slots, (row, [id, slot]) => {
+    cell(row, id, "num"); cell(row, slot.template || ""); cell(row, slot.state);
     cell(row, slot.busy ? "by a " + slot.holder : ""); cell(row, slot.idle_seconds === null ? "" : slot.idle_seconds.toFixed(0), "num");
   });
   fill("requests", s.requests.slice().reverse(), (row, r) => {

@@ -61,8 +61,14 @@ class Bioproxy:
         self.headers: dict[str, str] = {}  # sent with every chat, as a client's API key would be
 
     def metric(self, name: str, **labels: str) -> float:
+        """The samples of name whose labels include these, summed (over backends, say)."""
         registry = self.service.getServiceNamed("warmup").metrics.registry
-        return registry.get_sample_value(name, labels) or 0.0
+        return sum(
+            sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     def total(self, name: str, **labels: str) -> float:
         """A per-prefix metric summed over the templates."""

@@ -113,7 +113,7 @@ class Router:
         """
         for _ in self.members:
             member = self.choose(body.head, body.conversation or body.text[:4096])
-            request.setHeader(HEADER, member.name.encode())
+            self._mark(request, member)
             try:
                 await member.dispatcher.send(request, body, pinnable)
                 return
@@ -124,8 +124,14 @@ class Router:
     def forward(self, request: ProxyRequest, body: bytes | None = None) -> None:
         """Any other request: to the least busy healthy member."""
         member = min(self.healthy(), key=lambda m: m.load())
-        request.setHeader(HEADER, member.name.encode())
+        self._mark(request, member)
         member.forwarder.forward(request, body)
+
+    def _mark(self, request: ProxyRequest, member: Member) -> None:
+        """The response says which backend answered; with several, the access line does too."""
+        request.setHeader(HEADER, member.name.encode())
+        if len(self.members) > 1:
+            request.backend = member.name
 
     # -- placing warmups
 

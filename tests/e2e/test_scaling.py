@@ -155,10 +155,20 @@ class AffinityTests(TestCase):
         self.assertIn(
             response.headers.getRawHeaders("x-bioproxy-backend")[0], [b.url for b in stack.backends]
         )
+        [answered] = response.headers.getRawHeaders("x-bioproxy-backend")
+        status = await (await stack.http.get(stack.admin + "/status")).json()
+        self.assertEqual(status["requests"][-1]["backend"], answered, "the access record says which")
         health = await (await stack.http.get(stack.admin + "/health")).json()
         self.assertEqual([b["url"] for b in health["backends"]], [b.url for b in stack.backends])
         slots = await (await stack.http.get(stack.admin + "/slots")).json()
         self.assertEqual([len(b["slots"]) for b in slots["backends"]], [2, 2])
+        [template] = (await (await stack.http.get(stack.admin + "/templates")).json())["templates"]
+        states = {b["url"]: b["warm_state"] for b in template["backends"]}
+        home = stack.warmOn()["@t0"][0]
+        self.assertNotIn(states[home], ("cold", "queued"), states)
+        self.assertEqual([s for url, s in states.items() if url != home], ["cold"], "warm on one: warm_on 1")
+        ready = await stack.http.get(stack.admin + "/ready")
+        self.assertEqual(ready.code, 200, await ready.text())
 
 
 class FailoverTests(TestCase):

@@ -24,6 +24,8 @@ from ..helpers import asyncTest
 class ScriptedLlama:
     """A LlamaClient stand-in whose health answers come from a list."""
 
+    base = "http://llama:8080"
+
     def __init__(self, answers: list[bool]) -> None:
         self.answers = answers
         self.calls = 0
@@ -60,10 +62,14 @@ class MonitorTests(TestCase):
         monitor.startService()
         self.assertEqual((llama.calls, monitor.reachable), (1, False))
         self.assertIn("refused", monitor.lastError or "")
-        self.assertEqual(metrics.registry.get_sample_value("bioproxy_backend_up"), 0.0)
+        self.assertEqual(
+            metrics.registry.get_sample_value("bioproxy_backend_up", {"backend": "http://llama:8080"}), 0.0
+        )
         clock.advance(2)
         self.assertEqual((llama.calls, monitor.reachable, monitor.lastError), (2, True, None))
-        self.assertEqual(metrics.registry.get_sample_value("bioproxy_backend_up"), 1.0)
+        self.assertEqual(
+            metrics.registry.get_sample_value("bioproxy_backend_up", {"backend": "http://llama:8080"}), 1.0
+        )
         monitor.stopService()
         clock.advance(10)
         self.assertEqual(llama.calls, 2)
@@ -108,7 +114,12 @@ class RestartTests(TestCase):
         llama.props_ = {"model_path": "/m", "media_marker": "b"}
         monitor.check()
         self.assertEqual(listener.events, [("ready", False), ("ready", True)])
-        self.assertEqual(monitor.metrics.registry.get_sample_value("bioproxy_backend_restarts_total"), 1)
+        self.assertEqual(
+            monitor.metrics.registry.get_sample_value(
+                "bioproxy_backend_restarts_total", {"backend": "http://llama:8080"}
+            ),
+            1,
+        )
 
     def test_outageWithTheSameMarkerIsNoRestart(self) -> None:
         monitor, llama, listener = self.monitor(

@@ -197,7 +197,9 @@ class ForwardTests(TestCase):
         self.assertEqual(status(transport), 504)
         self.assertEqual(body(transport)["error"]["code"], "backend_timeout")
         self.assertEqual(h.backend.gone, [b"/hang"])
-        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="timeout"), 1.0)
+        self.assertEqual(
+            h.sample("bioproxy_backend_errors_total", backend="http://backend:8081", kind="timeout"), 1.0
+        )
 
     def test_backendSilentForIdleTimeoutIsCutOff(self) -> None:
         """
@@ -212,13 +214,17 @@ class ForwardTests(TestCase):
             backendRequest.write(b"data: more\n\n")
             h.flush()
         self.assertFalse(transport.disconnected)
-        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="idle"), None)
+        self.assertEqual(
+            h.sample("bioproxy_backend_errors_total", backend="http://backend:8081", kind="idle"), None
+        )
         h.clock.advance(9.5)
         self.assertFalse(transport.disconnected)
         h.clock.advance(0.5)
         h.flush()
         self.assertTrue(transport.disconnected)
-        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="idle"), 1.0)
+        self.assertEqual(
+            h.sample("bioproxy_backend_errors_total", backend="http://backend:8081", kind="idle"), 1.0
+        )
         self.assertEqual(transport.value().count(b"data: more"), 3)
 
     def test_unreachableIs502(self) -> None:
@@ -226,7 +232,9 @@ class ForwardTests(TestCase):
         _, transport = h.send(b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n")
         self.assertEqual(status(transport), 502)
         self.assertIn("unreachable", body(transport)["error"]["message"])
-        self.assertEqual(h.sample("bioproxy_backend_errors_total", kind="connect"), 1.0)
+        self.assertEqual(
+            h.sample("bioproxy_backend_errors_total", backend="http://backend:8081", kind="connect"), 1.0
+        )
 
     def test_requestNotSentOnAStaleConnectionIsRetriedOnce(self) -> None:
         stale = _StaleOnce(Backend())
