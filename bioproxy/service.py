@@ -213,9 +213,15 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         if len(members) > 1:
             member.backend.listeners.append(_Changed(router, member))
 
-    # The learned heads and their files' names, of the first backend.
+    # The learned heads, and the names of the files each backend saved.
     statePath = config.statePath()
-    state = StateFile(statePath, book, members[0].backend, reactor) if statePath else None
+    state = (
+        StateFile(
+            statePath, book, members[0].backend, reactor, others=[(m.name, m.backend) for m in members[1:]]
+        )
+        if statePath
+        else None
+    )
     if state is not None:
         state.read()
 

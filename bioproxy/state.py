@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,22 @@ FORMAT = 1
 
 class StateFile(Service):
     def __init__(
-        self, path: Path, book: HeadBook, backend: Backend, clock: IReactorTime, interval: float = 10.0
+        self,
+        path: Path,
+        book: HeadBook,
+        backend: Backend,
+        clock: IReactorTime,
+        interval: float = 10.0,
+        others: Sequence[tuple[str, Backend]] = (),
     ) -> None:
+        """backend: the first backend, whose files are "files"; others: the rest, by URL."""
         self.path = path
         self.book = book
         self.backend = backend
+        self.others = list(others)
         self.clock = clock
         self.interval = interval
-        self._written: tuple[int, frozenset[str]] | None = None
+        self._written: tuple[int, frozenset[tuple[str, str]]] | None = None
         self._loop: LoopingCall | None = None
 
     def read(self) -> None:
@@ -72,6 +81,11 @@ class StateFile(Service):
         self.book.addEntries(heads)
         # Files this bioproxy saved before; a restore finds out whether they are still there.
         self.backend.saved.update(f for f in files if isinstance(f, str))
+        others = data.get("other_backends_files")
+        for url, backend in self.others:
+            listed = others.get(url) if isinstance(others, dict) else None
+            if isinstance(listed, list):
+                backend.saved.update(f for f in listed if isinstance(f, str))
         self._written = self._version()
         log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
 
@@ -84,7 +98,13 @@ class StateFile(Service):
         version = self._version()
         if version == self._written and not force:
             return
-        data = {"format": FORMAT, "heads": self.book.entriesData(), "files": sorted(version[1])}
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "heads": self.book.entriesData(),
+            "files": sorted(self.backend.saved),
+        }
+        if self.others:
+            data["other_backends_files"] = {url: sorted(b.saved) for url, b in self.others}
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +115,10 @@ class StateFile(Service):
             return
         self._written = version
 
-    def _version(self) -> tuple[int, frozenset[str]]:
-        return self.book.changes, frozenset(self.backend.saved)
+    def _version(self) -> tuple[int, frozenset[tuple[str, str]]]:
+        known = {("", f) for f in self.backend.saved}
+        known.update((url, f) for url, b in self.others for f in b.saved)
+        return self.book.changes, frozenset(known)
 
     def startService(self) -> None:
         super().startService()

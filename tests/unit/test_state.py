@@ -83,3 +83,29 @@ class StateFileTests(SynchronousTestCase):
         self.assertEqual((directory / "state.json.unreadable").read_text(), "{not json")
         self.assertEqual(len(self.flushLoggedErrors()), 0)
         state.stopService()
+
+
+class SeveralBackendsTests(SynchronousTestCase):
+    def test_eachBackendsFilesAreKept(self) -> None:
+        """Issue 16: with several backends, each one's saved files come back to it."""
+        directory = Path(self.mktemp())
+        path = directory / "state.json"
+        first, second = Memory(directory / "a"), Memory(directory / "b")
+        first.backend.saved.update({"x.bin"})
+        second.backend.saved.update({"y.bin", "z.bin"})
+        state = StateFile(
+            path, first.book, first.backend, first.clock, others=[("http://b:1", second.backend)]
+        )
+        state.write()
+        written = json.loads(path.read_text())
+        self.assertEqual(
+            (written["files"], written["other_backends_files"]),
+            (["x.bin"], {"http://b:1": ["y.bin", "z.bin"]}),
+        )
+        again, other = Memory(directory / "c"), Memory(directory / "d")
+        StateFile(path, again.book, again.backend, again.clock, others=[("http://b:1", other.backend)]).read()
+        self.assertEqual((again.backend.saved, other.backend.saved), ({"x.bin"}, {"y.bin", "z.bin"}))
+        second.backend.saved.add("w.bin")  # a change of the second's alone is written
+        path.unlink()
+        state.write()
+        self.assertIn("w.bin", json.loads(path.read_text())["other_backends_files"]["http://b:1"])
