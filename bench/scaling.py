@@ -3,10 +3,12 @@ Several llama-servers behind one proxy: bioproxy's cache-affine router
 against nginx's round robin (what a user would put in front otherwise) and
 against bioproxy placing by hashing alone, without its load guard.
 
-    python bench/scaling.py [--backends 2] [--templates 12] [--requests 120] [--clients 6] [--config default]
+    python bench/scaling.py [--backends 2] [--templates 12] [--requests 120] [--clients 6] [--config default] [--model slow]
 
-Each path gets its own llama-servers with the same flags (tiny model, -t 1
-each, so that N of them fit the cores), and sees the same workload: clients
+Each path gets its own llama-servers with the same flags (the "slow"
+generated model by default, whose prefill costs about what a real small
+model's does on these cores; -t 1 each, so that N of them fit the cores),
+and sees the same workload: clients
 sending streamed chats at once, each to a template drawn from a skewed
 (Zipf, s=1.1) distribution over more templates than the backends have
 slots, with a new question each time. nginx's clients send the template's
@@ -144,12 +146,13 @@ def main() -> None:
     parser.add_argument(
         "--guard", type=int, default=2, help="bioproxy's balance_threshold in the guarded path"
     )
+    parser.add_argument("--model", choices=sorted(tinymodel.SIZES), default="slow")
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     binary = llamaServer(args.llama_server)
     with workRoot("bioproxy-scaling-bench-", args.keep) as work:
-        model = tinymodel.write(work / "tiny.gguf", size="tiny")
+        model = tinymodel.write(work / f"{args.model}.gguf", size=args.model)
         texts = [template(i, 24) for i in range(args.templates)]
         prefixes = {}
         for i, text in enumerate(texts):
@@ -208,7 +211,7 @@ def main() -> None:
                 for name in order if round_ == 0 else reversed(order):
                     results[name] += run(bases[name], jobs, texts, paths[name] is None, args.clients)
             print(
-                f"### {args.backends} backends ({args.config}), {args.templates} templates, "
+                f"### {args.backends} backends ({args.config}, {args.model} model), {args.templates} templates, "
                 f"{args.requests} requests x 2 rounds, {args.clients} clients\n"
             )
             print("| path | computed tokens/request (mean) | cold requests | TTFT p50 ms | TTFT p90 ms |")
