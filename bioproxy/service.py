@@ -119,20 +119,6 @@ def templateSources(config: Config) -> Sources:
     return Sources.build(configDir, config.prefixes.values(), [configDir / r for r in config.template_roots])
 
 
-class _Changed:
-    """Tells the router that one of several backends came or went."""
-
-    def __init__(self, router: Router, member: Member) -> None:
-        self.router = router
-        self.member = member
-
-    def backendReady(self) -> None:
-        self.router.membersChanged()
-
-    def backendLost(self) -> None:
-        self.router.lost(self.member)
-
-
 def _member(
     config: Config,
     spec: BackendSpec,
@@ -210,8 +196,6 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     for member in members:
         watcher.listeners.append(member.warmer.templateChanged)
         book.dropped.append(member.cache.forget)
-        if len(members) > 1:
-            member.backend.listeners.append(_Changed(router, member))
 
     # The learned heads, and the names of the files each backend saved.
     statePath = config.statePath()

@@ -166,3 +166,24 @@ async def until(reactor: Any, predicate: Callable[[], Any], timeout: float = 20.
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         await sleep(reactor, 0.02)
+
+
+def metricSum(registry: Any, name: str, **labels: str) -> float:
+    """The samples of name whose labels include these, summed (over backends, say)."""
+    return float(
+        sum(
+            sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+    )
+
+
+def membersSettled(members: Any) -> bool:
+    """Every backend known down, or up, probed and with no warmup left to run."""
+    return all(
+        m.monitor.reachable is False
+        or (m.monitor.reachable and m.backend.ready and not m.warmer.jobs and not m.warmer.wanted)
+        for m in members
+    )

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from bioproxy.config import load
 from bioproxy.service import makeService
 
-from .helpers import boundPort, client, until
+from .helpers import boundPort, client, metricSum, until
 
 R: Any = reactor
 HOWS = ("prefill", "restore", "resident")
@@ -61,14 +61,7 @@ class Bioproxy:
         self.headers: dict[str, str] = {}  # sent with every chat, as a client's API key would be
 
     def metric(self, name: str, **labels: str) -> float:
-        """The samples of name whose labels include these, summed (over backends, say)."""
-        registry = self.service.getServiceNamed("warmup").metrics.registry
-        return sum(
-            sample.value
-            for family in registry.collect()
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
+        return metricSum(self.service.getServiceNamed("warmup").metrics.registry, name, **labels)
 
     def total(self, name: str, **labels: str) -> float:
         """A per-prefix metric summed over the templates."""

@@ -77,6 +77,8 @@ class Router:
         for member in self.members:
             member.warmer.assigned = self._assigner(member)
             member.dispatcher.replaceable = len(self.members) > 1
+            if len(self.members) > 1:
+                member.backend.listeners.append(_Watch(self, member))
 
     # -- placing requests
 
@@ -111,8 +113,11 @@ class Router:
         that was still waiting for a slot when its backend went away had not
         started: it is placed again, on a backend still up.
         """
+        # The request's own key only where it decides: body.text flattens the whole prompt.
+        several = len(self.members) > 1 and body.head is None
+        affinity = (body.conversation or body.text[:4096]) if several else ""
         for _ in self.members:
-            member = self.choose(body.head, body.conversation or body.text[:4096])
+            member = self.choose(body.head, affinity)
             self._mark(request, member)
             try:
                 await member.dispatcher.send(request, body, pinnable)
@@ -166,3 +171,17 @@ class Router:
         if len(self.members) > 1:
             member.scheduler.failWaiting(member.name)
         self.membersChanged()
+
+
+class _Watch:
+    """Tells the router that one of its several backends came or went."""
+
+    def __init__(self, router: Router, member: Member) -> None:
+        self.router = router
+        self.member = member
+
+    def backendReady(self) -> None:
+        self.router.membersChanged()
+
+    def backendLost(self) -> None:
+        self.router.lost(self.member)

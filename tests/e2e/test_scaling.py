@@ -16,7 +16,7 @@ from twisted.web.server import Site
 
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 
-from ..helpers import asyncTest, until
+from ..helpers import asyncTest, membersSettled, until
 from ..stack import Bioproxy, templateText
 
 R: Any = reactor
@@ -88,14 +88,7 @@ class Scaled(Bioproxy):
     async def settled(self) -> None:
         """Every backend up or known down, and no warmup left to run on any."""
 
-        def done() -> bool:
-            return all(
-                m.monitor.reachable is False
-                or (m.monitor.reachable and m.backend.ready and not m.warmer.jobs and not m.warmer.wanted)
-                for m in self.members()
-            )
-
-        await until(R, done, timeout=60, what="warmups on every backend")
+        await until(R, lambda: membersSettled(self.members()), timeout=60, what="warmups on every backend")
 
     async def ask(self, prefix: str, message: str) -> tuple[str, dict[str, Any]]:
         response = await self.http.post(

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from bioproxy.backend.router import rendezvous
 from bioproxy.heads import templateHead
 
-from ..helpers import asyncTest, until
+from ..helpers import asyncTest, membersSettled, until
 from ..stack import Bioproxy
 from .llama import LlamaServer
 from .test_llama import texts
@@ -45,14 +45,9 @@ class Scaled(Bioproxy):
         return self.service.getServiceNamed("proxy").factory.resource.dispatcher
 
     async def settled(self) -> None:
-        def done() -> bool:
-            return all(
-                m.monitor.reachable is False
-                or (m.monitor.reachable and m.backend.ready and not m.warmer.jobs and not m.warmer.wanted)
-                for m in self.router.members
-            )
-
-        await until(R, done, timeout=120, what="warmups on every backend")
+        await until(
+            R, lambda: membersSettled(self.router.members), timeout=120, what="warmups on every backend"
+        )
 
     def home(self, prefix: str) -> str:
         """Where the router keeps prefix's template warm."""

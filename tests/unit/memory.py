@@ -40,6 +40,8 @@ from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 from bioproxy.warmup import Warmer
 from bioproxy.wire import LeanAgent
 
+from ..helpers import metricSum
+
 T = TypeVar("T")
 
 
@@ -153,13 +155,7 @@ class Memory:
         return [r for r in self.fake.log if b"bioproxy probe" not in r["prompt"]]
 
     def metric(self, name: str, **labels: str) -> float:
-        """The samples of name whose labels include these, summed."""
-        return sum(
-            sample.value
-            for family in self.metrics.registry.collect()
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
+        return metricSum(self.metrics.registry, name, **labels)
 
 
 def _unchunk(data: bytes) -> bytes:

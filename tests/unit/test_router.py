@@ -33,6 +33,7 @@ class _Warmer:
 @dataclass
 class _Ready:
     ready: bool = True
+    listeners: list[Any] = field(default_factory=list)
 
 
 @dataclass
