@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import IO, Any
 from typing import Protocol as TypingProtocol
@@ -156,7 +156,7 @@ class ProxyRequest:
         head.append(b"\r\n")
         if data and not bodiless:
             head.append(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
-        self.channel.transport.write(b"".join(head))  # type: ignore[union-attr]
+        sendNow(self.channel.transport, b"".join(head))
 
     def finish(self) -> None:
         if self.finished or self._disconnected:
@@ -221,7 +221,9 @@ class ProxyChannel(Protocol):
         self.chunks: _Chunks | None = None  # a chunked body being read
         self.left = 0  # bytes of a sized body still to come
         self.received = 0
-        self.timer: IDelayedCall | None = None
+        self.timer: IDelayedCall | None = None  # one per connection, moved rather than replaced
+        self.due = 0.0  # when onDue is to run
+        self.onDue: Callable[[], None] | None = None
         self.paused = False  # reading is paused: READ_AHEAD bytes wait
         self.parsing = False
         self.lingering = False  # answered and closing: what still comes is read and dropped
@@ -411,12 +413,15 @@ class ProxyChannel(Protocol):
             transport.loseConnection()
             return
         transport.loseWriteConnection()
-        self.timer = self.site.clock.callLater(LINGER, transport.abortConnection)
+        self._arm(LINGER, transport.abortConnection)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self.site.channels.discard(self)
         self._stopTimer()
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
         request, self.request = self.request, None
         if request is not None:
             request.connectionLost(reason)
@@ -424,28 +429,51 @@ class ProxyChannel(Protocol):
     # -- deadlines and refusals
 
     def _idle(self) -> None:
-        self._stopTimer()
         if self.site.timeout:
-            self.timer = self.site.clock.callLater(self.site.timeout, self._idleTooLong)
+            self._arm(self.site.timeout, self._idleTooLong)
+        else:
+            self._stopTimer()
 
     def _deadline(self) -> None:
-        self._stopTimer()
         if self.site.timeout:
-            self.timer = self.site.clock.callLater(self.site.timeout, self._tooSlow)
+            self._arm(self.site.timeout, self._tooSlow)
+        else:
+            self._stopTimer()
+
+    def _arm(self, seconds: float, action: Callable[[], None]) -> None:
+        """
+        Run action in seconds, in place of what was due. The one timer is
+        moved only when it is late for this; when early, it finds the new
+        due time on firing and waits again. A connection's requests then
+        cost one DelayedCall, not three each.
+        """
+        clock = self.site.clock
+        self.due, self.onDue = clock.seconds() + seconds, action
+        timer = self.timer
+        if timer is None or not timer.active():
+            self.timer = clock.callLater(seconds, self._timeUp)
+        elif timer.getTime() > self.due:
+            timer.reset(seconds)
+
+    def _timeUp(self) -> None:
+        self.timer = None
+        action, left = self.onDue, self.due - self.site.clock.seconds()
+        if action is None:
+            return
+        if left > 0:
+            self.timer = self.site.clock.callLater(left, self._timeUp)
+            return
+        self.onDue = None
+        action()
 
     def _stopTimer(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
+        self.onDue = None  # the timer, if armed, finds nothing to do
 
     def _idleTooLong(self) -> None:
-        self.timer = None
         self.closed = True
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _tooSlow(self) -> None:
-        self.timer = None
         self._refuse(408, f"The request's headers and body did not arrive within {self.site.timeout:g} s.")
 
     def _malformed(self) -> bool:

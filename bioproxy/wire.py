@@ -34,6 +34,9 @@ from .headers import RawHeaders
 
 _NO_BODY_STATUS = (204, 304)
 
+# A body's normal end, made once as twisted.internet.protocol's connectionDone is.
+_DONE = Failure(ResponseDone())
+
 
 @implementer(IResponse)
 class _Response:
@@ -180,7 +183,7 @@ class _Connection(Protocol):
         self.idle: IDelayedCall | None = None
         self.lost = False
         self.noBody = False
-        self._lostReason: Failure = Failure(ResponseDone())
+        self._lostReason: Failure = _DONE
 
     # -- one exchange
 
@@ -255,8 +258,9 @@ class _Connection(Protocol):
             except BadChunk:
                 self.abort()  # the body is cut short: the client's response is too
                 return
-            for piece in out:
-                self._deliver(piece)
+            # The chunks of one read as one piece: chunk boundaries mean
+            # nothing to the body, and each piece is a write to the client.
+            self._deliver(out[0] if len(out) == 1 else b"".join(out))
             if self.chunks.done:
                 self._end()
         elif self.left is not None:
@@ -285,14 +289,14 @@ class _Connection(Protocol):
                 break
             protocol.dataReceived(data)
         if self.ended:
-            self._finishBody(Failure(ResponseDone()))
+            self._finishBody(_DONE)
         elif self.lost:
             self._finishBody(self._lostReason)
 
     def _end(self) -> None:
         self.ended = True
         if self.body is not None:
-            self._finishBody(Failure(ResponseDone()))
+            self._finishBody(_DONE)
         if self.keep and not self.lost:
             self.agent.putBack(self)
         else:
@@ -378,7 +382,12 @@ class LeanAgent:
         data = b"\r\n".join(lines) + b"\r\n\r\n" + body
         kept = self._take(key)
         if kept is not None:
-            return kept.send(data, method)
+            sent = kept.send(data, method)
+            if not self.fresh and not self.idle.get(key):
+                # The next request finds a connection ready too, rather than
+                # every other one waiting for its connect.
+                self._spare(key, parsed)
+            return sent
         connecting = self._connect(key, parsed)
         if not self.fresh:
             self._spare(key, parsed)

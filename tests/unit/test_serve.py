@@ -335,6 +335,43 @@ class DeadlineTests(SynchronousTestCase):
         self.assertTrue(c.closed)
         self.assertEqual(len(c.responses()), 1)
 
+    def test_deadlineCountsFromTheFirstByte(self) -> None:
+        """The idle timer, already running, is not what times the request."""
+        c = Connection(timeout=10)
+        c.clock.advance(5)
+        c.send(b"GET / HT")
+        c.clock.advance(9)
+        self.assertFalse(c.closed)
+        c.clock.advance(1)
+        self.assertEqual([r[0] for r in c.responses()], [408])
+
+    def test_oneTimerPerConnection(self) -> None:
+        """Requests on a kept-alive connection move its one timer; they do not pile up timers."""
+        c = Connection(timeout=10)
+        timers: list[float] = []
+        callLater = c.clock.callLater
+
+        def counted(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+            if delay:  # not the site's record of the request, a turn later
+                timers.append(delay)
+            return callLater(delay, f, *a, **kw)
+
+        c.clock.callLater = counted  # type: ignore[method-assign]
+        for _ in range(5):
+            c.send(b"GET / HTTP/1.1\r\n\r\n")
+            c.clock.advance(0)
+            self.assertEqual(len(c.clock.getDelayedCalls()), 1)
+            c.clock.advance(3)
+        # Armed at the start for 10 s; at 10 s it finds the last request
+        # ended at 12 s and waits for the rest: one more, not ten.
+        self.assertEqual(len(timers), 1)
+        self.assertEqual([r[0] for r in c.responses()], [200] * 5)
+        c.clock.advance(6.9)
+        self.assertFalse(c.closed)
+        c.clock.advance(0.1)
+        self.assertTrue(c.closed)
+        self.assertEqual(c.clock.getDelayedCalls(), [])
+
     def test_idleFromTheStart(self) -> None:
         c = Connection(timeout=10)
         c.clock.advance(10)

@@ -11,10 +11,15 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import URI
 
-from bioproxy.wire import BadChunk, _Chunks, _Connection, sendNow
+from bioproxy.wire import BadChunk, LeanAgent, _Chunks, _Connection, sendNow
 
 from .memory import Memory
 
@@ -129,12 +134,65 @@ class SpareTests(TestCase):
         )
 
 
+class _Connected:
+    """Endpoints whose every connect succeeds at once, over a StringTransport."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[Any, StringTransport]] = []
+
+    def endpointForURI(self, uri: URI) -> Any:
+        return self
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol.makeConnection(transport)
+        self.made.append((protocol, transport))
+        return defer.succeed(protocol)
+
+
+class ReadyConnectionTests(SynchronousTestCase):
+    def test_aSpareIsAlwaysReady(self) -> None:
+        """
+        llama-server closes the connection after each streamed answer. Every
+        request after the first finds a connection already open, not every
+        other one (the spare used to be opened only beside a new connection).
+        """
+        endpoints = _Connected()
+        agent = LeanAgent(Clock(), endpoints, None, 30)  # type: ignore[arg-type]
+        for i in range(4):
+            before = len(endpoints.made)
+            answer = agent.request(b"POST", b"http://b:80/v1/chat/completions", None, None)
+            used = [t for _, t in endpoints.made if t.value()]
+            self.assertEqual(len(used), i + 1)
+            if i:
+                # Sent on a connection opened before the request came.
+                self.assertIn(used[-1], [t for _, t in endpoints.made[:before]])
+            protocol = next(p for p, t in endpoints.made if t is used[-1])
+            protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            self.assertEqual(self.successResultOf(answer).code, 200)
+            self.assertTrue(used[-1].disconnecting)
+            protocol.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(len(agent.idle[(b"http", b"b", 80)]), 1)
+
+
 class _Owner:
     def forget(self, connection: Any) -> None:
         pass
 
     def putBack(self, connection: Any) -> None:
         pass
+
+
+class _Pieces(Protocol):
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.ended = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.ended = True
 
 
 class ResponseHeadTests(SynchronousTestCase):
@@ -153,6 +211,18 @@ class ResponseHeadTests(SynchronousTestCase):
         response = self.successResultOf(answer)
         self.assertEqual((response.code, response.headers.getRawHeaders(b"x-a")), (200, [b"one", b"two"]))
         self.assertFalse(transport.disconnecting)
+
+    def test_theChunksOfOneReadAreOnePiece(self) -> None:
+        """Each piece is a write to the client: a read of three chunks is one write, not three."""
+        transport, answer = self.exchange(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        response = self.successResultOf(answer)
+        body = _Pieces()
+        response.deliverBody(body)
+        connection = body.transport.connection
+        connection.dataReceived(b"3\r\none\r\n3\r\ntwo\r\n5\r\nth")
+        connection.dataReceived(b"ree\r\n0\r\n\r\n")
+        self.assertEqual(body.pieces, [b"onetwoth", b"ree"])
+        self.assertTrue(body.ended)
 
     def test_aBareLineBreakIsNotPassedOn(self) -> None:
         """A backend's header with a bare LF would reach the client as two headers."""
