@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from . import config as configModule
 from .config import Config, ConfigError
-from .logs import FORMATS, observer
+from .logs import FORMATS, observer, twistdLogsToStdout
 
 # flag name -> config key
 _FLAG_KEYS = {
@@ -153,7 +153,9 @@ def makeService(options: Options) -> IService:
         service = build(options.config, reactorAny)
     except TemplateError as e:
         _fail(e)
-    root = _Root(observer(options["log-format"]))
+    # twistd's own options are the parent of ours when it runs us.
+    toStdout = twistdLogsToStdout(getattr(options, "parent", None))
+    root = _Root(observer(options["log-format"], toStdout))
     service.setServiceParent(root)
     # Last, so that it starts once everything listens and stops first.
     notifier = Notifier(

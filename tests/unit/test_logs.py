@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import LogLevel, globalLogPublisher
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from bioproxy.logs import jsonLine
+from bioproxy.logs import jsonLine, textLine, twistdLogsToStdout
 
 from .memory import Memory
 
@@ -139,3 +142,40 @@ class PhaseTests(SynchronousTestCase):
         view = m.cache.state(t).view(m.backend)
         self.assertEqual(view["last_warmup_how"], "prefill")
         self.assertRegex(view["last_warmup_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+
+
+class TextLineTests(SynchronousTestCase):
+    """The text format is twistd's line, made with less work per line."""
+
+    @given(
+        st.sampled_from(["{access}", "plain words", "{n} of {m}", "{access} and more", "{missing}", ""]),
+        st.sampled_from([None, LogLevel.info, LogLevel.warn, LogLevel.error]),
+        st.one_of(st.none(), st.floats(min_value=0, max_value=4e9)),
+        st.sampled_from([None, "bioproxy.serve"]),
+        st.text(max_size=20),
+        st.booleans(),
+    )
+    def test_sameAsTwistds(
+        self, format: str, level: Any, when: Any, namespace: Any, access: str, failed: bool
+    ) -> None:
+        event: dict[str, Any] = {"log_format": format, "access": access, "n": 1, "m": 2}
+        for key, value in (("log_level", level), ("log_time", when), ("log_namespace", namespace)):
+            if value is not None:
+                event[key] = value
+        if failed:
+            event["log_failure"] = Failure(ValueError("boom"))
+        self.assertEqual(textLine(event), formatEventAsClassicLogText(event))
+
+    def test_sameTimeTwice(self) -> None:
+        """The time is worked out once a second: a line in the next second has that second's time."""
+        lines = [textLine({"log_format": "x", "log_time": t}) for t in (100.2, 100.9, 101.0)]
+        self.assertEqual(lines, [formatEventAsClassicLogText({"log_format": "x", "log_time": t}) for t in (100.2, 100.9, 101.0)])
+        self.assertNotEqual(lines[1], lines[2])
+
+    def test_whereTwistdWrites(self) -> None:
+        self.assertTrue(twistdLogsToStdout({"nodaemon": True, "logfile": None, "syslog": False}))
+        self.assertTrue(twistdLogsToStdout({"nodaemon": True, "logfile": "-", "syslog": False}))
+        self.assertFalse(twistdLogsToStdout({"nodaemon": True, "logfile": "b.log", "syslog": False}))
+        self.assertFalse(twistdLogsToStdout({"nodaemon": False, "logfile": None, "syslog": False}))
+        self.assertFalse(twistdLogsToStdout({"nodaemon": True, "logfile": None, "syslog": True}))
+        self.assertFalse(twistdLogsToStdout(None))
