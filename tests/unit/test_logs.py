@@ -169,7 +169,10 @@ class TextLineTests(SynchronousTestCase):
     def test_sameTimeTwice(self) -> None:
         """The time is worked out once a second: a line in the next second has that second's time."""
         lines = [textLine({"log_format": "x", "log_time": t}) for t in (100.2, 100.9, 101.0)]
-        self.assertEqual(lines, [formatEventAsClassicLogText({"log_format": "x", "log_time": t}) for t in (100.2, 100.9, 101.0)])
+        self.assertEqual(
+            lines,
+            [formatEventAsClassicLogText({"log_format": "x", "log_time": t}) for t in (100.2, 100.9, 101.0)],
+        )
         self.assertNotEqual(lines[1], lines[2])
 
     def test_whereTwistdWrites(self) -> None:
