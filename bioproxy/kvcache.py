@@ -486,7 +486,6 @@ class KVCache:
         cached = max(0, timings.get("cache_n", 0))
         if prefix:
             self.tokensSaved[prefix] = self.tokensSaved.get(prefix, 0) + cached
-        self.metrics.promptTokens.labels(prefix=prefix, kind="cached").inc(cached)
-        self.metrics.promptTokens.labels(prefix=prefix, kind="computed").inc(
-            max(0, timings.get("prompt_n", 0))
-        )
+        metrics = self.metrics
+        metrics.child(metrics.promptTokens, prefix, "cached").inc(cached)
+        metrics.child(metrics.promptTokens, prefix, "computed").inc(max(0, timings.get("prompt_n", 0)))

@@ -293,7 +293,8 @@ class SlotScheduler:
             while self._again:
                 self._again = False
                 for lease in self._assign():
-                    self.metrics.queueWait.labels(priority=lease.priority).observe(
+                    metrics = self.metrics
+                    metrics.child(metrics.queueWait, lease.priority).observe(
                         self.clock.seconds() - lease.requestedAt
                     )
                     lease.granted.callback(lease)

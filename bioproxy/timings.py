@@ -18,8 +18,9 @@ from typing import Any
 MAX_JSON_BYTES = 4 * 1024 * 1024
 
 
-# What an event must contain to be worth parsing.
-_COUNTS = (b'"timings"', b'"cache_read_input_tokens"', b'"cached_tokens"')
+def _hasCounts(data: bytes) -> bool:
+    """Whether data has what an event must contain to be worth parsing."""
+    return b'"timings"' in data or b'"cache_read_input_tokens"' in data or b'"cached_tokens"' in data
 
 
 class TimingsReader:
@@ -37,10 +38,15 @@ class TimingsReader:
                 return
             self._sse = not head.startswith((b"{", b"["))
         if self._sse:
-            self._buffer += data
-            *events, self._buffer = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+            buffer = (self._buffer + data).replace(b"\r\n", b"\n")
+            if not _hasCounts(buffer):
+                # Most events (every token's): only the unfinished end is kept.
+                end = buffer.rfind(b"\n\n")
+                self._buffer = buffer[end + 2 :] if end >= 0 else buffer
+                return
+            *events, self._buffer = buffer.split(b"\n\n")
             for event in events:
-                if any(k in event for k in _COUNTS):
+                if _hasCounts(event):
                     self._event(event)
         elif not self._overflow:
             self._buffer += data
