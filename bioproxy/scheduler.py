@@ -207,9 +207,10 @@ class SlotScheduler:
         self._seq += 1
         lease = Lease(self, priority, key, pin, self._seq, text, conversation)
         self.queues[priority].append(lease)
-        if priority == USER:
-            lease._timer = self.clock.callLater(self.maxWait, self._expire, lease)
         self._dispatch()
+        if priority == USER and not lease.granted.called:
+            # Only a request that waits is timed: most are granted at once.
+            lease._timer = self.clock.callLater(self.maxWait, self._expire, lease)
         return lease.granted
 
     def reset(self, count: int, retains: bool = False) -> None:
