@@ -241,8 +241,7 @@ class _Exchange:
             return
         request.setResponseCode(response.code, response.phrase)
         # The client gets exactly the backend's headers, no invented ones.
-        for name, values in endToEnd(response.headers).getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, list(values))
+        endToEnd(response.headers, into=request.responseHeaders)
         # Agent keeps Content-Length out of the headers; restore it so the
         # client gets a sized response, not a re-chunked one.
         if isinstance(response.length, int):

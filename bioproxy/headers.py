@@ -90,10 +90,15 @@ def _connectionTokens(headers: HeaderSource) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def endToEnd(headers: HeaderSource, drop: frozenset[bytes] = frozenset()) -> RawHeaders:
-    """A copy of headers minus hop-by-hop ones and any names in drop."""
+def endToEnd(
+    headers: HeaderSource, drop: frozenset[bytes] = frozenset(), into: RawHeaders | None = None
+) -> RawHeaders:
+    """
+    A copy of headers minus hop-by-hop ones and any names in drop; into:
+    the headers to copy them into (replacing any of the same name).
+    """
     named = _connectionTokens(headers) | drop
-    out = RawHeaders()
+    out = RawHeaders() if into is None else into
     raw = out._raw
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
