@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -47,7 +48,13 @@ def sanitise(prefix: str) -> str:
 
 
 def filename(head: Head, fingerprint: str) -> str:
-    return f"{sanitise(head.name)}-{head.digest[:12]}-{fingerprint}.bin"
+    return _filename(head.name, head.digest, fingerprint)
+
+
+@functools.lru_cache(maxsize=4096)
+def _filename(name: str, digest: str, fingerprint: str) -> str:
+    # Asked several times per request; the same few answers each time.
+    return f"{sanitise(name)}-{digest[:12]}-{fingerprint}.bin"
 
 
 def isoTime(seconds: float | None) -> str | None:
