@@ -3,6 +3,7 @@ What a proxy adds to each request: time to first token and CPU, bioproxy
 against the Go original and against llama-server alone, paths interleaved.
 
     python bench/latency.py [--configs np4,default] [--requests 60] [--go PATH] [--lean]
+                            [--baseline DIR] [--copies]
 
 Each path has its own llama-server with the same flags (tiny model, `-t 2`),
 so that no path's slots are another's: "alone" is used straight, one is
@@ -26,6 +27,17 @@ Per path and scenario: median TTFT (to the first streamed event), median
 prefill, much less noisy than TTFT), and the proxy's CPU per request, read
 from its threads' schedstat (nanoseconds on CPU) around each request.
 Added TTFT and outside are the proxy's median minus alone's.
+
+With --baseline, a bioproxy from another checkout (an earlier commit, say:
+`git worktree add ../before REV`) is one more path, with a llama-server of
+its own.
+
+With --copies, every llama-server runs at -lv 5, whose trace lines say
+each time it copies a slot's state into its RAM prompt cache (an idle slot
+as a new task starts, or a slot whose contents a task is about to lose;
+bioproxy.testing.llamalog), and the table gives how many each path's
+server made over each scenario's counted requests. The trace lines slow
+llama-server, so the times of such a run are not the figures to quote.
 """
 
 from __future__ import annotations
@@ -45,6 +57,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from warm import CONFIGS, Bioproxy, Llama, freePort, llamaServer, template, tinymodel, waitFor, workRoot  # noqa: E402
+
+from bioproxy.testing import llamalog  # noqa: E402
 
 SYSTEM = "You are a careful assistant for a software team. Answer briefly and precisely. " * 20
 
@@ -162,12 +176,17 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
     for i, text in enumerate(texts.values()):
         (work / f"t{i}.txt").write_text(text)
         prefixes[f"@t{i}"] = str(work / f"t{i}.txt")
-    servers = {name: Llama(binary, model, work, name, config) for name in ("alone", "bioproxy", "go", "lean")}
+    names = ("alone", "bioproxy", "baseline", "go", "lean")
+    servers = {name: Llama(binary, model, work, name, config) for name in names}
+    if args.baseline is None:
+        del servers["baseline"]
     if not args.go:
         del servers["go"]
     if not args.lean:
         del servers["lean"]
     for server in servers.values():
+        if args.copies:
+            server.args += llamalog.VERBOSITY
         server.start()
     bio = Bioproxy(work, servers["bioproxy"], prefixes)
     go = GoOriginal(args.go, work, servers["go"].url, prefixes) if args.go else None
@@ -175,6 +194,13 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         "alone": (servers["alone"].url, None),
         "bioproxy": (bio.url, bio.proc.pid),
     }
+    baseline = None
+    if args.baseline is not None:
+        (work / "baseline").mkdir()
+        baseline = Bioproxy(
+            work / "baseline", servers["baseline"], prefixes, checkout=args.baseline.resolve()
+        )
+        paths["bioproxy at baseline"] = (baseline.url, baseline.proc.pid)
     if go is not None:
         paths["go"] = (go.url, go.proc.pid)
     lean = None
@@ -192,11 +218,24 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         paths["lean relay"] = (f"http://127.0.0.1:{leanPort}", lean.pid)
     try:
         waitFor(bio.warm, "bioproxy's warmups")
+        if baseline is not None:
+            waitFor(baseline.warm, "the baseline's warmups")
         time.sleep(2 if go is None else 10)  # the Go original warms on its own clock
         results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         failures: dict[str, int] = {}
+        serverOf = {
+            "alone": "alone",
+            "bioproxy": "bioproxy",
+            "bioproxy at baseline": "baseline",
+            "go": "go",
+            "lean relay": "lean",
+        }
+        copies: dict[tuple[str, str], int] = {}
+        counted: dict[str, int] = {}
         for scenario in SCENARIOS:
             for i in range(-2, args.requests):  # two rounds to settle, not counted
+                if i == 0 and args.copies:
+                    counted = {name: ramCopies(servers[serverOf[name]]) for name in paths}
                 for name, (url, pid) in paths.items():
                     if name == "go" and scenario not in GO_SCENARIOS:
                         continue
@@ -210,10 +249,15 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                     cpu = (cpuNanoseconds(pid) - before) / 1e9 if pid else 0.0
                     if i >= 0:
                         results.setdefault((scenario, name), []).append((ttft, ttft - promptS, cpu))
+            if args.copies:
+                for name in paths:
+                    copies[(scenario, name)] = ramCopies(servers[serverOf[name]]) - counted[name]
         failed = ", ".join(f"{name}: {n}" for name, n in failures.items()) or "none"
-        return table(config, results, list(paths)) + f"\nFailed requests (not counted): {failed}\n"
+        return table(config, results, list(paths), copies) + f"\nFailed requests (not counted): {failed}\n"
     finally:
         bio.stop()
+        if baseline is not None:
+            baseline.stop()
         if go is not None:
             go.stop()
         if lean is not None:
@@ -223,15 +267,24 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
             server.stop()
 
 
+def ramCopies(server: Llama) -> int:
+    return llamalog.ramCopies(server.log.read_bytes())
+
+
 def table(
-    config: str, results: dict[tuple[str, str], list[tuple[float, float, float]]], names: list[str]
+    config: str,
+    results: dict[tuple[str, str], list[tuple[float, float, float]]],
+    names: list[str],
+    copies: dict[tuple[str, str], int],
 ) -> str:
     ms = 1000.0
+    extra = " RAM-cache copies |" if copies else ""
     lines = [
         f"### {config}",
         "",
-        "| scenario | path | TTFT ms | added TTFT ms | outside ms | added outside ms | proxy CPU ms/request |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | path | TTFT ms | added TTFT ms | outside ms | added outside ms | proxy CPU ms/request |"
+        + extra,
+        "|---|---|---|---|---|---|---|" + ("---|" if copies else ""),
     ]
     for scenario in SCENARIOS:
         alone = results[(scenario, "alone")]
@@ -250,8 +303,10 @@ def table(
                 "" if name == "alone" or math.isnan(outside) else f"{(outside - aloneOutside) * ms:+.2f}"
             )
             cpuText = "" if name == "alone" else f"{cpu * ms:.2f}"
+            copied = f" {copies[(scenario, name)]} |" if copies else ""
             lines.append(
                 f"| {scenario} | {name} | {ttft * ms:.2f} | {added} | {outsideText} | {addedOutside} | {cpuText} |"
+                + copied
             )
     return "\n".join(lines) + "\n"
 
@@ -264,6 +319,14 @@ def main() -> None:
     parser.add_argument("--go", default=None, help="the Go original's binary")
     parser.add_argument(
         "--lean", action="store_true", help="also the lean relay, the floor of a Python relay's cost"
+    )
+    parser.add_argument(
+        "--copies",
+        action="store_true",
+        help="count the slot states each llama-server copies into its RAM cache",
+    )
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another bioproxy checkout, one more path beside this one"
     )
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--keep", action="store_true")

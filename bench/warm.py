@@ -132,7 +132,10 @@ class Llama:
 
 
 class Bioproxy:
-    def __init__(self, work: Path, llama: Any, prefixes: dict[str, str], **settings: Any) -> None:
+    def __init__(
+        self, work: Path, llama: Any, prefixes: dict[str, str], checkout: Path = ROOT, **settings: Any
+    ) -> None:
+        """checkout: the bioproxy source tree to run (this one unless another is named)."""
         self.port, self.adminPort = freePort(), freePort()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.adminPort}"
@@ -164,10 +167,10 @@ class Bioproxy:
             stdout=(work / "bioproxy.log").open("ab"),
             stderr=subprocess.STDOUT,
             cwd=work,
-            # This checkout's bioproxy, not an installed one.
+            # This checkout's bioproxy (or the one named), not an installed one.
             env={
                 **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])),
             },
         )
 

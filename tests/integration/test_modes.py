@@ -19,6 +19,8 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
+from bioproxy.testing import llamalog
+
 from ..helpers import asyncTest, client, sleep, until
 from ..stack import templateText
 from .llama import LlamaServer
@@ -29,20 +31,8 @@ KEY = "integration-secret"
 
 
 def ramCopies(server: LlamaServer) -> int:
-    """
-    How many slot states llama-server has copied into its RAM cache, from
-    its trace lines: an idle slot's as a new task starts (--cache-idle-slots,
-    on by default), and the slot a task is placed on when what it holds is
-    about to be lost. Each copy is the slot's whole KV state (7 MiB here,
-    hundreds on a real model), made before the task's prefill.
-    """
-    log = server.logPath.read_bytes()
-    tried = log.count(b" - saving prompt with length")
-    return (
-        tried
-        - log.count(b" - prompt is already in the cache, skipping")
-        - log.count(b"exceeds cache size limit")
-    )
+    """Slot states llama-server has copied into its RAM cache so far (bioproxy.testing.llamalog)."""
+    return llamalog.ramCopies(server.logPath.read_bytes())
 
 
 class DefaultServer(TestCase):
@@ -61,7 +51,7 @@ class DefaultServer(TestCase):
         """debug: llama-server logs at debug level, which says when it copies a slot's state."""
         directory = Path(self.mktemp()).absolute()
         (directory / "proxy").mkdir(parents=True)
-        flags = self.flags + (("-lv", "5") if debug else ())
+        flags = self.flags + (llamalog.VERBOSITY if debug else ())
         server = LlamaServer(
             R, directory, self.slots, flags=flags, persistent=self.persistent, apiKey=self.apiKey
         )
