@@ -133,9 +133,18 @@ class Llama:
 
 class Bioproxy:
     def __init__(
-        self, work: Path, llama: Any, prefixes: dict[str, str], checkout: Path = ROOT, **settings: Any
+        self,
+        work: Path,
+        llama: Any,
+        prefixes: dict[str, str],
+        checkout: Path = ROOT,
+        under: tuple[str, ...] = (),
+        **settings: Any,
     ) -> None:
-        """checkout: the bioproxy source tree to run (this one unless another is named)."""
+        """
+        checkout: the bioproxy source tree to run (this one unless another
+        is named); under: a command to run it under (valgrind, say).
+        """
         self.port, self.adminPort = freePort(), freePort()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.adminPort}"
@@ -155,6 +164,7 @@ class Bioproxy:
         (work / "config.json").write_text(json.dumps(config))
         self.proc = subprocess.Popen(
             [
+                *under,
                 sys.executable,
                 "-c",
                 "from twisted.scripts.twistd import run; run()",
