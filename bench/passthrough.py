@@ -6,7 +6,9 @@ through nginx, measured side by side in one run.
 
 --baseline runs a second bioproxy from another checkout beside this one (say
 `git worktree add ../before REV`), so that before and after are measured in
-one run. A row without the access line shows what that line costs.
+one run. A row without the access line shows what that line costs. CPU per
+request is read from each Python process's schedstat over its wrk run
+(nginx, several processes, is left out).
 
 Needs `wrk` and `nginx` (Debian: wrk, nginx-light); the script installs them
 with apt-get when missing and it runs as root. The backend is nginx itself
@@ -28,6 +30,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from latency import cpuNanoseconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,8 +133,6 @@ def startBioproxy(
             "from twisted.scripts.twistd import run; run()",
             "-n",
             "--pidfile=",
-            "-l",
-            str(work / f"{name}.log"),
             "bioproxy",
             "--config",
             str(config),
@@ -141,6 +145,9 @@ def startBioproxy(
         ],
         env={**os.environ, "PYTHONPATH": str(root)},
         cwd=work,  # not the caller's directory, which `-c` would put first on sys.path
+        # Its log on standard output, as the bioproxy command and systemd run it.
+        stdout=(work / f"{name}.log").open("ab"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -213,6 +220,7 @@ def main() -> None:
         )
     }
     (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, **ports))
+    pids: dict[str, int] = {}  # the processes whose CPU per request is read
     procs = [
         subprocess.Popen([nginxBinary() or "nginx", "-c", str(work / "nginx.conf")]),
         subprocess.Popen([sys.executable, "-c", SSE_SERVER, str(ports["sse"])]),
@@ -234,10 +242,13 @@ def main() -> None:
             [sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["leansse"]), str(ports["sse"])]
         ),
     ]
+    pids.update({"bioproxy": procs[2].pid, "bioproxy, no access line": procs[4].pid})
+    pids["lean Twisted relay"] = procs[5].pid
     if args.baseline is not None:
         procs.append(
             startBioproxy(work, "base", ports["backend"], ports["base"], ports["baseadmin"], args.baseline)
         )
+        pids["bioproxy at baseline"] = procs[-1].pid
     else:
         del ports["base"], ports["baseadmin"]
     try:
@@ -259,18 +270,29 @@ def main() -> None:
             f"# python {sys.version.split()[0]} ({sys.implementation.name}), {os.cpu_count()} cores, "
             f"wrk {args.duration}s per cell\n"
         )
-        print("| connections | target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(
+            "| connections | target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors "
+            "| CPU ms/request |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         for c in (int(x) for x in args.connections.split(",")):
             for url in targets.values():
                 wrk(url, c, 1)  # warm connections and caches
-            rows = {name: wrk(url, c, args.duration) for name, url in targets.items()}
+            rows, cpu = {}, {}
+            for name, url in targets.items():
+                pid = pids.get(name)
+                before = cpuNanoseconds(pid) if pid else 0
+                rows[name] = wrk(url, c, args.duration)
+                served = rows[name]["rps"] * args.duration
+                if pid and served:
+                    cpu[name] = (cpuNanoseconds(pid) - before) / 1e6 / served
             for name, row in rows.items():
                 added50 = row["p50"] - rows["direct"]["p50"]
                 added99 = row["p99"] - rows["direct"]["p99"]
+                used = f"{cpu[name]:.3f}" if name in cpu else ""
                 print(
                     f"| {c} | {name} | {row['rps']:.0f} | {row['p50']:.3f} | {row['p99']:.3f} | "
-                    f"{added50:+.3f} | {added99:+.3f} | {row['errors']:.0f} |"
+                    f"{added50:+.3f} | {added99:+.3f} | {row['errors']:.0f} | {used} |"
                 )
         print("\n| SSE path | events | median delay ms | p90 delay ms | added median ms |")
         print("|---|---|---|---|---|")

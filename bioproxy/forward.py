@@ -41,6 +41,7 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .deadline import Deadline
 from .errors import writeError
 from .headers import RawHeaders, appendForwarded, endToEnd
 from .metrics import Metrics
@@ -166,6 +167,8 @@ class _Exchange:
         self.pending: defer.Deferred[IResponse] | None = None
         self.pump: _BodyPump | None = None
         self.timedOut = False
+        # The response's timeout, then the body's silences (the pump's).
+        self.deadline = Deadline(forwarder.clock)
         if body is None and _hasBody(request):
             content = request.content
             body = content.getvalue() if isinstance(content, BytesIO) else content
@@ -188,8 +191,8 @@ class _Exchange:
         else:
             d = agent.request(self.request.method, url, headers.twisted(), producer)
         self.pending = d
-        timer = forwarder.clock.callLater(forwarder.timeout, self._timeout)
-        d.addBoth(_passThrough(lambda: _stop(timer)))
+        self.deadline.arm(forwarder.timeout, self._timeout)
+        d.addBoth(_passThrough(self.deadline.stop))
         d.addCallbacks(self._gotResponse, self._noResponse, errbackArgs=(retry,))
         d.addErrback(self._bug)
         return self.done
@@ -292,6 +295,7 @@ class _Exchange:
         self._end()
 
     def _end(self) -> None:
+        self.deadline.cancel()  # the backend has nothing more to send
         if not self.done.called:
             self.done.callback(self.outcome)
 
@@ -362,7 +366,8 @@ class _BodyPump(Protocol):
     client's connection pauses when its buffer is full; from then on, what
     arrives is kept for the client up to the forwarder's bufferBytes, past
     which the backend's connection is paused too. Two timers: one on the
-    backend's silences (while it is not paused), one on the client's stall.
+    backend's silences (while it is not paused: the exchange's deadline,
+    moved on every event), one on the client's stall.
     """
 
     def __init__(self, exchange: _Exchange) -> None:
@@ -372,10 +377,9 @@ class _BodyPump(Protocol):
         self.backendPaused = False
         self.kept = 0  # bytes written since the client's connection said it was full
         self.finishing = False  # the answer has all arrived; the client has yet to take it
-        self.idle: IDelayedCall | None = None
+        self.idle = exchange.deadline
         self.stall: IDelayedCall | None = None
         self.silent = False  # cut off for sending nothing for too long
-        self.lastBytes = 0.0  # when the backend last sent something
 
     def connectionMade(self) -> None:
         self.exchange.request.registerProducer(self, True)
@@ -394,11 +398,11 @@ class _BodyPump(Protocol):
             self.kept += len(data)
             if self.kept > self.forwarder.bufferBytes and not self.backendPaused:
                 self.backendPaused = True
-                _stop(self.idle)  # the backend's silence is ours now
+                self.idle.stop()  # the backend's silence is ours now
                 self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
-        _stop(self.idle)
+        self.idle.cancel()
         self.exchange._bodyEnded(reason, self.silent)
 
     # -- the client's connection, as the producer it pauses
@@ -441,7 +445,7 @@ class _BodyPump(Protocol):
 
     def clientLost(self) -> None:
         _stop(self.stall)
-        _stop(self.idle)
+        self.idle.cancel()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -453,19 +457,9 @@ class _BodyPump(Protocol):
         self.exchange._abortClient()
 
     def _expectBytes(self) -> None:
-        # The time is noted per event and the timer armed once: resetting a
-        # DelayedCall per event re-sorts the reactor's heap every time.
-        clock = self.forwarder.clock
-        self.lastBytes = clock.seconds()
-        if self.idle is None or not self.idle.active():
-            self.idle = clock.callLater(self.forwarder.idleTimeout, self._silent)
+        self.idle.arm(self.forwarder.idleTimeout, self._silent)
 
     def _silent(self) -> None:
-        clock, limit = self.forwarder.clock, self.forwarder.idleTimeout
-        quiet = clock.seconds() - self.lastBytes
-        if quiet < limit:
-            self.idle = clock.callLater(limit - quiet, self._silent)
-            return
         self.silent = True
         self.transport.loseConnection()  # type: ignore[union-attr]
 

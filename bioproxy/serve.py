@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import tempfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from io import BytesIO
 from typing import IO, Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 
+from .deadline import Deadline
 from .errors import errorResponse, failRequest, writeError
 from .headers import RawHeaders
 from .metrics import Metrics, methodLabel, pathLabel
@@ -221,9 +222,7 @@ class ProxyChannel(Protocol):
         self.chunks: _Chunks | None = None  # a chunked body being read
         self.left = 0  # bytes of a sized body still to come
         self.received = 0
-        self.timer: IDelayedCall | None = None  # one per connection, moved rather than replaced
-        self.due = 0.0  # when onDue is to run
-        self.onDue: Callable[[], None] | None = None
+        self.deadline = Deadline(site.clock)  # idle, then each request's, then idle again
         self.paused = False  # reading is paused: READ_AHEAD bytes wait
         self.parsing = False
         self.lingering = False  # answered and closing: what still comes is read and dropped
@@ -375,7 +374,7 @@ class ProxyChannel(Protocol):
         """The request's head and body are in: answer it."""
         request = self.request
         assert request is not None
-        self._stopTimer()
+        self.deadline.stop()
         self.answering = True
         request.content.seek(0)
         self.site.process(request)
@@ -413,15 +412,12 @@ class ProxyChannel(Protocol):
             transport.loseConnection()
             return
         transport.loseWriteConnection()
-        self._arm(LINGER, transport.abortConnection)
+        self.deadline.arm(LINGER, transport.abortConnection)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self.site.channels.discard(self)
-        self._stopTimer()
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.deadline.cancel()
         request, self.request = self.request, None
         if request is not None:
             request.connectionLost(reason)
@@ -430,44 +426,15 @@ class ProxyChannel(Protocol):
 
     def _idle(self) -> None:
         if self.site.timeout:
-            self._arm(self.site.timeout, self._idleTooLong)
+            self.deadline.arm(self.site.timeout, self._idleTooLong)
         else:
-            self._stopTimer()
+            self.deadline.stop()
 
     def _deadline(self) -> None:
         if self.site.timeout:
-            self._arm(self.site.timeout, self._tooSlow)
+            self.deadline.arm(self.site.timeout, self._tooSlow)
         else:
-            self._stopTimer()
-
-    def _arm(self, seconds: float, action: Callable[[], None]) -> None:
-        """
-        Run action in seconds, in place of what was due. The one timer is
-        moved only when it is late for this; when early, it finds the new
-        due time on firing and waits again. A connection's requests then
-        cost one DelayedCall, not three each.
-        """
-        clock = self.site.clock
-        self.due, self.onDue = clock.seconds() + seconds, action
-        timer = self.timer
-        if timer is None or not timer.active():
-            self.timer = clock.callLater(seconds, self._timeUp)
-        elif timer.getTime() > self.due:
-            timer.reset(seconds)
-
-    def _timeUp(self) -> None:
-        self.timer = None
-        action, left = self.onDue, self.due - self.site.clock.seconds()
-        if action is None:
-            return
-        if left > 0:
-            self.timer = self.site.clock.callLater(left, self._timeUp)
-            return
-        self.onDue = None
-        action()
-
-    def _stopTimer(self) -> None:
-        self.onDue = None  # the timer, if armed, finds nothing to do
+            self.deadline.stop()
 
     def _idleTooLong(self) -> None:
         self.closed = True
@@ -484,7 +451,7 @@ class ProxyChannel(Protocol):
         """413 through the request, so that it is counted and logged; nothing more is parsed."""
         self.closed = self.lingering = True
         self.answering = True
-        self._stopTimer()
+        self.deadline.stop()
         request.persistent = False
         self.site.track(request)
         writeError(request, 413, f"Request body exceeds the limit of {self.site.maxBodyBytes} bytes.")
@@ -492,7 +459,7 @@ class ProxyChannel(Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """An answer before there is a request to answer; the connection closes after it."""
         self.closed = True
-        self._stopTimer()
+        self.deadline.stop()
         transport: Any = self.transport
         if transport is not None and not transport.disconnecting:
             transport.write(errorResponse(status, message))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .deadline import Deadline
 from .headers import RawHeaders
 
 _NO_BODY_STATUS = (204, 304)
@@ -180,7 +181,7 @@ class _Connection(Protocol):
         self.left: int | None = None  # bytes of a sized body still to come
         self.keep = False
         self.ended = False  # the body has all arrived
-        self.idle: IDelayedCall | None = None
+        self.idle = Deadline(agent.reactor)  # closes it once kept unused for the agent's idleTimeout
         self.lost = False
         self.noBody = False
         self._lostReason: Failure = _DONE
@@ -458,8 +459,7 @@ class LeanAgent:
         connections = self.idle.get(key) or []
         while connections:
             connection = connections.pop()
-            if connection.idle is not None and connection.idle.active():
-                connection.idle.cancel()
+            connection.idle.stop()
             if not connection.lost:
                 return connection
         return None
@@ -469,14 +469,13 @@ class LeanAgent:
             connection.close()
             return
         self.idle.setdefault(connection.key, []).append(connection)
-        connection.idle = self.reactor.callLater(self.idleTimeout, connection.close)
+        connection.idle.arm(self.idleTimeout, connection.close)
 
     def forget(self, connection: _Connection) -> None:
         connections = self.idle.get(connection.key)
         if connections and connection in connections:
             connections.remove(connection)
-        if connection.idle is not None and connection.idle.active():
-            connection.idle.cancel()
+        connection.idle.cancel()
 
     def closeCachedConnections(self) -> defer.Deferred[None]:
         self.closed = True

@@ -175,7 +175,27 @@ class ReadyConnectionTests(SynchronousTestCase):
             self.assertEqual(len(agent.idle[(b"http", b"b", 80)]), 1)
 
 
+class KeptConnectionTests(SynchronousTestCase):
+    def test_closedOnceIdleForTheTimeout(self) -> None:
+        """Idle time counts from when a connection was last put back, however often it was used."""
+        clock, endpoints = Clock(), _Connected()
+        agent = LeanAgent(clock, endpoints, None, 30, fresh=False)  # type: ignore[arg-type]
+        kept = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        for _ in range(3):
+            answer = agent.request(b"GET", b"http://b:80/v1/models", None, None)
+            protocol, transport = next((p, t) for p, t in endpoints.made if t.value() and not t.disconnecting)
+            transport.clear()
+            protocol.dataReceived(kept)
+            self.successResultOf(answer)
+            clock.advance(20)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+
+
 class _Owner:
+    reactor = Clock()
+
     def forget(self, connection: Any) -> None:
         pass
 
