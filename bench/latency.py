@@ -24,8 +24,10 @@ Scenarios, streamed chats unless named:
 
 Per path and scenario: median TTFT (to the first streamed event), median
 "outside" time (TTFT minus llama-server's own prompt_ms: what is not
-prefill, much less noisy than TTFT), and the proxy's CPU per request, read
-from its threads' schedstat (nanoseconds on CPU) around each request.
+prefill, much less noisy than TTFT), the proxy's CPU per request, read
+from its threads' schedstat (nanoseconds on CPU) around each request, and
+the median prompt tokens llama-server computed (which explains a TTFT that
+"outside" does not).
 Added TTFT and outside are the proxy's median minus alone's.
 
 With --baseline, a bioproxy from another checkout (an earlier commit, say:
@@ -102,8 +104,8 @@ class GoOriginal:
         self.proc.wait(30)
 
 
-def send(url: str, path: str, body: dict[str, Any]) -> tuple[float, float]:
-    """One streamed request: seconds to its first event, and llama-server's prompt_ms (s)."""
+def send(url: str, path: str, body: dict[str, Any]) -> tuple[float, float, float]:
+    """One streamed request: seconds to its first event, llama-server's prompt_ms (s) and prompt_n."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=600)
     payload = json.dumps(body).encode()
@@ -111,7 +113,7 @@ def send(url: str, path: str, body: dict[str, Any]) -> tuple[float, float]:
     connection.request("POST", path, payload, {"content-type": "application/json"})
     response = connection.getresponse()
     first: float | None = None
-    promptMs = float("nan")
+    promptMs = computed = float("nan")
     for line in response:
         if not line.startswith(b"data: "):
             continue
@@ -121,10 +123,11 @@ def send(url: str, path: str, body: dict[str, Any]) -> tuple[float, float]:
             event = json.loads(line[6:])
             timings = event.get("timings") or (event.get("response") or {}).get("timings") or {}
             promptMs = timings.get("prompt_ms", promptMs)
+            computed = timings.get("prompt_n", computed)
     connection.close()
     if response.status != 200 or first is None:
         raise Failed(f"{url}{path}: {response.status}")
-    return first, promptMs / 1000
+    return first, promptMs / 1000, computed
 
 
 class Failed(Exception):
@@ -221,7 +224,7 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         if baseline is not None:
             waitFor(baseline.warm, "the baseline's warmups")
         time.sleep(2 if go is None else 10)  # the Go original warms on its own clock
-        results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
         failures: dict[str, int] = {}
         serverOf = {
             "alone": "alone",
@@ -242,13 +245,13 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
                     path, body = bodies(scenario, i, name not in ("alone", "lean relay"), texts)
                     before = cpuNanoseconds(pid) if pid else 0
                     try:
-                        ttft, promptS = send(url, path, body)
+                        ttft, promptS, computed = send(url, path, body)
                     except Failed:
                         failures[name] = failures.get(name, 0) + 1
                         continue
                     cpu = (cpuNanoseconds(pid) - before) / 1e9 if pid else 0.0
                     if i >= 0:
-                        results.setdefault((scenario, name), []).append((ttft, ttft - promptS, cpu))
+                        results.setdefault((scenario, name), []).append((ttft, ttft - promptS, cpu, computed))
             if args.copies:
                 for name in paths:
                     copies[(scenario, name)] = ramCopies(servers[serverOf[name]]) - counted[name]
@@ -273,7 +276,7 @@ def ramCopies(server: Llama) -> int:
 
 def table(
     config: str,
-    results: dict[tuple[str, str], list[tuple[float, float, float]]],
+    results: dict[tuple[str, str], list[tuple[float, float, float, float]]],
     names: list[str],
     copies: dict[tuple[str, str], int],
 ) -> str:
@@ -282,9 +285,9 @@ def table(
     lines = [
         f"### {config}",
         "",
-        "| scenario | path | TTFT ms | added TTFT ms | outside ms | added outside ms | proxy CPU ms/request |"
-        + extra,
-        "|---|---|---|---|---|---|---|" + ("---|" if copies else ""),
+        "| scenario | path | TTFT ms | added TTFT ms | outside ms | added outside ms | proxy CPU ms/request "
+        "| tokens computed |" + extra,
+        "|---|---|---|---|---|---|---|---|" + ("---|" if copies else ""),
     ]
     for scenario in SCENARIOS:
         alone = results[(scenario, "alone")]
@@ -297,6 +300,7 @@ def table(
             ttft = statistics.median(r[0] for r in rows)
             outside = statistics.median(r[1] for r in rows)
             cpu = statistics.median(r[2] for r in rows)
+            computed = statistics.median(r[3] for r in rows)
             added = "" if name == "alone" else f"{(ttft - aloneTTFT) * ms:+.2f}"
             outsideText = "n/a" if math.isnan(outside) else f"{outside * ms:.2f}"
             addedOutside = (
@@ -305,8 +309,8 @@ def table(
             cpuText = "" if name == "alone" else f"{cpu * ms:.2f}"
             copied = f" {copies[(scenario, name)]} |" if copies else ""
             lines.append(
-                f"| {scenario} | {name} | {ttft * ms:.2f} | {added} | {outsideText} | {addedOutside} | {cpuText} |"
-                + copied
+                f"| {scenario} | {name} | {ttft * ms:.2f} | {added} | {outsideText} | {addedOutside} | {cpuText} "
+                f"| {'n/a' if math.isnan(computed) else f'{computed:.0f}'} |" + copied
             )
     return "\n".join(lines) + "\n"
 
