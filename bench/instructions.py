@@ -41,34 +41,28 @@ def callgrind(out: Path) -> tuple[str, ...]:
     return ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p")
 
 
+def control(pid: int, *command: str) -> None:
+    subprocess.run(
+        ["callgrind_control", *command, str(pid)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def counted(
     pid: int, out: Path, requests: int, url: str, scenario: str, templated: bool, texts: dict[str, str]
 ) -> float:
     """Millions of instructions per request over `requests` requests of scenario."""
     for i in range(-3, 0):  # settled first, not counted
         send(url, *bodies(scenario, i, templated, texts))
-    subprocess.run(
-        ["callgrind_control", "-i", "on", str(pid)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    control(pid, "-i", "on")
     for i in range(requests):
         send(url, *bodies(scenario, i, templated, texts))
-    subprocess.run(
-        ["callgrind_control", "-i", "off", str(pid)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    control(pid, "-i", "off")
     for stale in glob.glob(f"{out}.{pid}*"):
         os.remove(stale)
-    subprocess.run(
-        ["callgrind_control", "-d", str(pid)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    control(pid, "-d")  # dump, and zero the counts for the next scenario
     total = 0
     deadline = time.monotonic() + 60
     while not total and time.monotonic() < deadline:
