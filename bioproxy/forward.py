@@ -46,7 +46,7 @@ from .errors import writeError
 from .headers import RawHeaders, appendForwarded, endToEnd
 from .metrics import Metrics
 from .serve import ProxyRequest
-from .wire import LeanAgent
+from .wire import RESPONSE_DONE, LeanAgent
 
 log = Logger()
 _T = TypeVar("_T")
@@ -356,9 +356,6 @@ class _KeptOpen:
         pass
 
 
-_DONE = Failure(ResponseDone())
-
-
 @implementer(IPushProducer)
 class _BodyPump(Protocol):
     """
@@ -401,7 +398,7 @@ class _BodyPump(Protocol):
                 self.idle.stop()  # the backend's silence is ours now
                 self.transport.pauseProducing()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = _DONE) -> None:
+    def connectionLost(self, reason: Failure = RESPONSE_DONE) -> None:
         self.idle.cancel()
         self.exchange._bodyEnded(reason, self.silent)
 

@@ -4,11 +4,12 @@ object a line, which journald and log shippers read without a parser of
 their own.
 
 Both are written here when the log goes to standard output (twistd -n, as
-under systemd), because twistd's formatter costs a tenth of a chat's CPU
-once per request for the access line: it formats the time zone and the
-time anew each line and parses each format string. Here the time is
-formatted once a second and a message that is one field ("{access}") is
-that field. A --logfile or --syslog is left to twistd.
+under systemd), because twistd's formatter took about a sixteenth of a
+chat's work, once per request for the access line: it works out the time
+zone and formats the time anew for each line, and parses each format
+string. Here the time is formatted once a second, and a message that is
+one field ("{access}") is that field. A --logfile or --syslog is left to
+twistd.
 """
 
 from __future__ import annotations

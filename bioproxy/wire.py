@@ -36,7 +36,7 @@ from .headers import RawHeaders
 _NO_BODY_STATUS = (204, 304)
 
 # A body's normal end, made once as twisted.internet.protocol's connectionDone is.
-_DONE = Failure(ResponseDone())
+RESPONSE_DONE = Failure(ResponseDone())
 
 
 @implementer(IResponse)
@@ -184,7 +184,7 @@ class _Connection(Protocol):
         self.idle = Deadline(agent.reactor)  # closes it once kept unused for the agent's idleTimeout
         self.lost = False
         self.noBody = False
-        self._lostReason: Failure = _DONE
+        self._lostReason: Failure = RESPONSE_DONE
 
     # -- one exchange
 
@@ -290,14 +290,14 @@ class _Connection(Protocol):
                 break
             protocol.dataReceived(data)
         if self.ended:
-            self._finishBody(_DONE)
+            self._finishBody(RESPONSE_DONE)
         elif self.lost:
             self._finishBody(self._lostReason)
 
     def _end(self) -> None:
         self.ended = True
         if self.body is not None:
-            self._finishBody(_DONE)
+            self._finishBody(RESPONSE_DONE)
         if self.keep and not self.lost:
             self.agent.putBack(self)
         else:
