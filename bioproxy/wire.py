@@ -444,7 +444,10 @@ class LeanAgent:
         return d
 
     def _spare(self, key: tuple[bytes, bytes, int], uri: URI) -> None:
-        """One more connection beside a new one: llama-server closes each after a streamed answer."""
+        """
+        One more connection, kept for the next request, whenever none is:
+        llama-server closes each after a streamed answer.
+        """
         if key in self.spares or self.closed:
             return
         spare = self.spares[key] = self._connect(key, uri)
