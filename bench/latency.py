@@ -58,7 +58,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from warm import CONFIGS, Bioproxy, Llama, freePort, llamaServer, template, tinymodel, waitFor, workRoot  # noqa: E402
+from warm import (  # noqa: E402
+    CONFIGS,
+    Bioproxy,
+    Llama,
+    freePort,
+    llamaServer,
+    readStream,
+    template,
+    tinymodel,
+    waitFor,
+    workRoot,
+)
 
 from bioproxy.testing import llamalog  # noqa: E402
 
@@ -112,22 +123,11 @@ def send(url: str, path: str, body: dict[str, Any]) -> tuple[float, float, float
     started = time.perf_counter()
     connection.request("POST", path, payload, {"content-type": "application/json"})
     response = connection.getresponse()
-    first: float | None = None
-    promptMs = computed = float("nan")
-    for line in response:
-        if not line.startswith(b"data: "):
-            continue
-        if first is None:
-            first = time.perf_counter() - started
-        if b'"timings"' in line or b'"prompt_ms"' in line:
-            event = json.loads(line[6:])
-            timings = event.get("timings") or (event.get("response") or {}).get("timings") or {}
-            promptMs = timings.get("prompt_ms", promptMs)
-            computed = timings.get("prompt_n", computed)
+    first, timings, _ = readStream(response, started)
     connection.close()
-    if response.status != 200 or first is None:
+    if response.status != 200 or math.isnan(first):
         raise Failed(f"{url}{path}: {response.status}")
-    return first, promptMs / 1000, computed
+    return first, timings.get("prompt_ms", math.nan) / 1000, timings.get("prompt_n", math.nan)
 
 
 class Failed(Exception):

@@ -34,22 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from latency import cpuNanoseconds  # noqa: E402
+from warm import NGINX_HEAD  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
+NGINX_CONF = (
+    NGINX_HEAD
+    + """
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
     upstream sse {{ server 127.0.0.1:{sse}; keepalive 8; }}
     server {{
@@ -66,6 +57,7 @@ http {{
     }}
 }}
 """
+)
 
 SSE_SERVER = r"""
 import json, sys, time

@@ -37,21 +37,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from warm import CONFIGS, Bioproxy, Llama, freePort, llamaServer, template, tinymodel, waitFor, workRoot  # noqa: E402
+from warm import (  # noqa: E402
+    CONFIGS,
+    NGINX_HEAD,
+    Bioproxy,
+    Llama,
+    freePort,
+    llamaServer,
+    readStream,
+    template,
+    tinymodel,
+    waitFor,
+    workRoot,
+)
 
-NGINX = """
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
+NGINX = (
+    NGINX_HEAD
+    + """
     upstream llama {{ {servers} }}
     server {{
         listen 127.0.0.1:{port};
@@ -64,6 +66,7 @@ http {{
     }}
 }}
 """
+)
 
 
 class _Front:
@@ -94,18 +97,11 @@ def ask(base: str, content: str) -> tuple[float, int, int]:
         base + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
     )
     started = time.perf_counter()
-    first, computed, total = None, -1, -1
     with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            if first is None:
-                first = time.perf_counter() - started
-            event = json.loads(line[6:])
-            if "timings" in event:
-                computed = event["timings"]["prompt_n"]
-                total = computed + event["timings"].get("cache_n", 0)
-    return first or float("nan"), computed, total
+        first, timings, _ = readStream(response, started)
+    computed = timings.get("prompt_n", -1)
+    total = computed + timings.get("cache_n", 0) if timings else -1
+    return first, computed, total
 
 
 def settled(admin: str) -> bool:

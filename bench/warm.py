@@ -209,6 +209,47 @@ class Bioproxy:
         self.proc.wait(30)
 
 
+# The start of every bench's nginx config: one worker in the foreground, its
+# files in the run's directory. Each bench adds its upstreams and servers.
+NGINX_HEAD = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+"""
+
+
+def readStream(lines: Any, started: float) -> tuple[float, dict[str, Any], str]:
+    """
+    A streamed answer's lines: seconds from started to its first event,
+    llama-server's last timings (a Responses answer keeps them in its
+    response), and the reply's text.
+    """
+    first: float | None = None
+    timings: dict[str, Any] = {}
+    reply: list[str] = []
+    for line in lines:
+        if not line.startswith(b"data: {"):
+            continue
+        if first is None:
+            first = time.perf_counter() - started
+        event = json.loads(line[6:])
+        for choice in event.get("choices") or []:
+            reply.append((choice.get("delta") or {}).get("content") or "")
+        found = event.get("timings") or (event.get("response") or {}).get("timings")
+        if isinstance(found, dict):
+            timings = found
+    return float("nan") if first is None else first, timings, "".join(reply)
+
+
 def stream(base: str, messages: list[dict[str, Any]], key: str | None) -> tuple[float, int, str]:
     """Seconds to the first streamed event, prompt tokens computed, and the reply."""
     # Greedy, so that both paths generate the same reply and a second turn is the same request.
@@ -216,19 +257,9 @@ def stream(base: str, messages: list[dict[str, Any]], key: str | None) -> tuple[
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(base + "/v1/chat/completions", data=body, headers=headers)
     started = time.perf_counter()
-    first, computed, reply = None, -1, []
     with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            if first is None:
-                first = time.perf_counter() - started
-            event = json.loads(line[6:])
-            for choice in event.get("choices") or []:
-                reply.append((choice.get("delta") or {}).get("content") or "")
-            if "timings" in event:
-                computed = event["timings"]["prompt_n"]
-    return first or float("nan"), computed, "".join(reply)
+        first, timings, reply = readStream(response, started)
+    return first, timings.get("prompt_n", -1), reply
 
 
 def anthropic(
