@@ -19,7 +19,7 @@ from typing import Any, Literal
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .backend import Backend, Persistence, SlotMode
+from .backend import Backend, Persistence, Reuse, SlotMode
 from .heads import MARK, Head
 from .llamacpp import BackendError, NoPersistence
 from .metrics import Metrics
@@ -35,11 +35,26 @@ RESTORE_MISS_LIMIT = 2
 # Misses in a row of requests that relied on llama-server's RAM cache,
 # after which a head is restored from its file instead (CLEARED mode).
 RAM_MISS_LIMIT = 2
+# A request that reused less than this share of a head's tokens found none
+# of it: llama-server lost the head. Between this and HIT_SHARE, reuse
+# stopped at a context checkpoint before the head's end, which is how a
+# sliding-window or hybrid model reuses a prefix it has moved past: no
+# warmup can change that, so it is no reason to warm the head again.
+LOST_SHARE = 0.5
+# Texts a user's message may begin with. A head is cut back past any token
+# that one of them merges with, so that every request's tokens begin with
+# the head's: llama-server's tokenizer decides, not a guess about it.
+FOLLOWERS = ("a", "A", "1", " ", "\n", ".", "<", "\u00e9", "\u4e2d")
 
 # How a slot was made ready for a templated request: it already held the
 # head; llama-server's RAM cache will supply it; its file was restored;
 # a restore was tried and failed (the slot is empty); or it runs cold.
 Prepared = Literal["warm", "ram", "restored", "failed", "cold"]
+
+# What a request that starts with a warm head reused of it: all of it; most
+# (up to a checkpoint: the model's way, see LOST_SHARE); or nothing worth
+# counting (llama-server lost it, or a restore gave nothing).
+Reused = Literal["hit", "checkpoint", "lost"]
 
 
 def sanitise(prefix: str) -> str:
@@ -70,7 +85,13 @@ class WarmState:
 
     key: str
     tokens: int | None = None  # prompt tokens of the warmup request
+    # The head's tokens, cut where the user's text begins: what its warmup
+    # sends and its file holds, and what every request using it begins with.
+    boundary: list[int] | None = None
     reusable: int | None = None  # tokens before the message: what a hit reuses
+    # Warm from a restore that no request has yet confirmed: a miss then
+    # speaks against restores, whichever way the request was placed.
+    unconfirmed: bool = False
     prefill: bool = False  # restores failed to give reuse; warm by prefilling
     prefillWhy: str | None = None
     restoreMisses: int = 0
@@ -87,10 +108,12 @@ class WarmState:
 
     def view(self, backend: Backend) -> dict[str, Any]:
         checked = self.hits + self.misses
-        prefill = self.prefill or backend.persistence is Persistence.NONE
+        prefill = self.prefill or not backend.restoresHelp
         why = self.prefillWhy
         if backend.persistence is Persistence.NONE:
             why = "llama-server runs without --slot-save-path: no cache files"
+        elif backend.reuse is Reuse.NOTHING:
+            why = backend.reuseWhy()
         return {
             "warm": self.warm,
             "tokens": self.tokens,
@@ -151,11 +174,16 @@ class KVCache:
 
     def persists(self, head: Head) -> bool:
         """head is kept in a file on the backend's disk (once saved)."""
-        return (
-            self.filename(head) is not None
-            and self.backend.persistence is not Persistence.NONE
-            and not self.state(head).prefill
-        )
+        return self.filename(head) is not None and self.backend.restoresHelp and not self.state(head).prefill
+
+    @property
+    def verifiable(self) -> bool:
+        """
+        A restore can be checked by computing the head again, which reuses
+        all of it but its last token. Not where a file serves only strict
+        extensions: there an identical prompt computes everything.
+        """
+        return self.backend.reuse is Reuse.PREFIX
 
     def mayRestore(self, head: Head) -> bool:
         name = self.filename(head)
@@ -383,10 +411,14 @@ class KVCache:
         """
         if self.saved(head) or not self.persists(head):
             return self.saved(head)
+        if self.backend.reuse is not Reuse.PREFIX:
+            # The slot holds the head, a message and an answer: a file of it
+            # would serve only that conversation's next turn. Warm the head.
+            return False
         state = self.state(head)
         with self._quietWhile():
             if state.reusable is None and prompt is None:
-                state.reusable = await self.measure(head)  # the least the slot must hold
+                await self.boundary(head)  # the least the slot must hold
             least = max(prompt or 0, state.reusable or 0)
             if slot is None and least:
                 slot = await self._slotHolding(least, generated if prompt else None)
@@ -396,7 +428,7 @@ class KVCache:
         if self.backend.mode is SlotMode.CLEARED:
             state.inRam = True  # the next task moves the slot into the RAM cache
         if state.reusable is None:
-            state.reusable = await self.measure(head)
+            await self.boundary(head)
         return True
 
     async def _slotHolding(self, prompt: int, generated: int | None) -> int | None:
@@ -416,24 +448,41 @@ class KVCache:
         ]
         return found[0] if len(found) == 1 else None
 
-    async def measure(self, head: Head) -> int | None:
+    async def boundary(self, head: Head) -> list[int] | None:
         """
-        How many prompt tokens come before the head's mark once the chat
-        template is applied: what a warm slot lets a request skip.
+        The tokens every request that uses head begins with: the prompt as
+        llama-server renders it (its chat template applied), cut where the
+        user's text begins and cut back past any token that could merge with
+        what follows (FOLLOWERS). Its warmup sends exactly these, so that
+        what a slot, the RAM cache or a file holds is a prefix that every
+        request extends: the only kind a hybrid model's file serves, and it
+        leaves llama-server's last checkpoint inside the head. Worked out
+        once per head version; None when llama-server cannot say.
         """
+        state = self.state(head)
+        if state.boundary is not None:
+            return state.boundary
         try:
             if head.prompt is not None:
-                return await self.llama.countTokens(head.prompt.partition(MARK)[0])
-            body = head.measureBody()
-            assert body is not None
-            prompt = await self.llama.applyTemplate(body)
-            before, found, _ = prompt.partition(MARK)
-            return await self.llama.countTokens(before) if found else None
+                before = head.prompt.partition(MARK)[0]
+            else:
+                body = head.measureBody()
+                assert body is not None
+                before, found, _ = (await self.llama.applyTemplate(body)).partition(MARK)
+                if not found:
+                    return None
+            tokens = await self.llama.tokenize(before)
+            keep = len(tokens)
+            for follower in FOLLOWERS:
+                keep = min(keep, commonLength(tokens, await self.llama.tokenize(before + follower)))
         except defer.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - without it, the warmup's own count is used
-            log.info("cannot measure {prefix}'s reusable tokens: {why}", prefix=head.name, why=str(e))
+        except Exception as e:  # noqa: BLE001 - without it, the head is warmed as a chat, as before
+            log.info("cannot find where {prefix}'s message begins: {why}", prefix=head.name, why=str(e))
             return None
+        state.boundary = tokens[:keep]
+        state.reusable = keep
+        return state.boundary
 
     def learn(
         self,
@@ -442,10 +491,11 @@ class KVCache:
         timings: dict[str, Any],
         restored: bool,
         fromRam: bool = False,
-    ) -> bool:
+    ) -> Reused:
         """
-        Compare a templated request's reuse with what a warm slot gives.
-        Returns False on a miss, which the caller answers with a re-warm.
+        Compare a templated request's reuse with what a warm head gives.
+        Only "lost" is a reason to warm it again: reuse that stopped at a
+        context checkpoint is the model's way (LOST_SHARE).
         restored: the request ran right after a restore that reported
         success, on that slot, so a miss is evidence against restores;
         any other miss (eviction, another task in between) is not.
@@ -453,32 +503,38 @@ class KVCache:
         """
         state = self.state(head)
         state.warm = True  # the slot has just computed it
+        restored = restored or state.unconfirmed
+        state.unconfirmed = False
         expected = state.reusable if state.reusable is not None else state.tokens
-        hit = not expected or timings.get("cache_n", 0) >= HIT_SHARE * expected
+        cached = timings.get("cache_n", 0)
+        reused: Reused = "hit"
+        if expected and cached < HIT_SHARE * expected:
+            reused = "checkpoint" if cached >= LOST_SHARE * expected else "lost"
         if self.backend.mode is SlotMode.CLEARED:
             # Hit or miss, the slot has computed head, and the next task
             # moves it into the RAM cache: the next request finds it there,
             # unless the cache keeps losing it. (A restore instead would
             # leave a second, shorter copy, which llama-server prefers to
             # the conversation that continues this request.)
-            state.ramMisses = 0 if hit else state.ramMisses + int(fromRam)
+            state.ramMisses = 0 if reused != "lost" else state.ramMisses + int(fromRam)
             state.inRam = state.ramMisses < RAM_MISS_LIMIT
-        if not expected:
-            return True
-        if hit:
+        if reused == "hit":
             state.hits += 1
             if restored:
                 state.restoreMisses = 0
-            return True
+            return reused
         state.misses += 1
         self.metrics.cacheMisses.labels(prefix=head.name).inc()
         log.warn(
-            "cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens",
+            "cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens{why}",
             prefix=head.name,
             slot=slot,
-            got=timings.get("cache_n"),
+            got=cached,
             want=expected,
+            why=" (up to a context checkpoint: not warmed again)" if reused == "checkpoint" else "",
         )
+        if reused == "checkpoint":
+            return reused
         if fromRam and self.backend.mode is not SlotMode.CLEARED:
             state.inRam = False  # evicted from llama-server's RAM: restore from disk next time
         if restored:
@@ -487,7 +543,7 @@ class KVCache:
                 state.prefill = True
                 state.prefillWhy = f"{state.restoreMisses} restores in a row reported success and gave no reuse on their slot"
                 log.warn("restores of {prefix} give no reuse; warming it by prefill", prefix=head.name)
-        return False
+        return reused
 
     def count(self, prefix: str, timings: dict[str, Any]) -> None:
         cached = max(0, timings.get("cache_n", 0))

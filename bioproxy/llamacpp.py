@@ -124,9 +124,14 @@ class LlamaClient:
         prompt: str = result["prompt"]
         return prompt
 
+    async def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """text as llama-server's own tokenizer cuts it; special: with the BOS a prompt starts with."""
+        result = await self._json("POST", "/tokenize", {"content": text, "add_special": special})
+        tokens: list[int] = result["tokens"]
+        return tokens
+
     async def countTokens(self, text: str) -> int:
-        result = await self._json("POST", "/tokenize", {"content": text, "add_special": True})
-        return len(result["tokens"])
+        return len(await self.tokenize(text))
 
 
 def fingerprint(props: dict[str, Any]) -> str:

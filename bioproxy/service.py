@@ -19,6 +19,7 @@ from . import __version__
 from .admin import adminRoot
 from .backend import Backend
 from .backend.member import Member
+from .backend.model import readFacts
 from .backend.router import Router
 from .config import BackendSpec, Config
 from .connect import backendClients
@@ -151,7 +152,13 @@ def _member(
     scheduler = SlotScheduler(
         reactor, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.url
     )
-    backend = Backend(llama, scheduler, spec.slots, config.backend_timeout)
+    backend = Backend(
+        llama,
+        scheduler,
+        spec.slots,
+        config.backend_timeout,
+        readModel=lambda path: threads.deferToThreadPool(reactor, reactor.getThreadPool(), readFacts, path),
+    )
     cache = KVCache(backend, metrics)
     backend.onNewProcess.append(cache.forgetProcess)
     warmer = Warmer(book, scheduler, cache, backend, reactor, metrics, config.backend_timeout)

@@ -226,8 +226,7 @@ class Warmer(Service):
         if head is None:
             return
         state = self.cache.state(head)
-        if state.reusable is None:
-            state.reusable = await self.cache.measure(head)
+        await self.cache.boundary(head)
         lease = await self.scheduler.lease(head.key, WARMUP, text=self.cache.warmText(head))
         started = self.clock.seconds()
         try:
@@ -297,6 +296,9 @@ class Warmer(Service):
         restored = not lease.warm and (
             await self.cache.prepare(slot, head, lease.slot.contents.key, ram=False) == "restored"
         )
+        if restored and not self.cache.verifiable:
+            state.unconfirmed = True  # the first request that extends it says whether it worked
+            return "restore"
         timings = await self._complete(head, state, slot)
         trusted = restored and self._verified(head, slot, timings)
         await self.cache.save(slot, head, state.tokens)
@@ -314,6 +316,12 @@ class Warmer(Service):
         if state.inRam and (self.cache.saved(head) or not self.cache.persists(head)):
             return "resident"
         if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
+            if not self.cache.verifiable:
+                # The next task moves the restored slot into the RAM cache,
+                # where the first request that extends it finds it, and says
+                # whether it worked.
+                state.inRam = state.unconfirmed = True
+                return "restore"
             if self._verified(head, None, await self._complete(head, state, None)):
                 state.inRam = True
                 return "restore"
@@ -324,19 +332,29 @@ class Warmer(Service):
         return "prefill"
 
     async def _complete(self, head: Head, state: WarmState, slot: int | None) -> dict[str, Any]:
-        body = head.warmBody(slot)
+        """
+        The head's warmup request: its boundary tokens, with one token to
+        generate, which llama-server samples and never computes, so the slot
+        holds the head and nothing after it. Where the boundary is not known
+        (a server that cannot tokenize), the head as a chat, as before.
+        """
         await self.cache.quiet()
-        if head.prompt is not None:
+        if state.boundary is not None:
+            body: dict[str, Any] = {"prompt": state.boundary, "n_predict": 1, "cache_prompt": True}
+            if slot is not None:
+                body["id_slot"] = slot
             result = await self.llama.complete(body, self.timeout)
+        elif head.prompt is not None:
+            result = await self.llama.complete(head.warmBody(slot), self.timeout)
         else:
-            result = await self.llama.chat(body, self.timeout)
+            result = await self.llama.chat(head.warmBody(slot), self.timeout)
         timings: dict[str, Any] = (result or {}).get("timings") or {}
         state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
         return timings
 
     def _verified(self, head: Head, slot: int | None, timings: dict[str, Any]) -> bool:
         """A restore that reported success: did the request right after it reuse it?"""
-        if self.cache.learn(head, slot, timings, restored=True):
+        if self.cache.learn(head, slot, timings, restored=True) == "hit":
             return True
         self.cache.forgetFile(head)  # the file is no good: write it anew
         return False

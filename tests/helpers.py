@@ -187,3 +187,8 @@ def membersSettled(members: Any) -> bool:
         or (m.monitor.reachable and m.backend.ready and not m.warmer.jobs and not m.warmer.wanted)
         for m in members
     )
+
+
+def cacheFiles(directory: Any) -> list[str]:
+    """The files in a --slot-save-path directory, less the one the backend's restore probe writes over."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("bioproxy-probe"))

@@ -24,12 +24,15 @@ from twisted.python.failure import Failure
 
 from ..llamacpp import BackendError, LlamaClient, NoPersistence, fingerprint
 from ..scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
+from .model import ModelFacts, Reuse
 
 log = Logger()
 
 # A probe's completion reused the slot when cache_n reaches this share.
 PROBE_HIT_SHARE = 0.9
 _PROBE_FILE = "bioproxy-probe-absent.bin"
+# Where the restore probe saves its slot: one small file, written over by each probe.
+_REUSE_FILE = "bioproxy-probe-reuse.bin"
 PROBE_MARK = "bioproxy probe"  # in both of the probe's prompts, so that tests can tell them apart
 
 
@@ -63,9 +66,16 @@ class Backend:
     """Owns one backend's per-process facts; the monitor tells it when the process changes."""
 
     def __init__(
-        self, llama: LlamaClient, scheduler: SlotScheduler, configuredSlots: int | None, timeout: float
+        self,
+        llama: LlamaClient,
+        scheduler: SlotScheduler,
+        configuredSlots: int | None,
+        timeout: float,
+        readModel: Callable[[str], defer.Deferred[ModelFacts]] | None = None,
     ) -> None:
+        """readModel: reads a model file's facts off the reactor thread; None where bioproxy never can."""
         self.llama = llama
+        self.readModel = readModel
         self.scheduler = scheduler
         self.configuredSlots = configuredSlots
         self.timeout = timeout
@@ -76,6 +86,10 @@ class Backend:
         # Whether the RAM prompt cache gives back a prompt that a slot gave up;
         # None until probed. Always so in CLEARED mode, which relies on it.
         self.ramCache: bool | None = None
+        # What a restored slot file gives on this process: from its model's
+        # metadata (when bioproxy can read the file) and the restore probe.
+        self.reuse = Reuse.UNKNOWN
+        self.model: ModelFacts | None = None
         self.ready = False  # probed, and warmups may run
         self.saved: set[str] = set()  # cache files known to be on the backend's disk
         self.missing: set[str] = set()  # and known not to be
@@ -105,6 +119,7 @@ class Backend:
             self.ready = False
             self.mode, self.ramCache = SlotMode.UNKNOWN, None
             self.persistence = Persistence.UNKNOWN  # it may have been started with other flags
+            self.reuse, self.model = Reuse.UNKNOWN, None  # or with another model
             self.scheduler.reset(int(self.configuredSlots or props.get("total_slots") or 1))
             for forget in self.onNewProcess:
                 forget()
@@ -142,6 +157,28 @@ class Backend:
             )
         self.persistence = Persistence.NONE
 
+    @property
+    def restoresHelp(self) -> bool:
+        """A restored file can give a request a cache hit here (or nothing says it cannot yet)."""
+        return self.persistence is not Persistence.NONE and self.reuse is not Reuse.NOTHING
+
+    def reuseWhy(self) -> str | None:
+        """Why restores are limited or useless on this process, and what would change it; None when they are not."""
+        model = self.model.describe() if self.model is not None else "this model"
+        if self.reuse is Reuse.NOTHING:
+            return (
+                f"{model}: llama-server reuses nothing of a restored slot file on a sliding-window "
+                "model, so templates are kept warm in its slots and RAM cache and computed again "
+                "after a llama-server restart (--swa-full would change it, at a cost: see "
+                "docs/architectures.md)"
+            )
+        if self.reuse is Reuse.EXTENSION:
+            return (
+                f"{model}: a restored slot file serves only requests that extend all of it, "
+                "so files end exactly where the user's text begins"
+            )
+        return None
+
     def view(self) -> dict[str, Any]:
         return {
             "slots": self.slotCount,
@@ -150,6 +187,9 @@ class Backend:
             "persistence": self.persistence.value,
             "ram_cache": self.ramCache,
             "fingerprint": self.fingerprint,
+            "model": self.model.view() if self.model is not None else None,
+            "restore_reuses": self.reuse.value,
+            "restore_reuses_why": self.reuseWhy(),
         }
 
     # -- the probe
@@ -187,14 +227,18 @@ class Backend:
         self.ready = True
         log.info(
             "backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "
-            "slot persistence {files}, RAM cache {ram}",
+            "slot persistence {files}, RAM cache {ram}; a restored file reuses {reuse}",
             count=self.slotCount,
             fp=self.fingerprint,
             mode=self.mode.value,
             pinned="pinned" if self.pins else "left to llama-server",
             files=self.persistence.value,
             ram=self.ramCache,
+            reuse=self.reuse.value,
         )
+        why = self.reuseWhy()
+        if why is not None:
+            (log.warn if self.reuse is Reuse.NOTHING else log.info)("{why}", why=why)
         for listener in self.listeners:
             listener.backendReady()
 
@@ -221,8 +265,25 @@ class Backend:
         self.mode, self.ramCache = mode, ram
         self.scheduler.reset(self.slotCount, retains=mode is SlotMode.RETAINED)
 
+    async def _readModel(self) -> ModelFacts | None:
+        path = (self.props or {}).get("model_path")
+        if self.readModel is None or not isinstance(path, str) or not path:
+            return None
+        try:
+            return await self.readModel(path)
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - on another machine, say: the probe alone decides
+            log.info("cannot read the model's metadata from {path} ({why})", path=path, why=str(e))
+            return None
+
     async def _measure(self, slots: int) -> tuple[SlotMode, bool]:
         await self._probePersistence()
+        self.model = await self._readModel()
+        if self.persistence is Persistence.FILES:
+            self.reuse = await self._probeReuse()
+        elif self.model is not None:
+            self.reuse = self.model.expected()
         nonce = secrets.token_hex(4)
         p = f"{PROBE_MARK} {nonce}: " + " ".join(f"p{i}" for i in range(80))
         q = f"{nonce} unrelated: " + " ".join(f"q{i}" for i in range(80)) + f" ({PROBE_MARK})"
@@ -236,7 +297,31 @@ class Backend:
         back = (await self._complete(p, 0))[0] >= PROBE_HIT_SHARE * (size - 1)
         return SlotMode.RETAINED, back
 
-    async def _complete(self, prompt: str, slot: int) -> tuple[int, int]:
+    async def _probeReuse(self) -> Reuse:
+        """
+        On slot 0: compute a prompt P and save it; then restore it twice,
+        and ask for P extended, then for P's first half with another end.
+        What each reused says which requests a restored file serves. A
+        sliding-window model run with --swa-full passes both, but reuses a
+        file that holds only the window: only extensions are safe there.
+        """
+        nonce = secrets.token_hex(4)
+        p = await self.llama.tokenize(f"{PROBE_MARK} {nonce} restore: " + " ".join(f"r{i}" for i in range(60)))
+        tail = await self.llama.tokenize(" and then some more words", special=False)
+        await self._complete(p, 0)
+        await self.llama.save(0, _REUSE_FILE, self.timeout)
+        await self.llama.restore(0, _REUSE_FILE, self.timeout)
+        extended = (await self._complete(p + tail, 0))[0] >= PROBE_HIT_SHARE * len(p)
+        if not extended:
+            return Reuse.NOTHING
+        half = len(p) // 2
+        await self.llama.restore(0, _REUSE_FILE, self.timeout)
+        shared = (await self._complete(p[:half] + tail, 0))[0] >= PROBE_HIT_SHARE * half
+        if shared and not (self.model is not None and self.model.slidingWindow):
+            return Reuse.PREFIX
+        return Reuse.EXTENSION
+
+    async def _complete(self, prompt: str | list[int], slot: int) -> tuple[int, int]:
         body = {"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": True}
         result = await self.llama.complete(body, self.timeout)
         timings = (result or {}).get("timings") or {}

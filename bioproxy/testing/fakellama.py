@@ -17,6 +17,19 @@ Slot choice and the RAM prompt cache follow llama-server's
 `--cache-ram 0` (which also turns idle-slot caching off), `saveDir=None` is
 no `--slot-save-path` (slot actions answer 501), `apiKey` is `--api-key`.
 
+`memory` is the model's kind, as llama-server 11434 reuses each
+(server-context.cpp's reuse gate, measured on the tiny models):
+- "dense": any shared prefix of a slot is reused;
+- "hybrid": the recurrent state exists only at the slot's end, so reuse
+  short of it needs a context checkpoint at or before the divergence;
+- "swa": the window's cells reach back WINDOW tokens, so a divergence
+  further back needs a checkpoint too, and a restored slot is never reused.
+Checkpoints are made as llama-server makes them: where processing starts
+near the prompt's end, and 4 and 4 + 512 tokens before the end. They move
+with a slot into the RAM cache and back; a slot file carries none.
+A generated token is kept in the slot only once the next one is computed,
+so a completion of one token leaves exactly its prompt, as in llama-server.
+
 Run it alone: ``python -m bioproxy.testing.fakellama --port 8081``.
 """
 
@@ -42,6 +55,10 @@ REPLY = "This is a reply from the fake llama server. "
 
 # Which API a completion was asked through, which decides its answer's shape.
 Api = Literal["chat", "completion", "anthropic", "responses"]
+# The model's kind of memory (see the module's docstring).
+Memory = Literal["dense", "hybrid", "swa"]
+WINDOW = 128  # the "swa" model's sliding window, in tokens
+UBATCH = 512  # llama-server's default n_ubatch, which places its checkpoints
 
 
 def chatPrompt(messages: list[dict[str, Any]]) -> str:
@@ -126,16 +143,28 @@ class Faults:
     slowHeaders: float = 0.0  # seconds before any response
     dieAfterTokens: int | None = None  # abort the stream after this many tokens
     silentAfterTokens: int | None = None  # send nothing more after this many, until the client leaves
-    lossyRestore: bool = False  # restores report success but leave the slot empty
+    # Restores of bioproxy's cache files report success but leave the slot
+    # empty (a probe's file is left alone: the fault is one file's, not the server's).
+    lossyRestore: bool = False
     # Anthropic streams without message_start, so without usage, as llama-server
     # 11434 sends them when the first token's text is held back.
     noMessageStart: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Cached:
+    """A prompt in the RAM cache, with the checkpoints it was saved with."""
+
+    tokens: bytes
+    checkpoints: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
 class Slot:
     id: int
     tokens: bytes = b""
+    checkpoints: tuple[int, ...] = ()  # token counts its memory can go back to
+    restored: bool = False  # holds a restored file, not yet extended
     prompt: str = ""  # the last task's prompt, as /slots shows it
     busy: bool = False
     lastUsed: float = 0.0
@@ -158,8 +187,10 @@ class FakeLlama:
         unified: bool = False,
         cacheIdleSlots: bool = True,
         apiKey: str | None = None,
+        memory: Memory = "dense",
     ) -> None:
         self.clock = clock
+        self.memory = memory
         self.slots = [Slot(i) for i in range(slots)]
         self.msPerPromptToken = msPerPromptToken
         self.msPerGeneratedToken = msPerGeneratedToken
@@ -168,7 +199,7 @@ class FakeLlama:
         self.saveDir = saveDir
         self.build = "fake-0"
         # llama-server's in-RAM prompt cache (--cache-ram): None when disabled.
-        self.ram: list[bytes] | None = [] if cacheRam else None
+        self.ram: list[Cached] | None = [] if cacheRam else None
         self.unified = unified
         self.cacheIdleSlots = cacheIdleSlots and cacheRam  # llama-server: it needs --cache-ram
         self.apiKey = apiKey
@@ -183,20 +214,21 @@ class FakeLlama:
         self.generation += 1
         self.marker = secrets.token_hex(8)
         for slot in self.slots:
-            slot.tokens = b""
+            slot.tokens, slot.checkpoints, slot.restored = b"", (), False
         if self.ram is not None:
             self.ram.clear()
 
-    def remember(self, tokens: bytes) -> None:
+    def remember(self, slot: Slot) -> None:
         """
-        prompt_save (server_prompt_cache::alloc): a copy goes into the RAM
-        cache unless one there already starts with it, and the copies it
-        starts with are dropped (bounded, oldest out).
+        prompt_save (server_prompt_cache::alloc): a copy of slot goes into
+        the RAM cache unless one there already starts with it, and the
+        copies it starts with are dropped (bounded, oldest out).
         """
-        if self.ram is None or not tokens or any(kept.startswith(tokens) for kept in self.ram):
+        tokens = slot.tokens
+        if self.ram is None or not tokens or any(kept.tokens.startswith(tokens) for kept in self.ram):
             return
-        self.ram[:] = [kept for kept in self.ram if not tokens.startswith(kept)]
-        self.ram.append(tokens)
+        self.ram[:] = [kept for kept in self.ram if not tokens.startswith(kept.tokens)]
+        self.ram.append(Cached(tokens, slot.checkpoints))
         del self.ram[:-64]
 
     def loadFromRam(self, slot: Slot, prompt: bytes) -> None:
@@ -211,15 +243,15 @@ class FakeLlama:
         common = commonPrefix(slot.tokens, prompt)
         keep = common / len(slot.tokens) if slot.tokens else -1.0
         sim = common / max(1, len(prompt))
-        best: bytes | None = None
+        best: Cached | None = None
         for kept in self.ram:
-            common = commonPrefix(kept, prompt)
-            keepIt, simIt = common / len(kept), common / max(1, len(prompt))
+            common = commonPrefix(kept.tokens, prompt)
+            keepIt, simIt = common / len(kept.tokens), common / max(1, len(prompt))
             if keepIt >= 0.25 and keepIt > keep and simIt > sim:
                 keep, sim, best = keepIt, simIt, kept
         if best is not None:
             self.ram.remove(best)
-            slot.tokens = best
+            slot.tokens, slot.checkpoints, slot.restored = best.tokens, best.checkpoints, False
 
     def launched(self, slot: Slot) -> None:
         """After a task starts on slot: idle slots go to the RAM cache, and with unified KV are cleared."""
@@ -227,9 +259,9 @@ class FakeLlama:
             return
         for other in self.slots:
             if other is not slot and not other.busy:
-                self.remember(other.tokens)
+                self.remember(other)
                 if self.unified:
-                    other.tokens = b""
+                    other.tokens, other.checkpoints = b"", ()
 
     def props(self) -> dict[str, Any]:
         return {
@@ -271,6 +303,34 @@ class FakeLlama:
             update = True
         return chosen, update and self.ram is not None
 
+    def reusable(self, slot: Slot, prompt: bytes) -> int:
+        """
+        How much of slot a prompt reuses: the shared prefix, less one token
+        when it is all of the prompt (one must be computed), and, where the
+        model's memory cannot go back that far, the last checkpoint before it.
+        """
+        common = commonPrefix(slot.tokens, prompt)
+        reuse = min(common, len(prompt) - 1) if prompt else 0
+        if self.memory == "dense" or reuse <= 0:
+            return reuse
+        if self.memory == "swa" and slot.restored:
+            return 0  # the gate asks for a checkpoint, and a restore brings none
+        reach = 0 if self.memory == "hybrid" else WINDOW
+        if reuse >= len(slot.tokens) - reach:
+            return reuse
+        return max((c for c in slot.checkpoints if c <= reuse), default=0)
+
+    def checkpointed(self, slot: Slot, reused: int, prompt: bytes) -> None:
+        """The slot computed prompt from reused on: the checkpoints llama-server keeps and makes."""
+        if self.memory == "dense":
+            return
+        end = len(prompt)
+        made = {end - 4 - UBATCH, end - 4}
+        if end - reused < UBATCH:
+            made.add(reused)  # the first batch is near the end: checkpointed before it is computed
+        kept = {c for c in slot.checkpoints if c <= reused}
+        slot.checkpoints = tuple(sorted(kept | {c for c in made if reused <= c and c > 0}))
+
     async def acquire(self, slot: Slot) -> None:
         while slot.busy:
             d: defer.Deferred[None] = defer.Deferred()
@@ -301,7 +361,7 @@ class SlotAction:
         server = self.server
         if action == "erase":
             await server.acquire(slot)
-            n, slot.tokens = len(slot.tokens), b""
+            n, slot.tokens, slot.checkpoints = len(slot.tokens), b"", ()
             server.release(slot)
             server.actions.append(("erase", slot.id, ""))
             return 200, {"id_slot": slot.id, "n_erased": n}
@@ -324,12 +384,15 @@ class SlotAction:
                 model, _, tokens = path.read_bytes().partition(b"\n")
             except OSError:
                 tokens, model = b"", b""
+            slot.checkpoints = ()  # a file carries none
             if model != server.model.encode() or not tokens:
                 slot.tokens = b""  # as in llama-server, a failed restore leaves the slot empty
                 return 400, {
                     "message": "Unable to restore slot, no available space in KV cache or invalid slot save file"
                 }
-            slot.tokens = b"" if server.faults.lossyRestore else tokens
+            lossy = server.faults.lossyRestore and not filename.startswith("bioproxy-probe")
+            slot.tokens = b"" if lossy else tokens
+            slot.restored = True
             return 200, {
                 "id_slot": slot.id,
                 "filename": filename,
@@ -344,12 +407,12 @@ class _Generation:
     """One completion in progress on a slot; cancellable by a disconnect."""
 
     def __init__(
-        self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: str, api: Api
+        self, server: FakeLlama, request: Request, body: dict[str, Any], prompt: bytes, api: Api
     ) -> None:
         self.server = server
         self.request = request
         self.body = body
-        self.prompt = tokenize(prompt)
+        self.prompt = prompt
         self.api = api
         self.stream = bool(body.get("stream"))
         self.maxTokens = int(body.get("max_tokens", body.get("n_predict", 16)) or 16)
@@ -381,7 +444,7 @@ class _Generation:
         slot, update = server.pickSlot(self.prompt, pinned if isinstance(pinned, int) else None)
         await server.acquire(slot)
         if update:
-            server.remember(slot.tokens)
+            server.remember(slot)
             server.loadFromRam(slot, self.prompt)
         server.launched(slot)
         self.slot = slot
@@ -394,10 +457,10 @@ class _Generation:
     async def _generate(self, slot: Slot) -> None:
         server = self.server
         started = server.clock.seconds()
-        reuse = commonPrefix(slot.tokens, self.prompt)
-        cacheN = min(reuse, len(self.prompt) - 1) if self.prompt else 0
+        cacheN = server.reusable(slot, self.prompt)
         promptN = len(self.prompt) - cacheN
-        slot.tokens = self.prompt[:cacheN]
+        server.checkpointed(slot, cacheN, self.prompt)
+        slot.tokens, slot.restored = self.prompt[:cacheN], False
         await self._sleep(promptN * server.msPerPromptToken / 1000)
         if self.cancelled:
             return
@@ -423,9 +486,10 @@ class _Generation:
             if faults.silentAfterTokens is not None and i >= faults.silentAfterTokens:
                 await self._sleep(86400.0)  # a hung server: only the client's leaving ends it
                 return
+            if self.sent:  # computed only now, to sample the next one
+                slot.tokens += tokenize(self.sent[-1])
             piece = REPLY[i % len(REPLY)]
             self.sent.append(piece)
-            slot.tokens += tokenize(piece)
             if self.stream:
                 self._event(self._chunk(piece, None))
         timings = {
@@ -681,29 +745,35 @@ class FakeLlamaResource(Resource):
         body = self._body(request)
         if body is None or not isinstance(body.get("messages"), list):
             return _error(request, 400, "invalid chat request")
-        return self._start(request, body, chatPrompt(body["messages"]), "chat")
+        return self._start(request, body, tokenize(chatPrompt(body["messages"])), "chat")
 
     def _anthropic(self, request: Request) -> bytes | int:
         body = self._body(request)
         messages = anthropicMessages(body) if body is not None else None
         if body is None or messages is None:
             return _error(request, 400, "'messages' is required")
-        return self._start(request, body, chatPrompt(messages), "anthropic")
+        return self._start(request, body, tokenize(chatPrompt(messages)), "anthropic")
 
     def _responses(self, request: Request) -> bytes | int:
         body = self._body(request)
         messages = responsesMessages(body) if body is not None else None
         if body is None or messages is None:
             return _error(request, 400, "'input' is required")
-        return self._start(request, body, chatPrompt(messages), "responses")
+        return self._start(request, body, tokenize(chatPrompt(messages)), "responses")
 
     def _completion(self, request: Request) -> bytes | int:
         body = self._body(request)
-        if body is None or not isinstance(body.get("prompt"), str):
+        prompt = body.get("prompt") if body is not None else None
+        if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < 256 for t in prompt):
+            tokens = bytes(prompt)  # a prompt given as tokens, which are bytes here
+        elif isinstance(prompt, str):
+            tokens = tokenize(prompt)
+        else:
             return _error(request, 400, "invalid completion request")
-        return self._start(request, body, body["prompt"], "completion")
+        assert body is not None
+        return self._start(request, body, tokens, "completion")
 
-    def _start(self, request: Request, body: dict[str, Any], prompt: str, api: Api) -> int:
+    def _start(self, request: Request, body: dict[str, Any], prompt: bytes, api: Api) -> int:
         pinned = body.get("id_slot")
         if pinned is not None and (not isinstance(pinned, int) or pinned >= len(self.llama.slots)):
             request.write(_error(request, 400, "Invalid id_slot"))
@@ -729,6 +799,7 @@ def main(argv: list[str] | None = None) -> None:
         "--explicit-slots", action="store_true", help="model an explicit -np: slots keep their contents"
     )
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--memory", choices=["dense", "hybrid", "swa"], default="dense", help="the model's kind")
     args = parser.parse_args(argv)
 
     import sys
@@ -746,6 +817,7 @@ def main(argv: list[str] | None = None) -> None:
         cacheRam=not args.no_cache_ram,
         unified=not args.explicit_slots,
         apiKey=args.api_key,
+        memory=args.memory,
     )
     running: Any = reactor
     running.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)

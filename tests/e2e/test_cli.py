@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from bioproxy import __version__
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 
-from ..helpers import asyncTest, client, listen, sleep
+from ..helpers import asyncTest, cacheFiles, client, listen, sleep
 from ..stack import Bioproxy
 from .test_twistd import _Watch, env, freePort
 
@@ -168,4 +168,4 @@ class CommandTests(TestCase):
             "prune-cache", "--dir", str(slots), "--admin", stack.admin, cwd=self.dir
         )
         self.assertEqual(code, 0, err)
-        self.assertEqual(sorted(p.name for p in slots.iterdir()), sorted([current, "notes.txt"]))
+        self.assertEqual(cacheFiles(slots), sorted([current, "notes.txt"]))

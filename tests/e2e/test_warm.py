@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from bioproxy.backend import PROBE_MARK
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 
-from ..helpers import asyncTest, listen, until
+from ..helpers import asyncTest, cacheFiles, listen, until
 from ..stack import Bioproxy, templateText
 
 R: Any = reactor
@@ -86,7 +86,7 @@ class WorkloadTests(TestCase):
             stack.assertBound(
                 await stack.ask(prefix, f"first question for {prefix}"), f"first question for {prefix}"
             )
-        self.assertEqual(sorted(p.name for p in (stack.dir / "slots").iterdir()).__len__(), 3)
+        self.assertEqual(len(cacheFiles(stack.dir / "slots")), 3)
         self.assertEqual(stack.metric("bioproxy_cache_misses_total", prefix="@t0"), 0)
 
     async def switch(self, cacheRam: bool) -> Stack:
@@ -175,7 +175,7 @@ class WorkloadTests(TestCase):
         self.assertLess(user["started"], min(r["finished"] for r in running), "the user waited for a warmup")
         cancelled = stack.total("bioproxy_warmup_cancellations_total")
         self.assertEqual(cancelled, 0 if self.unified else 1)
-        self.assertEqual(len({p.name for p in (stack.dir / "slots").iterdir()}), 6)
+        self.assertEqual(len(cacheFiles(stack.dir / "slots")), 6)
 
 
 class UnifiedWorkloadTests(WorkloadTests):

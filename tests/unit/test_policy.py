@@ -195,8 +195,9 @@ class VerificationTests(SynchronousTestCase):
         m.found()
         state = m.cache.state(templateHead(template))
         for _ in range(RESTORE_MISS_LIMIT + 2):
-            self.assertFalse(
-                m.cache.learn(templateHead(template), None, {"cache_n": 0}, restored=False, fromRam=True)
+            self.assertEqual(
+                m.cache.learn(templateHead(template), None, {"cache_n": 0}, restored=False, fromRam=True),
+                "lost",
             )
         self.assertFalse(state.prefill)
         self.assertFalse(state.inRam, "restored from disk next time")
