@@ -2,7 +2,8 @@
 Recomputed prompt tokens and time to first token, llama-server alone against
 bioproxy in front of it, on every llama-server configuration users run.
 
-    python bench/warm.py [--model tiny|slow] [--configs default,np4,...] [--templates 6]
+    python bench/warm.py [--model tiny|slow] [--arch llama,gemma3,qwen35,lfm2]
+                         [--configs default,np4,...] [--templates 6]
 
 For each configuration two fresh llama-servers start with the same flags:
 one is used straight, one behind bioproxy (a twistd subprocess), and every
@@ -24,7 +25,11 @@ Code sends it, each repeated after switching and after a restart.
 Computed tokens are `timings.prompt_n` from the server, which no noise
 changes; TTFT is the time to the first streamed event. Medians. The "slow"
 model (bioproxy.testing.tinymodel) prefills about what a real small model
-does on these cores, so its TTFT column is what a user feels.
+does on these cores, so its TTFT column is what a user feels. `--arch` runs
+the tiny model of each architecture (dense llama, sliding-window gemma3,
+hybrid qwen35 and lfm2), each beside llama-server alone on the same model.
+Under each table, every prompt token each llama-server computed over the
+run, from its own log: bioproxy's warmups and probes included.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bioproxy.testing import tinymodel  # noqa: E402
+from bioproxy.testing.llamalog import promptTokens  # noqa: E402
 
 KEY = "bench-secret"
 # name: (llama-server flags beyond -m/-c/-t, whether --slot-save-path is given, API key)
@@ -488,10 +494,15 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
         proxy.stop()
         direct.stop()
         behind.stop()
+    samples["all prompt tokens"] = {
+        "alone": [(0.0, promptTokens(direct.log.read_bytes()))],
+        "bioproxy": [(0.0, promptTokens(behind.log.read_bytes()))],
+    }
     return samples
 
 
 def table(config: str, model: str, samples: dict[str, Any]) -> str:
+    total = samples.pop("all prompt tokens", None)
     rows = [
         f"### {config} ({model} model)",
         "",
@@ -508,6 +519,13 @@ def table(config: str, model: str, samples: dict[str, Any]) -> str:
         at = statistics.median(s[0] for s in alone) * 1000
         pt = statistics.median(s[0] for s in proxied) * 1000
         rows.append(f"| {scenario} | {len(alone)} | {ac:g} | {pc:g} | {at:.1f} | {pt:.1f} | {at / pt:.1f}x |")
+    if total is not None:
+        alone, proxied = total["alone"][0][1], total["bioproxy"][0][1]
+        rows += [
+            "",
+            f"All prompt tokens of the run, warmups and probes included: alone {alone:,}, "
+            f"bioproxy {proxied:,} ({proxied / max(1, alone):.2f} times alone's).",
+        ]
     return "\n".join(rows) + "\n"
 
 
@@ -536,6 +554,11 @@ def workRoot(prefix: str, keep: bool) -> Iterator[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(tinymodel.SIZES), default="tiny")
+    parser.add_argument(
+        "--arch",
+        default="llama",
+        help="comma-separated: " + ", ".join(tinymodel.ARCHITECTURES) + " (tiny only)",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--templates", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
@@ -545,11 +568,13 @@ def main() -> None:
     args = parser.parse_args()
     binary = llamaServer(args.llama_server)
     with workRoot("bioproxy-warm-bench-", args.keep) as root:
-        model = tinymodel.write(root / f"{args.model}.gguf", size=args.model)
-        for config in args.configs.split(","):
-            work = root / config
-            work.mkdir()
-            print(table(config, args.model, runConfig(work, binary, model, config, args)), flush=True)
+        for arch in args.arch.split(","):
+            model = tinymodel.write(root / f"{arch}-{args.model}.gguf", size=args.model, arch=arch)
+            name = args.model if arch == "llama" else f"{arch} {args.model}"
+            for config in args.configs.split(","):
+                work = root / f"{arch}-{config}"
+                work.mkdir()
+                print(table(config, name, runConfig(work, binary, model, config, args)), flush=True)
 
 
 if __name__ == "__main__":

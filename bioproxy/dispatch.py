@@ -222,7 +222,9 @@ class Dispatcher:
             self._saveServed(head, slot if pinned else None, timings)
         # Only a pinned request right after a restore tells whether restores work.
         restored = how == "restored" and pinned
-        missed = timings is not None and self.cache.learn(head, slot, timings, restored, how == "ram") == "lost"
+        missed = (
+            timings is not None and self.cache.learn(head, slot, timings, restored, how == "ram") == "lost"
+        )
         if missed and how not in ("cold", "failed"):
             rewarm.append(head)  # it should have been warm: warm it again
         # Whatever the reuse was, the slot has just computed the head.

@@ -89,9 +89,6 @@ class WarmState:
     # sends and its file holds, and what every request using it begins with.
     boundary: list[int] | None = None
     reusable: int | None = None  # tokens before the message: what a hit reuses
-    # Warm from a restore that no request has yet confirmed: a miss then
-    # speaks against restores, whichever way the request was placed.
-    unconfirmed: bool = False
     prefill: bool = False  # restores failed to give reuse; warm by prefilling
     prefillWhy: str | None = None
     restoreMisses: int = 0
@@ -139,6 +136,7 @@ class KVCache:
         self.states: dict[str, WarmState] = {}
         self.tokensSaved: dict[str, int] = {}  # by template prefix: prompt tokens its requests reused
         self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
+        self._follower: list[int] | None = None
         self._saving = 0  # saves under way that a new task could spoil
         self._waiting: list[defer.Deferred[None]] = []
 
@@ -165,8 +163,10 @@ class KVCache:
 
     def forgetProcess(self) -> None:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
+        self._follower = None
         for state in self.states.values():
             state.warm = state.inRam = False
+            state.boundary = None  # it may run another model, with another tokenizer
 
     def filename(self, head: Head) -> str | None:
         fp = self.backend.fingerprint
@@ -176,14 +176,11 @@ class KVCache:
         """head is kept in a file on the backend's disk (once saved)."""
         return self.filename(head) is not None and self.backend.restoresHelp and not self.state(head).prefill
 
-    @property
-    def verifiable(self) -> bool:
-        """
-        A restore can be checked by computing the head again, which reuses
-        all of it but its last token. Not where a file serves only strict
-        extensions: there an identical prompt computes everything.
-        """
-        return self.backend.reuse is Reuse.PREFIX
+    async def follower(self) -> list[int]:
+        """One ordinary token, to extend a head by (asked of llama-server once per process)."""
+        if self._follower is None:
+            self._follower = (await self.llama.tokenize(FOLLOWERS[0], special=False))[:1]
+        return self._follower
 
     def mayRestore(self, head: Head) -> bool:
         name = self.filename(head)
@@ -503,8 +500,6 @@ class KVCache:
         """
         state = self.state(head)
         state.warm = True  # the slot has just computed it
-        restored = restored or state.unconfirmed
-        state.unconfirmed = False
         expected = state.reusable if state.reusable is not None else state.tokens
         cached = timings.get("cache_n", 0)
         reused: Reused = "hit"

@@ -13,9 +13,10 @@ from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 
 class BackendError(Exception):
@@ -38,6 +39,18 @@ class Unauthorized(BackendError):
 
 class Refused(BackendError):
     """Another 4xx: llama-server will not do this (a prompt longer than a slot, say); retrying cannot help."""
+
+
+class Unreachable(Exception):
+    """
+    No answer: the connection failed or was cut (llama-server stopped, or
+    restarts). Nothing to retry at once: the monitor sees the outage, and
+    what was cut off is done again once llama-server is back.
+    """
+
+
+# What the HTTP client raises when the connection fails or is cut.
+_CUT = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed)
 
 
 def backendError(status: int, message: str) -> BackendError:
@@ -77,16 +90,21 @@ class LlamaClient:
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
         try:
-            response = await self.http.request(method, self.base + path, **kwargs)
-        except ResponseNeverReceived as e:
-            # llama-server closes a connection after a streamed answer, and
-            # the pool may hand that one out first; Agent retries only GETs.
-            # Nothing was answered, so each of these calls may go again, once.
-            # (A cancel is reported this way too, and is not retried.)
-            if not all(r.check(ConnectionDone, ConnectionLost) for r in e.reasons):
-                raise
-            response = await self.http.request(method, self.base + path, **kwargs)
-        content = await treq.content(response)
+            try:
+                response = await self.http.request(method, self.base + path, **kwargs)
+            except ResponseNeverReceived as e:
+                # llama-server closes a connection after a streamed answer, and
+                # the pool may hand that one out first; Agent retries only GETs.
+                # Nothing was answered, so each of these calls may go again, once.
+                # (A cancel is reported this way too, and is not retried.)
+                if not all(r.check(ConnectionDone, ConnectionLost) for r in e.reasons):
+                    raise
+                response = await self.http.request(method, self.base + path, **kwargs)
+            content = await treq.content(response)
+        except _CUT as e:
+            if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
+                raise  # cancelled by bioproxy, not cut by llama-server
+            raise Unreachable(f"{path}: {_reason(e)}") from None
         if response.code >= 400:
             raise backendError(response.code, _message(content))
         return json.loads(content) if content else None
@@ -146,6 +164,14 @@ def fingerprint(props: dict[str, Any]) -> str:
         str(props.get("build_info", "")),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+def _reason(e: Exception) -> str:
+    """What cut a connection, in one line (the HTTP client wraps it in lists of failures)."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() or type(r.value).__name__ for r in reasons)
+    return str(e) or type(e).__name__
 
 
 def _message(content: bytes) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet import defer
@@ -73,8 +73,8 @@ def holding(key: str | None, text: str = "", backed: int = 0) -> Contents:
     return Contents(Held.PROMPT, text, key, backed)
 
 
-def commonLength(a: str, b: str) -> int:
-    """The length of a's and b's common start, by bisection in C-speed slices."""
+def commonLength(a: Sequence[object], b: Sequence[object]) -> int:
+    """The length of a's and b's common start (texts, or tokens), by bisection in C-speed slices."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from .backend import Backend
 from .heads import Head, HeadBook
 from .kvcache import KVCache, WarmState
-from .llamacpp import Refused, Unauthorized
+from .llamacpp import Refused, Unauthorized, Unreachable
 from .metrics import Metrics
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
 from .templates import Template
@@ -154,6 +154,8 @@ class Warmer(Service):
     ) -> None:
         try:
             saved = await self.cache.saveServed(head, slot, prompt, generated)
+        except Unreachable:
+            raise  # warmed later (_ended), or when llama-server is back
         except Exception:
             self.wanted.add(head.name)
             raise
@@ -217,6 +219,13 @@ class Warmer(Service):
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             if not self.ready:  # its backend went away under it: the reason is logged already
                 log.info("warmup of {prefix} stopped: {why}", prefix=prefix, why=result.getErrorMessage())
+            elif result.check(Unreachable):
+                # llama-server stopped under it (killed while saving, say): what
+                # was cut off is done again once it is back (backendReady).
+                log.warn(
+                    "{prefix}: llama-server went away ({why})", prefix=prefix, why=result.getErrorMessage()
+                )
+                self._retryLater(prefix)
             else:
                 log.failure("warmup of {prefix} failed unexpectedly", result, prefix=prefix)
         self._kick()
@@ -296,10 +305,7 @@ class Warmer(Service):
         restored = not lease.warm and (
             await self.cache.prepare(slot, head, lease.slot.contents.key, ram=False) == "restored"
         )
-        if restored and not self.cache.verifiable:
-            state.unconfirmed = True  # the first request that extends it says whether it worked
-            return "restore"
-        timings = await self._complete(head, state, slot)
+        timings = await self._complete(head, state, slot, check=restored)
         trusted = restored and self._verified(head, slot, timings)
         await self.cache.save(slot, head, state.tokens)
         if lease.warm:
@@ -316,13 +322,7 @@ class Warmer(Service):
         if state.inRam and (self.cache.saved(head) or not self.cache.persists(head)):
             return "resident"
         if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
-            if not self.cache.verifiable:
-                # The next task moves the restored slot into the RAM cache,
-                # where the first request that extends it finds it, and says
-                # whether it worked.
-                state.inRam = state.unconfirmed = True
-                return "restore"
-            if self._verified(head, None, await self._complete(head, state, None)):
+            if self._verified(head, None, await self._complete(head, state, None, check=True)):
                 state.inRam = True
                 return "restore"
         await self._complete(head, state, slot)
@@ -331,16 +331,24 @@ class Warmer(Service):
         state.inRam = True
         return "prefill"
 
-    async def _complete(self, head: Head, state: WarmState, slot: int | None) -> dict[str, Any]:
+    async def _complete(
+        self, head: Head, state: WarmState, slot: int | None, check: bool = False
+    ) -> dict[str, Any]:
         """
         The head's warmup request: its boundary tokens, with one token to
         generate, which llama-server samples and never computes, so the slot
-        holds the head and nothing after it. Where the boundary is not known
-        (a server that cannot tokenize), the head as a chat, as before.
+        holds the head and nothing after it. check: the head was just
+        restored, and this asks whether that worked; it sends one token more
+        than the head, since a hybrid model's file serves only a request
+        that extends it (the same tokens again would compute all of them),
+        and llama-server then keeps a checkpoint at the head's end.
+        Where the boundary is not known (a server that cannot tokenize), the
+        head as a chat, as before.
         """
         await self.cache.quiet()
         if state.boundary is not None:
-            body: dict[str, Any] = {"prompt": state.boundary, "n_predict": 1, "cache_prompt": True}
+            prompt = state.boundary + (await self.cache.follower() if check else [])
+            body: dict[str, Any] = {"prompt": prompt, "n_predict": 1, "cache_prompt": True}
             if slot is not None:
                 body["id_slot"] = slot
             result = await self.llama.complete(body, self.timeout)
@@ -349,7 +357,8 @@ class Warmer(Service):
         else:
             result = await self.llama.chat(head.warmBody(slot), self.timeout)
         timings: dict[str, Any] = (result or {}).get("timings") or {}
-        state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
+        if not check:
+            state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
         return timings
 
     def _verified(self, head: Head, slot: int | None, timings: dict[str, Any]) -> bool:

@@ -306,7 +306,9 @@ class Backend:
         file that holds only the window: only extensions are safe there.
         """
         nonce = secrets.token_hex(4)
-        p = await self.llama.tokenize(f"{PROBE_MARK} {nonce} restore: " + " ".join(f"r{i}" for i in range(60)))
+        p = await self.llama.tokenize(
+            f"{PROBE_MARK} {nonce} restore: " + " ".join(f"r{i}" for i in range(60))
+        )
         tail = await self.llama.tokenize(" and then some more words", special=False)
         await self._complete(p, 0)
         await self.llama.save(0, _REUSE_FILE, self.timeout)

@@ -146,6 +146,9 @@ class Faults:
     # Restores of bioproxy's cache files report success but leave the slot
     # empty (a probe's file is left alone: the fault is one file's, not the server's).
     lossyRestore: bool = False
+    # A save of one of bioproxy's cache files (not a probe's) kills the
+    # server: the connection is cut, and it answers nothing (down) until restart().
+    dieOnSave: bool = False
     # Anthropic streams without message_start, so without usage, as llama-server
     # 11434 sends them when the first token's text is held back.
     noMessageStart: bool = False
@@ -707,6 +710,16 @@ class FakeLlamaResource(Resource):
         if action not in ("save", "restore", "erase"):
             return _error(request, 400, "Invalid action")
 
+        body = self._body(request) or {}
+        if (
+            action == "save"
+            and self.llama.faults.dieOnSave
+            and not str(body.get("filename")).startswith("bioproxy-probe")
+        ):
+            self.llama.faults.down = True
+            _abort(request)
+            return NOT_DONE_YET
+
         def answer(result: tuple[int, dict[str, Any]]) -> None:
             status, value = result
             if request.channel is None:
@@ -717,7 +730,7 @@ class FakeLlamaResource(Resource):
                 request.write(_error(request, status, value["message"]))
             request.finish()
 
-        d = defer.ensureDeferred(SlotAction(self.llama).run(slot, action, self._body(request) or {}))
+        d = defer.ensureDeferred(SlotAction(self.llama).run(slot, action, body))
         d.addCallback(answer)
         return NOT_DONE_YET
 
@@ -799,7 +812,9 @@ def main(argv: list[str] | None = None) -> None:
         "--explicit-slots", action="store_true", help="model an explicit -np: slots keep their contents"
     )
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--memory", choices=["dense", "hybrid", "swa"], default="dense", help="the model's kind")
+    parser.add_argument(
+        "--memory", choices=["dense", "hybrid", "swa"], default="dense", help="the model's kind"
+    )
     args = parser.parse_args(argv)
 
     import sys

@@ -14,6 +14,8 @@ hold, is given up with a line of its own.
 
 from __future__ import annotations
 
+import re
+
 VERBOSITY = ("-lv", "5")  # the flags that make llama-server say so
 
 _TRIED = b" - saving prompt with length"
@@ -23,3 +25,15 @@ _GIVEN_UP = (b" - prompt is already in the cache, skipping", b"exceeds cache siz
 def ramCopies(log: bytes) -> int:
     """How many slot states the log says were copied into the RAM cache."""
     return log.count(_TRIED) - sum(log.count(line) for line in _GIVEN_UP)
+
+
+_COMPUTED = re.compile(rb"prompt eval time =\s+[0-9.]+ ms /\s+([0-9]+) tokens")
+
+
+def promptTokens(log: bytes) -> int:
+    """
+    Prompt tokens llama-server computed, over every task it finished
+    (bioproxy's warmups and probes included): its own per-task timing
+    lines, which it logs at its default verbosity.
+    """
+    return sum(int(n) for n in _COMPUTED.findall(log))

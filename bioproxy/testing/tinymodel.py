@@ -66,7 +66,9 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write(path: Path, seed: int = 1234, size: str = "tiny", context: int = CONTEXT, arch: str = "llama") -> Path:
+def write(
+    path: Path, seed: int = 1234, size: str = "tiny", context: int = CONTEXT, arch: str = "llama"
+) -> Path:
     """
     Write the model to path; the same seed, size, context and architecture
     give the same file. context: the training context it claims, which caps
@@ -245,7 +247,9 @@ class _Builder:
         attending = {i for i in range(layers) if i % 3 == 2}
         self.common(dim, layers, ffn)
         self.w.add_head_count(heads)
-        self.w.add_array("lfm2.attention.head_count_kv", [kvHeads if i in attending else 0 for i in range(layers)])
+        self.w.add_array(
+            "lfm2.attention.head_count_kv", [kvHeads if i in attending else 0 for i in range(layers)]
+        )
         self.w.add_rope_dimension_count(head)
         self.w.add_rope_freq_base(1e6)
         self.w.add_uint32("lfm2.shortconv.l_cache", kernel)

@@ -12,6 +12,7 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from bioproxy.backend import PROBE_MARK
@@ -229,6 +230,63 @@ class VerificationTests(TestCase):
 
 class UnifiedVerificationTests(VerificationTests):
     unified = True
+
+
+class KilledWhileSavingTests(TestCase):
+    """llama-server killed while bioproxy saves a slot: one warning line, no traceback, the save done again."""
+
+    def events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    async def killAndRestart(self, stack: Stack) -> None:
+        await until(R, lambda: stack.llama.faults.down, what="the save that kills llama-server")
+        await until(R, lambda: stack.metric("bioproxy_backend_up") == 0, what="the outage")
+        stack.llama.faults.dieOnSave = stack.llama.faults.down = False
+        stack.llama.restart()
+
+    def assertOneWarning(self, events: list[dict[str, Any]], name: str) -> None:
+        bad = [
+            formatEvent(e)
+            for e in events
+            if e.get("log_failure") is not None or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ]
+        self.assertEqual(bad, [], "no traceback, no error")
+        about = [
+            formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn and name in formatEvent(e)
+        ]
+        self.assertEqual(len(about), 1, about)
+        self.assertIn("save", about[0])
+
+    @asyncTest
+    async def test_warmupSave(self) -> None:
+        events = self.events()
+        stack = Stack(self, templates=1)
+        stack.llama.faults.dieOnSave = True
+        await self.killAndRestart(stack)
+        await stack.allWarm()
+        self.assertEqual(cacheFiles(stack.dir / "slots"), [(await stack.templates())["@t0"]["cache_file"]])
+        self.assertOneWarning(events, "@t0")
+
+    @asyncTest
+    async def test_servedSlotSave(self) -> None:
+        """A variant's first request is saved as its file (saveServed); killed there, it is warmed after."""
+        events = self.events()
+        stack = Stack(self, templates=1)
+        await stack.allWarm()
+        stack.llama.faults.dieOnSave = True
+        system = {"role": "system", "content": "You are terse. " * 10}
+        response = await stack.http.post(
+            stack.proxy + "/v1/chat/completions",
+            json={"messages": [system, {"role": "user", "content": "@t0 a question"}], "max_tokens": 2},
+        )
+        await response.content()
+        await self.killAndRestart(stack)
+        await until(R, lambda: len(cacheFiles(stack.dir / "slots")) == 2, what="the variant's file")
+        [variant] = [v["name"] for v in (await stack.templates())["@t0"]["variants"]]
+        self.assertOneWarning(events, variant)
 
 
 class AdminViewTests(TestCase):

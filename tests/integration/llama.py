@@ -80,10 +80,12 @@ class LlamaServer:
         persistent: bool = True,
         apiKey: str | None = None,
         size: str = "tiny",
+        arch: str = "llama",
     ) -> None:
         """
         slots None is llama-server's default (auto slots, unified KV); flags
-        are added as given; size "slow" is the model whose prefill takes seconds.
+        are added as given; size "slow" is the model whose prefill takes
+        seconds; arch one of tinymodel.ARCHITECTURES (tiny only).
         """
         self.reactor = reactor
         self.dir = directory
@@ -96,9 +98,11 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.saveDir = directory / "slots"
         self.saveDir.mkdir(parents=True, exist_ok=True)
-        self.model = directory / "tiny.gguf" if size == "tiny" else sharedModel(size)
+        self.model = (
+            directory / f"{arch if arch != 'llama' else 'tiny'}.gguf" if size == "tiny" else sharedModel(size)
+        )
         if not self.model.exists():
-            tinymodel.write(self.model, size=size)
+            tinymodel.write(self.model, size=size, arch=arch)
         self.logPath = directory / "llama-server.log"
         self.process: _Process | None = None
         self.transport: Any = None

@@ -35,9 +35,10 @@ class RealStack(Bioproxy):
     async def ask(self, prefix: str, message: str, stream: bool = False) -> dict[str, Any]:
         return await self.chat(f"{prefix} {message}", stream, max_tokens=2)
 
-    async def assertBound(self, prefix: str, message: str, timings: dict[str, Any]) -> None:
+    async def assertBound(self, prefix: str, message: str, timings: dict[str, Any], slack: int = 0) -> None:
+        """The request computed the message and the chat tail, and at most slack tokens of the head."""
         content = self.texts[prefix].replace("<{message}>", message)
-        bound = 1.1 * await self.llama.messageAndTail(content, message)
+        bound = 1.1 * await self.llama.messageAndTail(content, message) + slack
         self.test.assertLessEqual(timings["prompt_n"], bound, (prefix, timings))
 
 
