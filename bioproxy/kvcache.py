@@ -367,7 +367,7 @@ class KVCache:
         """
         name = self.filename(head)
         backend = self.backend
-        if name is None or name in backend.saved or backend.persistence is Persistence.NONE:
+        if name is None or name in backend.saved or not backend.restoresHelp:
             return name in backend.saved
         try:
             with self._quietWhile():

@@ -23,7 +23,10 @@ no `--slot-save-path` (slot actions answer 501), `apiKey` is `--api-key`.
 - "hybrid": the recurrent state exists only at the slot's end, so reuse
   short of it needs a context checkpoint at or before the divergence;
 - "swa": the window's cells reach back WINDOW tokens, so a divergence
-  further back needs a checkpoint too, and a restored slot is never reused.
+  further back needs a checkpoint too. A slot state that was saved and
+  loaded again (a file, or the RAM cache) keeps only the window, and then
+  llama-server asks for a checkpoint for any reuse: a RAM-cache entry is
+  reused up to its last checkpoint, a restored file not at all.
 Checkpoints are made as llama-server makes them: where processing starts
 near the prompt's end, and 4 and 4 + 512 tokens before the end. They move
 with a slot into the RAM cache and back; a slot file carries none.
@@ -167,7 +170,9 @@ class Slot:
     id: int
     tokens: bytes = b""
     checkpoints: tuple[int, ...] = ()  # token counts its memory can go back to
-    restored: bool = False  # holds a restored file, not yet extended
+    # Its state was saved and loaded (a file, or the RAM cache), which keeps
+    # only the window's cells of a sliding-window model.
+    loaded: bool = False
     prompt: str = ""  # the last task's prompt, as /slots shows it
     busy: bool = False
     lastUsed: float = 0.0
@@ -217,7 +222,7 @@ class FakeLlama:
         self.generation += 1
         self.marker = secrets.token_hex(8)
         for slot in self.slots:
-            slot.tokens, slot.checkpoints, slot.restored = b"", (), False
+            slot.tokens, slot.checkpoints, slot.loaded = b"", (), False
         if self.ram is not None:
             self.ram.clear()
 
@@ -254,7 +259,7 @@ class FakeLlama:
                 keep, sim, best = keepIt, simIt, kept
         if best is not None:
             self.ram.remove(best)
-            slot.tokens, slot.checkpoints, slot.restored = best.tokens, best.checkpoints, False
+            slot.tokens, slot.checkpoints, slot.loaded = best.tokens, best.checkpoints, True
 
     def launched(self, slot: Slot) -> None:
         """After a task starts on slot: idle slots go to the RAM cache, and with unified KV are cleared."""
@@ -316,10 +321,8 @@ class FakeLlama:
         reuse = min(common, len(prompt) - 1) if prompt else 0
         if self.memory == "dense" or reuse <= 0:
             return reuse
-        if self.memory == "swa" and slot.restored:
-            return 0  # the gate asks for a checkpoint, and a restore brings none
-        reach = 0 if self.memory == "hybrid" else WINDOW
-        if reuse >= len(slot.tokens) - reach:
+        reach = WINDOW if self.memory == "swa" and not slot.loaded else 0
+        if reuse >= len(slot.tokens) - reach and not (self.memory == "swa" and slot.loaded):
             return reuse
         return max((c for c in slot.checkpoints if c <= reuse), default=0)
 
@@ -395,7 +398,7 @@ class SlotAction:
                 }
             lossy = server.faults.lossyRestore and not filename.startswith("bioproxy-probe")
             slot.tokens = b"" if lossy else tokens
-            slot.restored = True
+            slot.loaded = True
             return 200, {
                 "id_slot": slot.id,
                 "filename": filename,
@@ -463,7 +466,7 @@ class _Generation:
         cacheN = server.reusable(slot, self.prompt)
         promptN = len(self.prompt) - cacheN
         server.checkpointed(slot, cacheN, self.prompt)
-        slot.tokens, slot.restored = self.prompt[:cacheN], False
+        slot.tokens, slot.loaded = self.prompt[:cacheN], False
         await self._sleep(promptN * server.msPerPromptToken / 1000)
         if self.cancelled:
             return

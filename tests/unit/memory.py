@@ -220,9 +220,9 @@ class _Both:
 class Alone:
     """llama-server used straight, as the comparisons need: its own fake, on the same clock, nothing in front."""
 
-    def __init__(self, memory: Memory, **fake: Any) -> None:
-        self.memory = memory
-        self.fake = FakeLlama(memory.clock, **fake)
+    def __init__(self, harness: Memory, **fake: Any) -> None:
+        self.memory = harness
+        self.fake = FakeLlama(harness.clock, **fake)
         self.stub = StubTreq(FakeLlamaResource(self.fake))
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
