@@ -207,8 +207,9 @@ class Bioproxy:
 
     def restarts(self) -> float:
         text = urllib.request.urlopen(self.admin + "/metrics").read().decode()
-        line = next(line for line in text.splitlines() if line.startswith("bioproxy_backend_restarts_total"))
-        return float(line.split()[-1])
+        # Labelled by backend: no sample until the first restart.
+        lines = [line for line in text.splitlines() if line.startswith("bioproxy_backend_restarts_total")]
+        return sum(float(line.split()[-1]) for line in lines)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -117,6 +117,12 @@ def status(args: list[str]) -> int:
             )
         )
     print(_table(rows))
+    backend = templates.get("backend") or {}
+    if backend:
+        model = (backend.get("model") or {}).get("name") or "unknown"
+        print(f"\nmodel {model}: a restored cache file reuses {backend.get('restore_reuses')}")
+        if backend.get("restore_reuses_why"):
+            print(f"  {backend['restore_reuses_why']}")
     print()
     rows = [("SLOT", "STATE", "HOLDS", "BUSY", "IDLE S")]
     for s in slots.get("slots", []):

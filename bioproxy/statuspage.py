@@ -31,6 +31,7 @@ STATUS_PAGE = b"""<!doctype html>
 <body>
 <h1>bioproxy <small id="version"></small></h1>
 <div id="summary"><span id="backend">loading\xe2\x80\xa6</span><span id="ready"></span><span id="queue"></span></div>
+<div id="model"></div>
 <div id="error"></div>
 <h2>Templates</h2>
 <table id="templates"><thead><tr><th>head</th><th>warm state</th><th>tokens</th><th>hits</th><th>misses</th>
@@ -82,6 +83,9 @@ function render(s) {
   const backends = h.backends || [h.backend];
   document.getElementById("backend").textContent = (backends.length > 1 ? "backends " : "backend ") +
     backends.map(b => b.url + ": " + (b.reachable ? "up" : "down" + (b.last_error ? " (" + b.last_error + ")" : ""))).join("; ");
+  const b = s.templates.backend;
+  document.getElementById("model").textContent = b ? "model " + (b.model ? b.model.name : "unknown") +
+    ": a restored cache file reuses " + b.restore_reuses + (b.restore_reuses_why ? " \u2014 " + b.restore_reuses_why : "") : "";
   document.getElementById("ready").textContent = s.ready.ready ? "ready" : "not ready: " +
     (s.ready.backend_ready ? "warming " + s.ready.templates_untried.join(", ") : "backend not probed");
   const each = (s.slots && s.slots.backends && s.slots.backends.length) ? s.slots.backends : (s.slots ? [s.slots] : []);

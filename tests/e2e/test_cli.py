@@ -128,13 +128,16 @@ class CommandTests(TestCase):
 
     @asyncTest
     async def test_status(self) -> None:
-        llama = FakeLlama(R, slots=2)
+        (self.dir / "slots").mkdir()
+        llama = FakeLlama(R, slots=2, saveDir=self.dir / "slots", memory="hybrid")
         stack = Bioproxy(
             self, self.dir, listen(R, FakeLlamaResource(llama), self), {"@code": "Review: <{message}>"}
         )
         await stack.allWarm()
         out, err, code = await bioproxy("status", "--admin", stack.admin, cwd=self.dir)
         self.assertEqual(code, 0, err)
+        self.assertIn("model unknown: a restored cache file reuses strict extensions", out)
+        self.assertIn("serves only requests that extend all of it", out)
         lines = out.splitlines()
         self.assertTrue(lines[0].startswith("TEMPLATE"), out)
         self.assertRegex(out, r"@code\s+(warm in a slot|on disk)\s")

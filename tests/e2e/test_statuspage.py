@@ -70,6 +70,7 @@ def rendered(url: str, screenshot: str | None) -> dict[str, Any]:
             "requests": rows("requests"),
             "backend": driver.find_element(By.ID, "backend").text,
             "ready": driver.find_element(By.ID, "ready").text,
+            "model": driver.find_element(By.ID, "model").text,
             "error": driver.find_element(By.ID, "error").text,
         }
     finally:
@@ -101,6 +102,7 @@ class StatusPageTests(TestCase):
         self.assertEqual(page["error"], "")
         self.assertIn("up", page["backend"])
         self.assertEqual(page["ready"], "ready")
+        self.assertIn("a restored cache file reuses any shared prefix", page["model"])
         templates = {row[0]: row for row in page["templates"]}
         self.assertEqual(set(templates), {"@code", "@debug"})
         for row in templates.values():
