@@ -220,6 +220,8 @@ class Dispatcher:
             return holding(None, text)
         if not self.cache.saved(head) and self.cache.persists(head):
             self._saveServed(head, slot if pinned else None, timings)
+        elif not self.cache.atBoundary(head):
+            rewarm.append(head)  # a warmup leaves it at its boundary, where every request extends it
         # Only a pinned request right after a restore tells whether restores work.
         restored = how == "restored" and pinned
         missed = (

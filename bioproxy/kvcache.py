@@ -89,6 +89,9 @@ class WarmState:
     # sends and its file holds, and what every request using it begins with.
     boundary: list[int] | None = None
     reusable: int | None = None  # tokens before the message: what a hit reuses
+    # A warmup of this process put exactly the boundary in a slot (and so in
+    # the RAM cache), not only a request that went on past it.
+    atBoundary: bool = False
     prefill: bool = False  # restores failed to give reuse; warm by prefilling
     prefillWhy: str | None = None
     restoreMisses: int = 0
@@ -165,7 +168,7 @@ class KVCache:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
         self._follower = None
         for state in self.states.values():
-            state.warm = state.inRam = False
+            state.warm = state.inRam = state.atBoundary = False
             state.boundary = None  # it may run another model, with another tokenizer
 
     def filename(self, head: Head) -> str | None:
@@ -175,6 +178,15 @@ class KVCache:
     def persists(self, head: Head) -> bool:
         """head is kept in a file on the backend's disk (once saved)."""
         return self.filename(head) is not None and self.backend.restoresHelp and not self.state(head).prefill
+
+    def atBoundary(self, head: Head) -> bool:
+        """
+        What llama-server holds of head serves every request that uses it:
+        on a dense model any copy does; on another, only one that ends at
+        the boundary, which a warmup of this process made (a request that
+        computed the head and went on left checkpoints 4 + 512 tokens short).
+        """
+        return self.backend.reuse is Reuse.PREFIX or self.state(head).atBoundary
 
     async def follower(self) -> list[int]:
         """One ordinary token, to extend a head by (asked of llama-server once per process)."""

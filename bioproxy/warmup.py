@@ -292,6 +292,8 @@ class Warmer(Service):
             finally:
                 self.cache.unclaim(slot)
         state.warm = True
+        if how != "resident":
+            state.atBoundary = state.boundary is not None
         state.lastWarmup = self.clock.seconds()
         state.lastHow = how
         return how
@@ -305,7 +307,7 @@ class Warmer(Service):
         restored = not lease.warm and (
             await self.cache.prepare(slot, head, lease.slot.contents.key, ram=False) == "restored"
         )
-        timings = await self._complete(head, state, slot, check=restored)
+        timings, _ = await self._complete(head, state, slot, check=restored)
         trusted = restored and self._verified(head, slot, timings)
         await self.cache.save(slot, head, state.tokens)
         if lease.warm:
@@ -319,13 +321,22 @@ class Warmer(Service):
         task moves it into the RAM cache, where users' unpinned requests find
         it. The check after a restore is unpinned too, to reach it as they do.
         """
-        if state.inRam and (self.cache.saved(head) or not self.cache.persists(head)):
+        if state.inRam and self.cache.atBoundary(head) and (self.cache.saved(head) or not self.cache.persists(head)):
             return "resident"
         if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
-            if self._verified(head, None, await self._complete(head, state, None, check=True)):
+            if self._verified(head, None, (await self._complete(head, state, None, check=True))[0]):
                 state.inRam = True
                 return "restore"
-        await self._complete(head, state, slot)
+        # Unpinned, where the head's tokens are known: llama-server then
+        # takes the entry of its RAM cache that shares most with the head
+        # (an earlier conversation with it, say) into a slot, computes the
+        # head from there and puts the result back, instead of beside it.
+        # Equally similar entries are taken oldest first, so on a model that
+        # reuses only up to checkpoints, an older conversation would keep
+        # being chosen over a newer warm head, and reused only 4 + 512
+        # tokens short of the head's end.
+        timings, ran = await self._complete(head, state, None if state.boundary is not None else slot)
+        slot = ran if ran is not None else slot
         if not await self.cache.save(slot, head, state.tokens) and self.cache.persists(head):
             self._retryLater(head.name)  # another task cleared the slot first
         state.inRam = True
@@ -333,7 +344,7 @@ class Warmer(Service):
 
     async def _complete(
         self, head: Head, state: WarmState, slot: int | None, check: bool = False
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], int | None]:
         """
         The head's warmup request: its boundary tokens, with one token to
         generate, which llama-server samples and never computes, so the slot
@@ -343,7 +354,8 @@ class Warmer(Service):
         that extends it (the same tokens again would compute all of them),
         and llama-server then keeps a checkpoint at the head's end.
         Where the boundary is not known (a server that cannot tokenize), the
-        head as a chat, as before.
+        head as a chat, as before. Returns the answer's timings, and the slot
+        it ran on where llama-server says (its /completion answers do).
         """
         await self.cache.quiet()
         if state.boundary is not None:
@@ -359,7 +371,8 @@ class Warmer(Service):
         timings: dict[str, Any] = (result or {}).get("timings") or {}
         if not check:
             state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
-        return timings
+        ran = (result or {}).get("id_slot")
+        return timings, ran if isinstance(ran, int) and not isinstance(ran, bool) and ran >= 0 else None
 
     def _verified(self, head: Head, slot: int | None, timings: dict[str, Any]) -> bool:
         """A restore that reported success: did the request right after it reuse it?"""

@@ -112,8 +112,12 @@ class DenseModel(TestCase):
                 await templated("switching", prefix, f"round {round}")
 
         system = {"role": "system", "content": "You answer as a ship's captain would. " * 20}
-        for question in ("where are we?", "and the weather?", "how long to port?"):
-            await send("system prompt first", [system, {"role": "user", "content": f"@t0 {question}"}])
+        for n, question in enumerate(("where are we?", "and the weather?", "how long to port?")):
+            body = await send("system prompt first", [system, {"role": "user", "content": f"@t0 {question}"}])
+            if n:  # its head is warm now, though other templates ran in between
+                self.assertLess(body["timings"]["prompt_n"], TAIL + self.slack, (question, body["timings"]))
+            for prefix in ("@t3", "@t4"):
+                await templated("switching", prefix, f"in between {n}")
 
         first = [{"role": "user", "content": "@t1 tell me about the sea"}]
         reply = (await send("conversation", first))["choices"][0]["message"]["content"]

@@ -203,26 +203,43 @@ class ReuseTests(SynchronousTestCase):
         self.assertEqual(m.cache.learn(head, None, {"cache_n": state.reusable}, False, True), "hit")
         self.assertTrue(state.inRam)
 
-    def test_variantOnAHybridIsWarmedToItsBoundary(self) -> None:
+    def test_variantIsWarmedToItsBoundary(self) -> None:
         """
         A head learned from a request (a template behind a system prompt)
         is not saved from the slot that served it on a hybrid (that file
-        would hold the message and the answer): it is warmed to its boundary.
+        would hold the message and the answer): it is warmed to its
+        boundary, unpinned, so that llama-server takes the first request's
+        RAM-cache entry to compute it (an older entry that shares as much
+        would otherwise be chosen before it, and reused only up to a
+        checkpoint).
         """
-        for memory in ("dense", "hybrid"):
-            m = warmed(self, memory, unified=True)
+        for memory in ("dense", "hybrid", "swa"):
+            m = warmed(self, memory, unified=True, templates=3)
             alone = Alone(m, unified=True, memory=memory)
             system = "You answer as a ship's captain would. " * 20
             spent = [0, 0]
-            for question in ("where are we?", "and the weather?", "how long to port?"):
-                spent[0] += ask(m, f"@t0 {question}", system)["prompt_n"]
-                text = TEMPLATE.replace("reviewer", "reviewer 0").replace("<{message}>", question)
-                messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-                spent[1] += alone.post("/v1/chat/completions", {"messages": messages})["prompt_n"]
+
+            def direct(prefix: str, message: str, system: str | None = None, alone: Alone = alone) -> int:
+                text = TEMPLATE.replace("reviewer", f"reviewer {prefix[2:]}").replace("<{message}>", message)
+                messages = [{"role": "system", "content": system}] if system else []
+                body = {"messages": [*messages, {"role": "user", "content": text}]}
+                return int(alone.post("/v1/chat/completions", body)["prompt_n"])
+
+            for n, question in enumerate(("where are we?", "and the weather?", "how long to port?")):
+                computed = ask(m, f"@t0 {question}", system)["prompt_n"]
+                if n:  # other templates in between, then the variant again: its boundary is found
+                    self.assertLess(computed, TAIL, (memory, question))
+                spent[0] += computed
+                spent[1] += direct("@t0", question, system)
+                for other in ("@t1", "@t2"):  # the same traffic to both
+                    ask(m, f"{other} in between {n}")
+                    direct(other, f"in between {n}")
             self.assertLessEqual(spent[0], spent[1], memory)
             [variant] = m.book.variantsOf("@t0")
             saves = [a for a in m.fake.actions if a[0] == "save" and a[2].startswith("_t0_")]
-            self.assertEqual(len(saves), 1, memory)
+            self.assertEqual(len(saves), 0 if memory == "swa" else 1, memory)
+            if memory == "swa":
+                continue
             held = (m.dir / "slots" / saves[0][2]).read_bytes().partition(b"\n")[2]
             # Dense: the served slot is the file (a prefix serves any request that shares it).
             # Hybrid: the boundary, which every request extends.
