@@ -6,8 +6,8 @@ a long untemplated start that recurs, such as an agent's system prompt and
 tools (learned).
 
 A head is a chat view (or a prompt) with a mark where the part that varies
-begins. Its warmup sends it with the mark emptied; measuring it asks
-llama-server how many tokens come before the mark. Variants and learned
+begins. llama-server renders it, and its warmup sends the tokens before the
+mark (KVCache.boundary): what every request that uses the head begins with. Variants and learned
 heads are kept in a book, least recently used first out, within a count
 and a disk budget; they are learned from requests as they arrive, warmed
 after `learn_after` uses, and saved like templates, so that a llama-server
@@ -64,7 +64,11 @@ class Head:
         return self.kind is not Kind.TEMPLATE
 
     def warmBody(self, slot: int | None) -> dict[str, Any]:
-        """The warmup request: the head with the mark emptied, one token, pinned unless slot is None."""
+        """
+        The head with the mark emptied, one token, pinned unless slot is
+        None: the warmup only where llama-server cannot say where the mark's
+        tokens begin (KVCache.boundary), since it ends past the boundary.
+        """
         body: dict[str, Any]
         if self.prompt is not None:
             body = {"prompt": self.prompt.replace(MARK, ""), "n_predict": 1, "cache_prompt": True}

@@ -1,7 +1,9 @@
 """
 What bioproxy knows about each head's KV cache (a template's, or one of
-heads.py's learned ones): its file on the backend's disk, how many tokens a
-warm slot saves, and whether restores of it can be trusted. Restores are checked twice: `n_restored > 0` at once, and
+heads.py's learned ones): its boundary tokens (where the user's text
+begins), its file on the backend's disk, how many tokens a warm slot saves,
+and whether restores of it can be trusted, on this backend's kind of model
+(backend/model.py). Restores are checked twice: `n_restored > 0` at once, and
 `timings.cache_n` on the next request, since a restore can report success and
 still leave the slot cold.
 """

@@ -148,9 +148,6 @@ class LlamaClient:
         tokens: list[int] = result["tokens"]
         return tokens
 
-    async def countTokens(self, text: str) -> int:
-        return len(await self.tokenize(text))
-
 
 def fingerprint(props: dict[str, Any]) -> str:
     """

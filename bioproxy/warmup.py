@@ -3,9 +3,13 @@ Warmups: every head is put into a slot and onto the backend's disk
 before a user needs it, at warmup priority so that users never wait for one.
 
 A warmup restores the head's file when there is one and prefills it when
-there is not, then sends the head with an empty message and one token to
-generate. That request is cheap on a warm slot, makes a cold one warm, and
-its `cache_n` tells whether a restore really worked.
+there is not: it sends the head's boundary tokens (everything before the
+user's text, KVCache.boundary) and one token to generate, so that what a
+slot, the RAM cache and the file hold is a prefix of every request that
+uses the head, which is all a hybrid model's file can serve. After a
+restore it sends one token more than the head: cheap, and its `cache_n`
+tells whether the restore really worked. Where a restored file gives
+nothing (a sliding-window model), there are no files: heads are prefilled.
 
 Where llama-server clears idle slots into its RAM cache (its default), the
 warmup works in an idle, empty slot, checks a restore with an unpinned
@@ -321,7 +325,11 @@ class Warmer(Service):
         task moves it into the RAM cache, where users' unpinned requests find
         it. The check after a restore is unpinned too, to reach it as they do.
         """
-        if state.inRam and self.cache.atBoundary(head) and (self.cache.saved(head) or not self.cache.persists(head)):
+        if (
+            state.inRam
+            and self.cache.atBoundary(head)
+            and (self.cache.saved(head) or not self.cache.persists(head))
+        ):
             return "resident"
         if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
             if self._verified(head, None, (await self._complete(head, state, None, check=True))[0]):
