@@ -313,6 +313,8 @@ class Warmer(Service):
         )
         timings, _ = await self._complete(head, state, slot, check=restored)
         trusted = restored and self._verified(head, slot, timings)
+        if restored and not trusted:
+            await self._complete(head, state, slot)  # the check went one token past the head
         await self.cache.save(slot, head, state.tokens)
         if lease.warm:
             return "resident"
@@ -321,9 +323,17 @@ class Warmer(Service):
     async def _warmUnpinned(self, slot: int, head: Head, state: WarmState) -> Warmed:
         """
         llama-server clears idle slots into its RAM cache: the head is
-        restored into (or computed on) an empty slot, from where the next
-        task moves it into the RAM cache, where users' unpinned requests find
-        it. The check after a restore is unpinned too, to reach it as they do.
+        restored into an empty slot, or computed, and the next task moves it
+        into the RAM cache, where users' unpinned requests find it. The check
+        after a restore is unpinned too, to reach it as they do, and so is
+        the computation where the head's tokens are known: llama-server then
+        takes the RAM-cache entry that shares most with the head (an earlier
+        conversation with it, say) into a slot, computes the head from there
+        and puts the result back, instead of beside it. (Equally similar
+        entries are taken oldest first, so on a model that reuses only up to
+        checkpoints an older conversation would keep being chosen over a
+        newer warm head, and be reused only 4 + 512 tokens short of its end.)
+        The slot it ran on is saved.
         """
         if (
             state.inRam
@@ -335,14 +345,6 @@ class Warmer(Service):
             if self._verified(head, None, (await self._complete(head, state, None, check=True))[0]):
                 state.inRam = True
                 return "restore"
-        # Unpinned, where the head's tokens are known: llama-server then
-        # takes the entry of its RAM cache that shares most with the head
-        # (an earlier conversation with it, say) into a slot, computes the
-        # head from there and puts the result back, instead of beside it.
-        # Equally similar entries are taken oldest first, so on a model that
-        # reuses only up to checkpoints, an older conversation would keep
-        # being chosen over a newer warm head, and reused only 4 + 512
-        # tokens short of the head's end.
         timings, ran = await self._complete(head, state, None if state.boundary is not None else slot)
         slot = ran if ran is not None else slot
         if not await self.cache.save(slot, head, state.tokens) and self.cache.persists(head):

@@ -139,6 +139,14 @@ class _Builder:
         self.w.add_feed_forward_length(ffn)
         self.w.add_layer_norm_rms_eps(eps)
 
+    def headShape(self, heads: int, kvHeads: int, head: int) -> None:
+        """Attention heads with keys and values of their own size (not the embedding's share)."""
+        self.w.add_head_count(heads)
+        self.w.add_head_count_kv(kvHeads)
+        self.w.add_key_length(head)
+        self.w.add_value_length(head)
+        self.w.add_rope_dimension_count(head)
+
     def ends(self, dim: int, norm: str = "output_norm") -> None:
         """The token embeddings, the final norm and the output projection."""
         import numpy as np
@@ -180,11 +188,7 @@ class _Builder:
         """Gemma 3's layout: five sliding-window layers, then one global one."""
         dim, layers, heads, kvHeads, head, ffn = 128, 6, 2, 1, 64, 256
         self.common(dim, layers, ffn, 1e-6)
-        self.w.add_head_count(heads)
-        self.w.add_head_count_kv(kvHeads)
-        self.w.add_key_length(head)
-        self.w.add_value_length(head)
-        self.w.add_rope_dimension_count(head)
+        self.headShape(heads, kvHeads, head)
         self.w.add_rope_freq_base(1e6)
         self.w.add_uint32("gemma3.attention.sliding_window", SLIDING_WINDOW)
         self.w.add_uint32("gemma3.attention.sliding_window_pattern", 6)
@@ -204,11 +208,7 @@ class _Builder:
         inner = state * rank
         mixed = state * groups * 2 + inner  # q, k and v of the delta net, convolved together
         self.common(dim, layers, ffn, 1e-6)
-        self.w.add_head_count(heads)
-        self.w.add_head_count_kv(kvHeads)
-        self.w.add_key_length(head)
-        self.w.add_value_length(head)
-        self.w.add_rope_dimension_count(head)
+        self.headShape(heads, kvHeads, head)
         self.w.add_array("qwen35.rope.dimension_sections", [11, 11, 10, 0])
         self.w.add_rope_freq_base(1e7)
         for key, value in (
