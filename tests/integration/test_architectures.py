@@ -127,6 +127,7 @@ class DenseModel(TestCase):
         )
 
         warmed, restored = stack.warmed(), stack.total("bioproxy_warmup_total", how="restore")
+        self.assertEqual(warmed, TEMPLATES, "each template warmed once in this llama-server process")
         for server in (ours, alone):
             await server.stop()
             await server.start()
