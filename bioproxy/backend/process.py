@@ -281,7 +281,11 @@ class Backend:
         await self._probePersistence()
         self.model = await self._readModel()
         if self.persistence is Persistence.FILES:
-            self.reuse = await self._probeReuse()
+            try:
+                self.reuse = await self._probeReuse()
+            except BackendError as e:  # a save it refuses (a directory it cannot write, say)
+                log.warn("the restore probe failed ({why}): restores are tried as before", why=str(e))
+                self.reuse = self.model.expected() if self.model is not None else Reuse.UNKNOWN
         elif self.model is not None:
             self.reuse = self.model.expected()
         nonce = secrets.token_hex(4)

@@ -383,7 +383,10 @@ class SlotAction:
         await server.acquire(slot)
         try:
             if action == "save":
-                path.write_bytes(server.model.encode() + b"\n" + slot.tokens)
+                try:
+                    path.write_bytes(server.model.encode() + b"\n" + slot.tokens)
+                except OSError:
+                    return 500, {"message": "Unable to save slot"}
                 n = len(slot.tokens)
                 return 200, {"id_slot": slot.id, "filename": filename, "n_saved": n, "n_written": n + 64}
             try:

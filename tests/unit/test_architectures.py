@@ -245,3 +245,13 @@ class ReuseTests(SynchronousTestCase):
             # Hybrid: the boundary, which every request extends.
             boundary = len(held) == m.cache.state(variant).reusable
             self.assertEqual(boundary, memory == "hybrid", (memory, len(held)))
+
+
+class ProbeFailureTests(SynchronousTestCase):
+    def test_aRefusedSaveLeavesReuseUnknown(self) -> None:
+        """A slot directory llama-server cannot write: the probe still ends, and the backend is ready."""
+        m = Memory(Path(self.mktemp()), unified=True, memory="hybrid")
+        m.fake.saveDir = m.dir / "slots" / "missing"  # a save there fails as llama-server's does
+        m.found()
+        self.assertTrue(m.backend.ready)
+        self.assertEqual(m.backend.reuse, Reuse.UNKNOWN)
