@@ -484,7 +484,7 @@ class KVCache:
                     return None
             tokens = await self.llama.tokenize(before)
             keep = len(tokens)
-            for follower in FOLLOWERS:
+            for follower in FOLLOWERS:  # one at a time: llama-server answers few calls at once
                 keep = min(keep, commonLength(tokens, await self.llama.tokenize(before + follower)))
         except defer.CancelledError:
             raise

@@ -138,8 +138,10 @@ class DefaultFlags(TestCase):
                 # The other's file, on the shared disk, same model: restored, not
                 # recomputed. (On the default flags a restore whose prompt the
                 # RAM cache then loses is followed by a prefill, so the last
-                # warmup may be either.)
-                self.assertEqual(state.lastHow, "restore", prefix)
+                # warmup may be either.) The victim's waiting requests were
+                # served there, and may have computed it first.
+                hows = ("restore", "resident") if prefix == victim else ("restore",)
+                self.assertIn(state.lastHow, hows, prefix)
         for prefix in sorted(homes):
             code, backend, timings = await stack.ask(prefix, f"after the failure, {prefix}")
             self.assertEqual((code, backend), (200, up.url), prefix)
