@@ -14,6 +14,7 @@ which leaves every choice to llama-server and is never worse than it alone.
 from __future__ import annotations
 
 import enum
+import hashlib
 import secrets
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -31,8 +32,9 @@ log = Logger()
 # A probe's completion reused the slot when cache_n reaches this share.
 PROBE_HIT_SHARE = 0.9
 _PROBE_FILE = "bioproxy-probe-absent.bin"
-# Where the restore probe saves its slot: one small file, written over by each probe.
-_REUSE_FILE = "bioproxy-probe-reuse.bin"
+# Where the restore probe saves its slot: one small file per backend URL
+# (backends may share a directory, and be probed at once), written over by each probe.
+_REUSE_FILE = "bioproxy-probe-reuse-{}.bin"
 PROBE_MARK = "bioproxy probe"  # in both of the probe's prompts, so that tests can tell them apart
 
 
@@ -309,19 +311,20 @@ class Backend:
         sliding-window model run with --swa-full passes both, but reuses a
         file that holds only the window: only extensions are safe there.
         """
+        name = _REUSE_FILE.format(hashlib.sha256(self.llama.base.encode()).hexdigest()[:8])
         nonce = secrets.token_hex(4)
         p = await self.llama.tokenize(
             f"{PROBE_MARK} {nonce} restore: " + " ".join(f"r{i}" for i in range(60))
         )
         tail = await self.llama.tokenize(" and then some more words", special=False)
         await self._complete(p, 0)
-        await self.llama.save(0, _REUSE_FILE, self.timeout)
-        await self.llama.restore(0, _REUSE_FILE, self.timeout)
+        await self.llama.save(0, name, self.timeout)
+        await self.llama.restore(0, name, self.timeout)
         extended = (await self._complete(p + tail, 0))[0] >= PROBE_HIT_SHARE * len(p)
         if not extended:
             return Reuse.NOTHING
         half = len(p) // 2
-        await self.llama.restore(0, _REUSE_FILE, self.timeout)
+        await self.llama.restore(0, name, self.timeout)
         shared = (await self._complete(p[:half] + tail, 0))[0] >= PROBE_HIT_SHARE * half
         if shared and not (self.model is not None and self.model.slidingWindow):
             return Reuse.PREFIX
