@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -142,6 +142,8 @@ class KVCache:
         self.tokensSaved: dict[str, int] = {}  # by template prefix: prompt tokens its requests reused
         self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
         self._follower: list[int] | None = None
+        # Told of each file saved, by head name and bytes (the head book's disk budget).
+        self.onSaved: list[Callable[[str, int], None]] = []
         self._saving = 0  # saves under way that a new task could spoil
         self._waiting: list[defer.Deferred[None]] = []
 
@@ -403,6 +405,8 @@ class KVCache:
         backend.missing.discard(name)
         size = result.get("n_written") if isinstance(result, dict) else None
         self.state(head).fileBytes = size if isinstance(size, int) else 0
+        for listener in self.onSaved:
+            listener(head.name, self.state(head).fileBytes)
         self.metrics.kvSaves.labels(prefix=head.name).inc()
         log.info("saved {prefix} from slot {slot} to {name}", prefix=head.name, slot=slot, name=name)
         return True

@@ -203,6 +203,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     for member in members:
         watcher.listeners.append(member.warmer.templateChanged)
         book.dropped.append(member.cache.forget)
+        member.cache.onSaved.append(book.savedBytes)
 
     # The learned heads, and the names of the files each backend saved.
     statePath = config.statePath()

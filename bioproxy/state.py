@@ -6,8 +6,8 @@ restart of bioproxy forgets them, and the next llama-server restart
 recomputes every agent's prompt; with it, their files are restored as
 templates' are.
 
-The file is JSON, written whole to a temporary file and renamed over the
-old one: at most once per `interval`, when a head or a file came or went
+The file is JSON, readable by bioproxy's user alone (it holds prompt text),
+written whole to a temporary file and renamed over the old one: at most once per `interval`, when a head or a file came or went
 (uses alone wait), and once more on stop, uses and all. A file that cannot
 be read is reported and set aside: bioproxy then starts with nothing
 learned, as it would without one.
@@ -108,7 +108,11 @@ class StateFile(Service):
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+            # The heads are prompt text: only bioproxy's user may read them.
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(descriptor, 0o600)  # a .tmp left over from before keeps its own mode otherwise
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, ensure_ascii=False))
             os.replace(temporary, self.path)
         except OSError as e:
             log.warn("cannot write state file {path}: {why}", path=str(self.path), why=str(e))

@@ -67,6 +67,7 @@ class Memory:
             self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
         )
         self.book.dropped.append(self.cache.forget)
+        self.cache.onSaved.append(self.book.savedBytes)
         self.backend.listeners.append(self.warmer)
         self.warmer.startService()
         self.monitor = BackendMonitor(self.llama, self.clock, self.metrics, 60)

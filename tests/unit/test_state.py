@@ -109,3 +109,41 @@ class SeveralBackendsTests(SynchronousTestCase):
         path.unlink()
         state.write()
         self.assertIn("w.bin", json.loads(path.read_text())["other_backends_files"]["http://b:1"])
+
+
+class PrivacyAndBudgetTests(SynchronousTestCase):
+    def test_stateFileIsReadableByItsOwnerAlone(self) -> None:
+        """It holds prompt text."""
+        directory = Path(self.mktemp())
+        path = directory / "state.json"
+        m = Memory(directory, unified=True)
+        state = StateFile(path, m.book, m.backend, m.clock)
+        path.with_name("state.json.tmp").parent.mkdir(parents=True, exist_ok=True)
+        path.with_name("state.json.tmp").write_text("{}")  # left over, world-readable
+        path.with_name("state.json.tmp").chmod(0o644)
+        state.write(force=True)
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+
+    def test_learnedBytesAreBounded(self) -> None:
+        """max_learned_bytes counts the files' real sizes: past it, the least recently used head goes."""
+        m = Memory(Path(self.mktemp()), unified=True)
+        m.template("@t", TEMPLATE)
+        m.found()
+        m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+        names = []
+        for n in range(3):
+            body = {
+                "messages": [
+                    {"role": "system", "content": f"You are voice {n}. " * 40},
+                    {"role": "user", "content": f"@t question {n}"},
+                ]
+            }
+            status, _ = m.post("/v1/chat/completions", body)
+            self.assertEqual(status, 200)
+            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+            [entry] = [e for e in m.book.entries.values() if e.shell.name not in names]
+            names.append(entry.shell.name)
+            self.assertGreater(entry.bytes, 0, "its file's size is known")
+            if n == 1:
+                m.book.maxBytes = sum(e.bytes for e in m.book.entries.values())  # room for two
+        self.assertEqual(list(m.book.entries), names[1:], "the least recently used went")
