@@ -32,9 +32,22 @@ from .templates import Template, TemplateLibrary
 MARK = "\u2063bioproxy-message\u2063"
 # Where a variant's template text goes, until the template's version is known.
 _TEMPLATE = "\u2063bioproxy-template\u2063"
-# A learned head shorter than this (in characters of its messages) is not
-# worth a warmup and a file: llama-server computes it in moments.
-MIN_LEARNED_CHARS = 2048
+# A learned head shorter than this (in tokens, as estimatedTokens counts
+# them) is not worth a warmup and a file: llama-server computes it in moments.
+MIN_LEARNED_TOKENS = 512
+
+
+def estimatedTokens(text: str) -> int:
+    """
+    About how many tokens text is, in any script, without asking the
+    tokenizer (this runs on every request): about four ASCII characters a
+    token, as English and code come out, and one a character otherwise,
+    as Chinese and Japanese roughly do (which overcounts Cyrillic or Greek,
+    keeping a few heads that are a little short). Counting characters
+    instead kept no 1,000-token prompt in Chinese or Japanese.
+    """
+    ascii = len(text.encode("ascii", "ignore"))
+    return ascii // 4 + (len(text) - ascii)
 
 
 class Kind(enum.Enum):
@@ -202,7 +215,7 @@ def shellOf(
     # A breakpoint before the prompt (the last part is the prompt's place).
     parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]][:-1]
     marked = marked or any(isinstance(p, dict) and p.get("cache_control") for p in parts)
-    if len(promptText(shell)) < MIN_LEARNED_CHARS and not marked:
+    if estimatedTokens(promptText(shell)) < MIN_LEARNED_TOKENS and not marked:
         return None
     return Shell(Kind.LEARNED, None, shell, _digest(shell.body()), marked)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from bioproxy.expand import Body, chatView, expand, marksBreakpoint, normaliseBillingHeader
-from bioproxy.heads import MARK, MIN_LEARNED_CHARS, HeadBook, Kind, locate, shellOf
+from bioproxy.heads import MARK, MIN_LEARNED_TOKENS, HeadBook, Kind, estimatedTokens, locate, shellOf
 from bioproxy.routes import ROUTES, Shape, route
 from bioproxy.templates import Sources, TemplateLibrary, load
 from bioproxy.timings import TimingsReader
@@ -181,7 +181,7 @@ class HeadTests(TestCase):
         self.assertEqual(self.book.get(a.name), head)
 
     def test_learnedHeadEndsBeforeThePrompt(self) -> None:
-        system = "x" * MIN_LEARNED_CHARS
+        system = "x" * 4 * MIN_LEARNED_TOKENS
         body = {
             "system": system,
             "messages": [
@@ -281,3 +281,21 @@ class ConversationTests(TestCase):
             {"prompt_cache_key": 3},
         ):
             self.assertIsNone(self.conversation(parsed), parsed)
+
+
+class EstimatedTokensTests(TestCase):
+    def test_anyScript(self) -> None:
+        """A 1,000-token system prompt is learned in English and in Japanese; a short one in neither."""
+        for text, learned in (
+            ("You answer as a careful reviewer would. " * 100, True),  # about 1,000 tokens
+            (
+                "\u3042\u306a\u305f\u306f\u6ce8\u610f\u6df1\u3044\u30ec\u30d3\u30e5\u30a2\u30fc\u3067\u3059\u3002"
+                * 70,
+                True,
+            ),
+            ("Be brief. " * 20, False),
+            ("\u7b80\u6d01\u3002" * 30, False),
+        ):
+            body = {"messages": [{"role": "system", "content": text}, {"role": "user", "content": "hello"}]}
+            shell = shellOf(Shape.CHAT, chatView(Shape.CHAT, body), None)
+            self.assertEqual(shell is not None, learned, (estimatedTokens(text), text[:20]))
