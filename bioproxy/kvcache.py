@@ -90,7 +90,6 @@ class WarmState:
     # The head's tokens, cut where the user's text begins: what its warmup
     # sends and its file holds, and what every request using it begins with.
     boundary: list[int] | None = None
-    reusable: int | None = None  # tokens before the message: what a hit reuses
     # A warmup of this process put exactly the boundary in a slot (and so in
     # the RAM cache), not only a request that went on past it.
     atBoundary: bool = False
@@ -107,6 +106,11 @@ class WarmState:
     error: str | None = None  # why the backend refused the last warmup
     text: str | None = None  # what the warmup's slot starts with, as placement compares it
     fileBytes: int = 0  # of its file, as llama-server reported the save
+
+    @property
+    def reusable(self) -> int | None:
+        """Tokens before the message: what a hit reuses (None until the boundary is known)."""
+        return len(self.boundary) if self.boundary is not None else None
 
     def view(self, backend: Backend) -> dict[str, Any]:
         checked = self.hits + self.misses
@@ -431,9 +435,8 @@ class KVCache:
             # would serve only that conversation's next turn. Warm the head.
             return False
         state = self.state(head)
+        await self.boundary(head)  # the least the slot must hold (no task: nothing is cleared meanwhile)
         with self._quietWhile():
-            if state.reusable is None and prompt is None:
-                await self.boundary(head)  # the least the slot must hold
             least = max(prompt or 0, state.reusable or 0)
             if slot is None and least:
                 slot = await self._slotHolding(least, generated if prompt else None)
@@ -442,8 +445,6 @@ class KVCache:
         state.warm = True
         if self.backend.mode is SlotMode.CLEARED:
             state.inRam = True  # the next task moves the slot into the RAM cache
-        if state.reusable is None:
-            await self.boundary(head)
         return True
 
     async def _slotHolding(self, prompt: int, generated: int | None) -> int | None:
@@ -496,7 +497,6 @@ class KVCache:
             log.info("cannot find where {prefix}'s message begins: {why}", prefix=head.name, why=str(e))
             return None
         state.boundary = tokens[:keep]
-        state.reusable = keep
         return state.boundary
 
     def learn(
