@@ -147,8 +147,8 @@ class Warmer(Service):
         backend or a stop cancels it; where that cannot be done, head is
         warmed instead.
         """
-        if head.name in self.jobs or not self.ready:
-            return
+        if head.name in self.jobs or not self.ready or not self.running:
+            return  # (a request that ends as bioproxy stops starts nothing that outlives it)
         job = defer.ensureDeferred(self._saveServed(head, slot, prompt, generated))
         self.jobs[head.name] = job
         job.addBoth(self._ended, head.name)

@@ -255,3 +255,22 @@ class ProbeFailureTests(SynchronousTestCase):
         m.found()
         self.assertTrue(m.backend.ready)
         self.assertEqual(m.backend.reuse, Reuse.UNKNOWN)
+
+
+class StoppedTests(SynchronousTestCase):
+    def test_aRequestEndingAsBioproxyStopsStartsNoSave(self) -> None:
+        """Its slot is not saved once the warmer has stopped: nothing may outlive the service's HTTP pool."""
+        m = warmed(self, "dense")
+        m.warmer.stopService()
+        status, _ = m.post(
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "system", "content": "Be terse. " * 30},
+                    {"role": "user", "content": "@t0 hi"},
+                ]
+            },
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(m.warmer.jobs, {})
+        self.assertEqual([a for a in m.fake.actions if a[0] == "save" and a[2].startswith("_t0_")], [])
