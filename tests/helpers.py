@@ -192,3 +192,13 @@ def membersSettled(members: Any) -> bool:
 def cacheFiles(directory: Any) -> list[str]:
     """The files in a --slot-save-path directory, less the one the backend's restore probe writes over."""
     return sorted(p.name for p in directory.iterdir() if not p.name.startswith("bioproxy-probe"))
+
+
+def logEvents(testCase: Any) -> list[dict[str, Any]]:
+    """Every log event published from now until the test ends."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    testCase.addCleanup(globalLogPublisher.removeObserver, seen.append)
+    return seen

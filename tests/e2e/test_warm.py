@@ -12,13 +12,13 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from bioproxy.backend import PROBE_MARK
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 
-from ..helpers import asyncTest, cacheFiles, listen, until
+from ..helpers import asyncTest, cacheFiles, listen, logEvents, until
 from ..stack import Bioproxy, templateText
 
 R: Any = reactor
@@ -235,12 +235,6 @@ class UnifiedVerificationTests(VerificationTests):
 class KilledWhileSavingTests(TestCase):
     """llama-server killed while bioproxy saves a slot: one warning line, no traceback, the save done again."""
 
-    def events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
-
     async def killAndRestart(self, stack: Stack) -> None:
         await until(R, lambda: stack.llama.faults.down, what="the save that kills llama-server")
         await until(R, lambda: stack.metric("bioproxy_backend_up") == 0, what="the outage")
@@ -262,7 +256,7 @@ class KilledWhileSavingTests(TestCase):
 
     @asyncTest
     async def test_warmupSave(self) -> None:
-        events = self.events()
+        events = logEvents(self)
         stack = Stack(self, templates=1)
         stack.llama.faults.dieOnSave = True
         await self.killAndRestart(stack)
@@ -273,7 +267,7 @@ class KilledWhileSavingTests(TestCase):
     @asyncTest
     async def test_servedSlotSave(self) -> None:
         """A variant's first request is saved as its file (saveServed); killed there, it is warmed after."""
-        events = self.events()
+        events = logEvents(self)
         stack = Stack(self, templates=1)
         await stack.allWarm()
         stack.llama.faults.dieOnSave = True

@@ -8,21 +8,19 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import LogLevel, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.logs import jsonLine, textLine, twistdLogsToStdout
 
+from ..helpers import logEvents
 from .memory import Memory
 
 
 class AccessLineTests(SynchronousTestCase):
     def events(self) -> list[dict[str, Any]]:
-        seen: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(seen.append)
-        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        return seen
+        return logEvents(self)
 
     def test_slotRequestLine(self) -> None:
         m = Memory(Path(self.mktemp()), unified=False)
