@@ -77,6 +77,12 @@ class Config:
     learn_after: int = 1
     max_learned: int = 32
     max_learned_bytes: int = 0
+    # Conversations and agent sessions (each at least about 512 tokens): at
+    # most this many kept (0: none), each saved once it has had no turn for
+    # conversation_idle seconds, so that its next turn after a llama-server
+    # restart is restored; their files count in max_learned_bytes.
+    max_conversations: int = 64
+    conversation_idle: float = 5.0
     # Fix the per-conversation values of Claude Code's billing-header block
     # so that every conversation's prompt starts alike.
     normalise_billing_header: bool = True
@@ -305,6 +311,13 @@ def _optionalCount(key: str, value: Any) -> int | None:
     return value
 
 
+def _wholeNumber(key: str, value: Any) -> int:
+    """A count that may be 0 (none)."""
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return _count(key, value)
+
+
 def _count(key: str, value: Any) -> int:
     counted = _optionalCount(key, value)
     if counted is None:
@@ -439,6 +452,8 @@ _CHECKS = {
     "learn_after": _count,
     "max_learned": _count,
     "max_learned_bytes": _size,
+    "max_conversations": _wholeNumber,
+    "conversation_idle": _positive,
     "normalise_billing_header": _flag,
     "allow_slot_actions": _flag,
     "access_log": _flag,

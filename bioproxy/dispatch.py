@@ -19,9 +19,9 @@ from twisted.python.failure import Failure
 
 from .backend import Backend
 from .errors import writeError
-from .expand import Body
+from .expand import Body, promptText
 from .forward import Forwarder, Outcome
-from .heads import Head
+from .heads import Head, HeadBook, Kind
 from .kvcache import KVCache, Prepared
 from .monitor import BackendMonitor
 from .scheduler import (
@@ -42,6 +42,10 @@ from .warmup import Warmer
 
 log = Logger()
 
+# How long a request waits for a check of a backend last seen away (the
+# check itself is two short calls when it is back).
+RECHECK_TIMEOUT = 5.0
+
 
 class Dispatcher:
     def __init__(
@@ -52,7 +56,9 @@ class Dispatcher:
         warmer: Warmer,
         monitor: BackendMonitor,
         backend: Backend,
+        book: HeadBook,
     ) -> None:
+        self.book = book  # told of each conversation answered
         self.scheduler = scheduler
         self.cache = cache
         self.forwarder = forwarder
@@ -71,7 +77,12 @@ class Dispatcher:
         request still takes a lease, and the slot it is placed on is where
         llama-server's own choice will find what it starts with.
         """
-        head = body.head
+        if self.monitor.reachable is False:
+            # It may be back as a new process that has lost every slot: ask
+            # now, not at the next poll, so that this request restores its
+            # head from its file instead of computing it.
+            await self.monitor.checkNow(RECHECK_TIMEOUT)
+        head = self._resumed(body) or body.head
         pin = body.parsed.get("id_slot") if pinnable else None
         if "id_slot" in body.parsed and pinnable and (not isinstance(pin, int) or isinstance(pin, bool)):
             # Anything else would reach llama-server as a slot bioproxy did not reserve.
@@ -149,7 +160,7 @@ class Dispatcher:
         outcome = await self.forwarder.forward(
             request, body.pinned(slot if pinned else None), reader.feed, self.replaceable
         )
-        contents = self._learn(outcome, reader, head, body.prefix, slot, how, pinned, text, rewarm)
+        contents = self._learn(outcome, reader, head, body, slot, how, pinned, text, rewarm)
         if outcome.error == "connect" and outcome.status is None and self.replaceable:
             # Nothing was answered: the router places the request on another backend.
             raise BackendGone(self.forwarder.backend.decode())
@@ -158,6 +169,17 @@ class Dispatcher:
             request.computed = reader.timings.get("prompt_n")
         return contents if pins else UNKNOWN
 
+    def _resumed(self, body: Body) -> Head | None:
+        """
+        The longest kept conversation that body continues, where this
+        backend holds it or can restore its file (after a restart, say);
+        None to start from the head body begins with, as any request.
+        """
+        for head in body.resumes:
+            if self.cache.state(head).warm or self.cache.mayRestore(head):
+                return head
+        return None
+
     async def _preparePinned(self, lease: Lease, head: Head | None) -> Prepared:
         """Slots keep their contents: the leased slot gets the head unless it holds it."""
         assert lease.slot is not None
@@ -165,7 +187,7 @@ class Dispatcher:
         if head is None:
             self.cache.displaced(held)
             return "warm"
-        if lease.warm:
+        if lease.warm or self.cache.holds(lease.slot.contents, head):
             return "warm"
         return await self.cache.prepare(lease.slot.id, head, held, ram=True)
 
@@ -199,7 +221,7 @@ class Dispatcher:
         outcome: Outcome,
         reader: TimingsReader,
         head: Head | None,
-        prefix: str,
+        body: Body,
         slot: int,
         how: Prepared,
         pinned: bool,
@@ -215,19 +237,78 @@ class Dispatcher:
             return None  # llama-server refuses before it touches the slot
         timings = reader.timings
         if timings is not None:
-            self.cache.count(prefix, timings)
-        if head is None:
-            return holding(None, text)
-        if not self.cache.saved(head) and self.cache.persists(head):
+            self.cache.count(body.prefix, timings)
+            self._measure(body, timings)
+        conversation = self._kept(body, slot if pinned else None, timings)
+        if head is not None:
+            self._learnHead(head, slot, how, pinned, timings, rewarm, conversation)
+        opening = body.head
+        if head is not opening and opening is not None and conversation is not None:
+            self._learnOpening(opening, conversation)
+        # Whatever the reuse was, the slot has just computed the head the
+        # request began with (by whose key placement finds it) and the
+        # conversation (which placement finds by its text).
+        base = opening if opening is not None else head if head is not None else conversation
+        return self.cache.holding(base, text) if base is not None else holding(None, text)
+
+    def _measure(self, body: Body, timings: dict[str, Any]) -> None:
+        """The share of the request's prompt tokens that its unmeasured start takes, for the book."""
+        shell = body.unmeasured
+        if shell is None or shell.view is None or not body.text:
+            return
+        tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
+        share = min(1.0, len(promptText(shell.view)) / len(body.text))
+        self.book.measured(shell, int(tokens * share))
+
+    def _kept(self, body: Body, slot: int | None, timings: dict[str, Any] | None) -> Head | None:
+        """A chat was answered: the book keeps it as a conversation, whose file the warmer saves once it is idle."""
+        tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0) if timings else None
+        kept = (
+            self.book.served(body.view, tokens or None, lambda: body.links) if body.view is not None else None
+        )
+        if kept is None:
+            return None
+        conversation, grown = kept
+        self.cache.noteServed(conversation, slot, timings)
+        self.warmer.conversationServed(conversation, grown)
+        return conversation
+
+    def _learnOpening(self, opening: Head, conversation: Head) -> None:
+        """A conversation opens with head opening: warmed at its boundary after the conversation is saved."""
+        if not self.cache.atBoundary(opening):
+            self.warmer.warmAfter(conversation, opening)
+
+    def _learnHead(
+        self,
+        head: Head,
+        slot: int,
+        how: Prepared,
+        pinned: bool,
+        timings: dict[str, Any] | None,
+        rewarm: list[Head],
+        conversation: Head | None,
+    ) -> None:
+        """
+        What a request that began with head says of it: save it, warm it
+        again, or trust its restores less. conversation: the conversation
+        kept from the request, if any.
+        """
+        # A conversation's file is saved once it is idle; it is never warmed
+        # again (its next turn resumes a longer one).
+        kept = head.kind is not Kind.CONVERSATION
+        if kept and conversation is not None and not self.cache.atBoundary(head):
+            self._learnOpening(head, conversation)
+        elif kept and not self.cache.saved(head) and self.cache.persists(head):
             self._saveServed(head, slot if pinned else None, timings)
-        elif not self.cache.atBoundary(head):
+        elif kept and not self.cache.atBoundary(head):
             rewarm.append(head)  # a warmup leaves it at its boundary, where every request extends it
         # Only a pinned request right after a restore tells whether restores work.
         restored = how == "restored" and pinned
         missed = (
             timings is not None and self.cache.learn(head, slot, timings, restored, how == "ram") == "lost"
         )
-        if missed and how not in ("cold", "failed"):
+        if missed and how in ("warm", "ram"):
+            # What the backend held is gone: a new process, maybe, that no poll has seen yet.
+            self.monitor.checkNow(RECHECK_TIMEOUT)
+        if missed and kept and how not in ("cold", "failed"):
             rewarm.append(head)  # it should have been warm: warm it again
-        # Whatever the reuse was, the slot has just computed the head.
-        return self.cache.holding(head, text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from .routes import Shape
 from .templates import Template, TemplateLibrary
 
 if TYPE_CHECKING:
-    from .heads import Head
+    from .heads import Head, Shell
 
 
 class BadRequest(Exception):
@@ -233,25 +234,34 @@ def _anthropicView(body: dict[str, Any]) -> ChatView:
             if content is not None or message.get("role") != "assistant":
                 messages.append(message)
             continue
-        parts = [b for b in content if isinstance(b, dict) and b.get("type") == "text"]
-        calls = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
-        results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
-        if parts or calls:
+        blocks = [b for b in content if isinstance(b, dict)]
+        parts = [b for b in blocks if b.get("type") == "text"]
+        calls = [
+            {
+                "id": _string(c.get("id")),
+                "type": "function",
+                "function": {"name": _string(c.get("name")), "arguments": _compact(c.get("input", {}))},
+            }
+            for c in blocks
+            if c.get("type") == "tool_use"
+        ]
+        thinking = "".join(_string(b.get("thinking")) for b in blocks if b.get("type") == "thinking")
+        if parts or calls or thinking:
             converted: dict[str, Any] = {"role": message.get("role"), "content": parts or ""}
             if calls:
-                converted["tool_calls"] = [
-                    {"id": c.get("id", ""), "type": "function", "function": {"name": c.get("name", "")}}
-                    for c in calls
-                ]
+                converted["tool_calls"] = calls
+            if thinking:
+                converted["reasoning_content"] = thinking
             messages.append(converted)
-        for result in results:
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": result.get("tool_use_id", ""),
-                    "content": result.get("content"),
-                }
-            )
+        for result in blocks:
+            if result.get("type") == "tool_result":
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": _string(result.get("tool_use_id")),
+                        "content": _resultText(result.get("content")),
+                    }
+                )
     head: dict[str, Any] = {}
     tools = body.get("tools")
     if isinstance(tools, list):
@@ -270,6 +280,80 @@ def _anthropicView(body: dict[str, Any]) -> ChatView:
     if "chat_template_kwargs" in body:
         head["chat_template_kwargs"] = body["chat_template_kwargs"]
     return ChatView(head, messages)
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _compact(value: Any) -> str:
+    """JSON as llama-server writes a tool call's arguments: keys sorted, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _resultText(content: Any) -> Any:
+    """A tool result's content as llama-server passes it on: text, text parts joined, or its parts with images."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    blocks = [b for b in content if isinstance(b, dict)]
+    if any(b.get("type") == "image" for b in blocks):
+        return [{"type": "text", "text": _string(b.get("text"))} for b in blocks if b.get("type") == "text"]
+    return "".join(_string(b.get("text")) for b in blocks if b.get("type") == "text")
+
+
+def _responsesItem(messages: list[dict[str, Any]], item: dict[str, Any], content: Any) -> None:
+    """
+    An answer's item (a message, a function call, its output, reasoning)
+    as llama-server 11434 turns it into chat messages: what an answer holds
+    joins the assistant message before it, if there is one.
+    """
+    previous = messages[-1] if messages and messages[-1].get("role") == "assistant" else None
+    kind = item.get("type")
+    if item.get("role") == "assistant" and kind == "message":
+        parts = [
+            {"text": p.get("text"), "type": "text"}
+            if p.get("type") in ("output_text", "input_text")
+            else {"refusal": p.get("refusal"), "type": "refusal"}
+            for p in (content if isinstance(content, list) else [])
+            if isinstance(p, dict)
+        ]
+        if previous is not None:
+            previous["content"] = [*(previous.get("content") or []), *parts]
+        else:
+            rest = {k: v for k, v in item.items() if k not in ("type", "status", "content")}
+            messages.append({**rest, "content": parts})
+    elif kind == "function_call":
+        call = {
+            "function": {"arguments": item.get("arguments"), "name": item.get("name")},
+            "id": item.get("call_id"),
+            "type": "function",
+        }
+        if previous is not None:
+            previous["tool_calls"] = [*(previous.get("tool_calls") or []), call]
+        else:
+            messages.append({"role": "assistant", "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        if isinstance(output, list):
+            output = [
+                {**o, "type": "text"} if o.get("type") == "input_text" else o
+                for o in output
+                if isinstance(o, dict)
+            ]
+        messages.append({"content": output, "role": "tool", "tool_call_id": item.get("call_id")})
+    elif kind == "reasoning":
+        texts = item.get("content")
+        text = (
+            texts[0].get("text") if isinstance(texts, list) and texts and isinstance(texts[0], dict) else ""
+        )
+        if previous is not None:
+            previous["reasoning_content"] = text
+        else:
+            messages.append({"role": "assistant", "content": [], "reasoning_content": text})
+    else:
+        messages.append(dict(item))
 
 
 def _responsesView(body: dict[str, Any]) -> ChatView:
@@ -296,7 +380,7 @@ def _responsesView(body: dict[str, Any]) -> ChatView:
                 rest = {k: v for k, v in item.items() if k not in ("type", "status", "content")}
                 messages.append({**rest, "content": parts})
             else:
-                messages.append(item)
+                _responsesItem(messages, item, content)
     head: dict[str, Any] = {}
     tools = body.get("tools")
     if isinstance(tools, list):
@@ -311,6 +395,37 @@ def _responsesView(body: dict[str, Any]) -> ChatView:
     if "chat_template_kwargs" in body:
         head["chat_template_kwargs"] = body["chat_template_kwargs"]
     return ChatView(head, messages)
+
+
+def chain(view: ChatView) -> list[str]:
+    """
+    A conversation's hash chain: one digest per message, of everything up
+    to and including it, so that a request finds the longest kept start of
+    its messages with one lookup per message. Marks that a client moves
+    from turn to turn and that no chat template renders (Anthropic's
+    cache_control) are left out.
+    """
+    link = hashlib.sha256(
+        json.dumps(view.head, sort_keys=True, ensure_ascii=False).encode("utf-8", "replace")
+    )
+    links = []
+    for message in view.messages:
+        text = json.dumps(_unmarked(message), sort_keys=True, ensure_ascii=False)
+        link = hashlib.sha256(link.digest() + text.encode("utf-8", "replace"))
+        links.append(link.hexdigest())
+    return links
+
+
+def _unmarked(message: Any) -> Any:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and "cache_control" in p for p in content
+    ):
+        return message
+    parts = [
+        {k: v for k, v in p.items() if k != "cache_control"} if isinstance(p, dict) else p for p in content
+    ]
+    return {**message, "content": parts}
 
 
 # Enough of any prompt to tell where it is cached; bounds memory per slot.
@@ -357,6 +472,11 @@ class Body:
     expanded: bool = False  # changed: a template expanded, or a header normalised
     shape: Shape | None = None
     head: Head | None = None  # the warm head the prompt starts with, if any
+    # Kept conversations that the prompt continues, longest first (HeadBook.conversationsOf).
+    resumes: list[Head] = dataclasses.field(default_factory=list)
+    # The start the prompt shares with others, too short by estimate to keep:
+    # its answer's token count decides (HeadBook.measured).
+    unmeasured: Shell | None = None
     prefix: str = ""  # of the last template expanded: labels the metrics
 
     @functools.cached_property
@@ -369,6 +489,11 @@ class Body:
         if self.shape is Shape.PROMPT:
             return promptText(None, self.parsed.get("prompt"))
         return promptText(self.view) if self.view is not None else ""
+
+    @functools.cached_property
+    def links(self) -> list[str]:
+        """The hash chain of the chat view's messages (chain), worked out once per request."""
+        return chain(self.view) if self.view is not None else []
 
     @property
     def conversation(self) -> str | None:

@@ -24,14 +24,21 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .expand import WRITTEN_ROLES, ChatView, promptText
+from .expand import WRITTEN_ROLES, ChatView, chain, promptText
 from .routes import Shape
 from .templates import Template, TemplateLibrary
 
 # Where the varying part of a head begins (the user's message, or prompt).
 MARK = "\u2063bioproxy-message\u2063"
+# The metrics label of every conversation's head (Head.label).
+CONVERSATION_LABEL = "(conversation)"
 # Where a variant's template text goes, until the template's version is known.
 _TEMPLATE = "\u2063bioproxy-template\u2063"
+# A conversation is saved at once, not only once it goes idle, when it has
+# grown by this many tokens (estimatedTokens) since its last file.
+CONVERSATION_GROWTH = 8192
+# Starts remembered as long enough by their token counts (HeadBook.measured).
+MEASURED = 1024
 # A learned head shorter than this (in tokens, as estimatedTokens counts
 # them) is not worth a warmup and a file: llama-server computes it in moments.
 MIN_LEARNED_TOKENS = 512
@@ -55,6 +62,7 @@ class Kind(enum.Enum):
     PROMPT = "prompt"  # the template as a completion prompt
     VARIANT = "variant"  # the template behind leading messages or tools
     LEARNED = "learned"  # an untemplated start that recurs
+    CONVERSATION = "conversation"  # a conversation's messages so far, up to its next answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,11 @@ class Head:
         """Known only from requests since bioproxy started, so any file of it is one this process wrote."""
         return self.kind is not Kind.TEMPLATE
 
+    @property
+    def label(self) -> str:
+        """Its metrics label: conversations come and go, and share one, so that label sets stay bounded."""
+        return CONVERSATION_LABEL if self.kind is Kind.CONVERSATION else self.name
+
     def warmBody(self, slot: int | None) -> dict[str, Any]:
         """
         The head with the mark emptied, one token, pinned unless slot is
@@ -95,6 +108,16 @@ class Head:
     def measureBody(self) -> dict[str, Any] | None:
         """The chat whose rendering, cut at MARK, is what a warm slot saves; None for a prompt head."""
         return _filled(self.view, MARK) if self.view is not None else None
+
+    def heldText(self) -> str | None:
+        """
+        A conversation's messages as placement compares prompts: a slot
+        whose text starts with them holds the conversation (its answer too,
+        maybe). None for other heads, which slots hold by key.
+        """
+        if self.kind is not Kind.CONVERSATION or self.view is None:
+            return None
+        return promptText(ChatView(self.view.head, self.view.messages[: -len(_NEXT_ANSWER)]))
 
     def warmText(self) -> str:
         """What a slot that computed the warmup starts with, as placement compares prompts."""
@@ -141,6 +164,9 @@ class Shell:
     # The client marked a cache_control breakpoint in it: a start it says is
     # worth keeping, so it is kept from its first use and whatever its length.
     marked: bool = False
+    # Too short to keep as estimatedTokens counts it, until a request's own
+    # token count says otherwise (HeadBook.measured).
+    short: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -148,12 +174,18 @@ class Shell:
             return f"{self.prefix}:prompt"
         if self.kind is Kind.VARIANT:
             return f"{self.prefix}+{self.digest[:8]}"
+        if self.kind is Kind.CONVERSATION:
+            return conversationName(self.digest)
         return f"~{self.digest[:8]}"
 
     def head(self, library: TemplateLibrary) -> Head | None:
         """The head with the template's current version; None when the template is gone."""
         if self.kind is Kind.LEARNED:
             return Head(self.name, self.kind, None, self.view, None, self.digest)
+        if self.kind is Kind.CONVERSATION:
+            assert self.view is not None
+            view = ChatView(self.view.head, self.view.messages + _NEXT_ANSWER)
+            return Head(self.name, self.kind, None, view, None, self.digest)
         template = library.templates.get(self.prefix or "")
         if template is None:
             return None
@@ -215,9 +247,47 @@ def shellOf(
     # A breakpoint before the prompt (the last part is the prompt's place).
     parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]][:-1]
     marked = marked or any(isinstance(p, dict) and p.get("cache_control") for p in parts)
-    if estimatedTokens(promptText(shell)) < MIN_LEARNED_TOKENS and not marked:
+    estimated = estimatedTokens(promptText(shell))
+    if estimated < MIN_LEARNED_TOKENS // 8 and not marked:
+        return None  # short even in the densest tokenizer
+    short = estimated < MIN_LEARNED_TOKENS and not marked
+    return Shell(Kind.LEARNED, None, shell, _digest(shell.body()), marked, short)
+
+
+# What a conversation's head adds after its messages: the answer to come,
+# whose text is where the next turn begins (its header is shared), and a
+# question after it, so that the answer renders as every later turn shows it
+# (a chat template may render the last message otherwise: a thinking block).
+_NEXT_ANSWER = [{"role": "assistant", "content": MARK}, {"role": "user", "content": "."}]
+# Roles after which the next message is the model's answer.
+_ASKING_ROLES = frozenset({"user", "tool", "system", "developer"})
+
+
+def conversationName(digest: str) -> str:
+    return f"#{digest[:12]}"
+
+
+def conversationShell(
+    view: ChatView | None, tokens: int | None = None, links: Callable[[], list[str]] | None = None
+) -> tuple[Shell, list[str], int] | None:
+    """
+    A chat that was just answered, as a conversation whose next turn will
+    extend it, with its hash chain (links, if known) and its length (tokens:
+    its prompt tokens, as its answer counted them; else estimated), if it is
+    long enough to keep (MIN_LEARNED_TOKENS) and ends where the model
+    answers next.
+    """
+    if view is None or not view.messages:
         return None
-    return Shell(Kind.LEARNED, None, shell, _digest(shell.body()), marked)
+    last = view.messages[-1]
+    if not isinstance(last, dict) or last.get("role") not in _ASKING_ROLES:
+        return None
+    if tokens is None:
+        tokens = estimatedTokens(promptText(view))
+    if tokens < MIN_LEARNED_TOKENS:
+        return None
+    chained = links() if links is not None else chain(view)
+    return Shell(Kind.CONVERSATION, None, view, chained[-1]), chained, tokens
 
 
 def _opening(messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -267,6 +337,8 @@ class Entry:
     uses: int = 0
     lastUsed: float = 0.0
     bytes: int = 0  # of its file, once saved
+    chain: tuple[str, ...] = ()  # a conversation's hash chain (chain())
+    tokens: int = 0  # a conversation's length, as estimatedTokens counts it
 
 
 class HeadBook:
@@ -283,14 +355,18 @@ class HeadBook:
         learnAfter: int = 1,
         maxLearned: int = 32,
         maxBytes: int = 0,
+        maxConversations: int = 64,
     ) -> None:
         self.library = library
         self.clock = clock
         self.learnAfter = learnAfter
         self.maxLearned = maxLearned
-        self.maxBytes = maxBytes  # 0: no disk budget
+        self.maxConversations = maxConversations
+        self.maxBytes = maxBytes  # 0: no disk budget (shared by learned heads and conversations)
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()  # least recent first
         self.dropped: list[Callable[[str], None]] = []  # told of a head given up
+        # Starts found long enough by their token counts, though short by estimate (measured).
+        self.long: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Counts changes to which heads there are and their files, for whoever
         # keeps a copy (state.StateFile); a use alone does not count.
         self.changes = 0
@@ -308,6 +384,8 @@ class HeadBook:
         """Every head to keep warm: each template's, then those learned, most recently used first."""
         heads = [templateHead(t) for t in self.library.templates.values()]
         for entry in reversed(self.entries.values()):
+            if entry.shell.kind is Kind.CONVERSATION:
+                continue  # saved once it goes idle (Warmer.conversationServed), restored by its next turn
             head = entry.shell.head(self.library) if self._kept(entry) else None
             if head is not None:
                 heads.append(head)
@@ -325,7 +403,7 @@ class HeadBook:
         place it and make its slot ready. Once the request is answered,
         its slot is saved as the head's file (Warmer.saveServed).
         """
-        if shell is None:
+        if shell is None or (shell.short and shell.digest not in self.long):
             return templateHead(template) if template is not None else None
         entry = self.entries.pop(shell.name, None)
         if entry is None:
@@ -337,11 +415,80 @@ class HeadBook:
         self._bound()
         return entry.shell.head(self.library)
 
+    def measured(self, shell: Shell, tokens: int) -> None:
+        """
+        A request that began with shell, too short to keep as estimated,
+        came to this many tokens of it, counted by the model's own tokenizer
+        (Dispatcher: its share of the request's prompt tokens). Long enough,
+        it is kept from its next use on, in any script and any tokenizer.
+        """
+        if tokens >= MIN_LEARNED_TOKENS:
+            self.long[shell.digest] = None
+            self.long.move_to_end(shell.digest)
+            while len(self.long) > MEASURED:
+                self.long.popitem(last=False)
+
+    def conversations(self) -> list[Entry]:
+        """The conversations kept, least recently used first."""
+        return [e for e in self.entries.values() if e.shell.kind is Kind.CONVERSATION]
+
+    def conversationsOf(self, view: ChatView | None, links: list[str] | None = None) -> list[Head]:
+        """The kept conversations whose messages view (with hash chain links) starts with, longest first."""
+        if view is None or not self.conversations():
+            return []
+        found = []
+        for link in reversed(links if links is not None else chain(view)):
+            entry = self.entries.get(conversationName(link))
+            if entry is not None:
+                found.append(entry.shell.head(self.library))
+        return [head for head in found if head is not None]
+
+    def served(
+        self,
+        view: ChatView | None,
+        tokens: int | None = None,
+        links: Callable[[], list[str]] | None = None,
+    ) -> tuple[Head, bool] | None:
+        """
+        A chat was answered: keep it as a conversation whose next turn
+        resumes from it, if it is one (conversationShell). Returns its head,
+        and whether it has grown by CONVERSATION_GROWTH tokens since the last
+        file of it was saved (then it is saved at once, not once idle). A
+        shorter start of it that was never saved never will be: it goes.
+        """
+        found = conversationShell(view, tokens, links) if self.maxConversations else None
+        if found is None:
+            return None
+        shell, chained, tokens = found
+        entry = self.entries.pop(shell.name, None)
+        if entry is None:
+            entry = Entry(shell, chain=tuple(chained), tokens=tokens)
+            self.changes += 1
+        entry.uses += 1
+        entry.lastUsed = self.clock()
+        self.entries[shell.name] = entry
+        saved = 0
+        for link in chained[:-1]:
+            older = self.entries.get(conversationName(link))
+            if older is not None and older.bytes:
+                saved = max(saved, older.tokens)
+            elif older is not None:
+                self._drop(older.shell.name)
+        self._bound()
+        head = shell.head(self.library)
+        if head is None or shell.name not in self.entries:
+            return None  # none are kept (max_conversations: 0)
+        return head, entry.tokens - saved >= CONVERSATION_GROWTH
+
     def savedBytes(self, name: str, size: int) -> None:
+        """A file of head name was saved: it counts in the disk budget, and replaces its conversation's older ones."""
         entry = self.entries.get(name)
         if entry is not None:
             entry.bytes = size
             self.changes += 1
+            for link in entry.chain[:-1]:
+                if conversationName(link) in self.entries:
+                    self._drop(conversationName(link))
             self._bound()
 
     def _kept(self, entry: Entry) -> bool:
@@ -349,15 +496,28 @@ class HeadBook:
         return entry.uses >= (1 if entry.shell.marked else self.learnAfter)
 
     def _bound(self) -> None:
-        while len(self.entries) > self.maxLearned or (
-            self.maxBytes
-            and sum(e.bytes for e in self.entries.values()) > self.maxBytes
-            and len(self.entries) > 1
-        ):
-            name, _ = self.entries.popitem(last=False)
-            self.changes += 1
-            for listener in self.dropped:
-                listener(name)
+        """Least recently used out: past the count of learned heads, of conversations, or the bytes on disk."""
+        while True:
+            conversations = self.conversations()
+            if len(self.entries) - len(conversations) > self.maxLearned:
+                victim = next(n for n, e in self.entries.items() if e.shell.kind is not Kind.CONVERSATION)
+            elif len(conversations) > self.maxConversations:
+                victim = conversations[0].shell.name
+            elif (
+                self.maxBytes
+                and sum(e.bytes for e in self.entries.values()) > self.maxBytes
+                and len(self.entries) > 1
+            ):
+                victim = next(iter(self.entries))
+            else:
+                return
+            self._drop(victim)
+
+    def _drop(self, name: str) -> None:
+        del self.entries[name]
+        self.changes += 1
+        for listener in self.dropped:
+            listener(name)
 
     def entriesData(self) -> list[dict[str, Any]]:
         """Every entry as JSON-ready data, least recently used first (addEntries' input)."""
@@ -388,8 +548,13 @@ class HeadBook:
                     bool(data.get("marked", False)),
                 )
                 entry = Entry(shell, int(data["uses"]), float(data["last_used"]), int(data["file_bytes"]))
-            except (KeyError, TypeError, ValueError, AttributeError):
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
                 continue
+            if shell.kind is Kind.CONVERSATION:
+                found = conversationShell(shell.view)
+                if found is None or found[0].digest != shell.digest:
+                    continue  # not what was kept: its messages were changed
+                entry.chain, entry.tokens = tuple(found[1]), found[2]
             if shell.kind is not Kind.TEMPLATE and shell.name not in self.entries:
                 self.entries[shell.name] = entry
                 self.entries.move_to_end(shell.name, last=False)

@@ -105,7 +105,11 @@ class WarmState:
     lastHow: str | None = None  # how the last warmup made it warm: prefill, restore, resident
     error: str | None = None  # why the backend refused the last warmup
     text: str | None = None  # what the warmup's slot starts with, as placement compares it
+    held: str | None = None  # a conversation's messages, as a slot's text starts with them (holds)
     fileBytes: int = 0  # of its file, as llama-server reported the save
+    # A conversation's last answered request: its slot (where pinned), its
+    # prompt and generated tokens, to find the slot that holds it (slotHolding).
+    served: tuple[int | None, int | None, int | None] | None = None
 
     @property
     def reusable(self) -> int | None:
@@ -163,6 +167,15 @@ class KVCache:
         if state.text is None:
             state.text = head.warmText()
         return state.text
+
+    def holds(self, contents: Contents, head: Head) -> bool:
+        """Whether a slot with contents holds head: by its key, or a conversation by its messages."""
+        if contents.key == head.key:
+            return True
+        state = self.state(head)
+        if state.held is None:
+            state.held = head.heldText() or ""
+        return bool(state.held) and contents.text.startswith(state.held)
 
     def forgetFile(self, head: Head) -> None:
         """Its file must be written again: forced, or found to give no reuse."""
@@ -334,7 +347,7 @@ class KVCache:
         name = self.filename(head)
         if name is None:
             return False
-        prefix = head.name
+        prefix, label = head.name, head.label
         try:
             if self.backend.pins:
                 await self.preserve(slot, held)
@@ -353,7 +366,7 @@ class KVCache:
                 )
             else:  # a first warmup: normal, not an error
                 log.info("no cache file for {prefix} yet; computing it", prefix=prefix)
-            self.metrics.kvRestores.labels(prefix=prefix, status=status).inc()
+            self.metrics.kvRestores.labels(prefix=label, status=status).inc()
             self.backend.saved.discard(name)
             self.backend.missing.add(name)
             return False
@@ -361,15 +374,33 @@ class KVCache:
             raise
         except Exception as e:  # noqa: BLE001 - a failed restore only means a cold request
             log.warn("restoring {prefix} failed: {why}", prefix=prefix, why=str(e))
-            self.metrics.kvRestores.labels(prefix=prefix, status="error").inc()
+            self.metrics.kvRestores.labels(prefix=label, status="error").inc()
             return False
         restored = result.get("n_restored", 0) if isinstance(result, dict) else 0
         if not restored:
-            self.metrics.kvRestores.labels(prefix=prefix, status="empty").inc()
+            self.metrics.kvRestores.labels(prefix=label, status="empty").inc()
             return False
-        self.metrics.kvRestores.labels(prefix=prefix, status="ok").inc()
+        self.metrics.kvRestores.labels(prefix=label, status="ok").inc()
         self.backend.saved.add(name)
         return True
+
+    def noteServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
+        """
+        A request computed conversation head and was answered: llama-server
+        holds it (in slot, where pinned; in its RAM cache once the next task
+        starts, in CLEARED mode). What it computed finds the slot later
+        (slotHolding), when the conversation's file is saved.
+        """
+        state = self.state(head)
+        state.warm = True
+        state.inRam = self.backend.mode is SlotMode.CLEARED
+        prompt = timings.get("cache_n", 0) + timings.get("prompt_n", 0) if timings else None
+        generated = timings.get("predicted_n") if timings else None
+        state.served = (slot, prompt, generated if isinstance(generated, int) else None)
+
+    def lostFromRam(self, head: Head) -> None:
+        """A task of ours took head out of llama-server's RAM cache, and cut it: its file serves it next."""
+        self.state(head).inRam = False
 
     def saved(self, head: Head) -> bool:
         return self.filename(head) in self.backend.saved
@@ -411,7 +442,7 @@ class KVCache:
         self.state(head).fileBytes = size if isinstance(size, int) else 0
         for listener in self.onSaved:
             listener(head.name, self.state(head).fileBytes)
-        self.metrics.kvSaves.labels(prefix=head.name).inc()
+        self.metrics.kvSaves.labels(prefix=head.label).inc()
         log.info("saved {prefix} from slot {slot} to {name}", prefix=head.name, slot=slot, name=name)
         return True
 
@@ -439,7 +470,7 @@ class KVCache:
         with self._quietWhile():
             least = max(prompt or 0, state.reusable or 0)
             if slot is None and least:
-                slot = await self._slotHolding(least, generated if prompt else None)
+                slot = await self.slotHolding(least, generated if prompt else None)
             if slot is None or not await self.save(slot, head, least):
                 return False
         state.warm = True
@@ -447,7 +478,7 @@ class KVCache:
             state.inRam = True  # the next task moves the slot into the RAM cache
         return True
 
-    async def _slotHolding(self, prompt: int, generated: int | None) -> int | None:
+    async def slotHolding(self, prompt: int, generated: int | None) -> int | None:
         """
         The idle slot that holds a prompt of prompt tokens and what was
         generated after it (all but the last token, in llama-server), or at
@@ -537,7 +568,7 @@ class KVCache:
                 state.restoreMisses = 0
             return reused
         state.misses += 1
-        self.metrics.cacheMisses.labels(prefix=head.name).inc()
+        self.metrics.cacheMisses.labels(prefix=head.label).inc()
         log.warn(
             "cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens{why}",
             prefix=head.name,

@@ -52,6 +52,7 @@ class BackendMonitor(Service):
         self.props: dict[str, Any] | None = None
         self.listeners: list[BackendListener] = []
         self._current: defer.Deferred[None] | None = None
+        self._waiting: list[defer.Deferred[None]] = []  # for the check under way (checkNow)
         self._loop = LoopingCall(self.check)
         self._loop.clock = clock
 
@@ -73,8 +74,27 @@ class BackendMonitor(Service):
         current.addBoth(self._checked)
         return current
 
+    def checkNow(self, timeout: float) -> defer.Deferred[None]:
+        """
+        A check at once, not at the next poll (or the one under way), for
+        one who met the backend away or saw what a new process would do:
+        fires when it is done, or after timeout seconds, never with an error.
+        """
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(waiter)
+        waiter.addTimeout(timeout, self.clock, onTimeoutCancel=lambda result, timeout: None)
+        if self._current is None and self.running:
+            self.check()
+        elif not self.running:
+            waiter.callback(None)
+        return waiter
+
     def _checked(self, result: object) -> None:
         self._current = None
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.callback(None)
 
     async def _check(self) -> None:
         try:

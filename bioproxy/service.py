@@ -161,11 +161,20 @@ def _member(
     )
     cache = KVCache(backend, metrics)
     backend.onNewProcess.append(cache.forgetProcess)
-    warmer = Warmer(book, scheduler, cache, backend, reactor, metrics, config.backend_timeout)
+    warmer = Warmer(
+        book,
+        scheduler,
+        cache,
+        backend,
+        reactor,
+        metrics,
+        config.backend_timeout,
+        conversationIdle=config.conversation_idle,
+    )
     warmer.setName("warmup" + suffix)
     monitor.listeners.append(backend)
     backend.listeners.append(warmer)
-    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend)
+    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend, book)
     return Member(spec, llama, monitor, scheduler, backend, cache, warmer, forwarder, dispatcher)
 
 
@@ -193,7 +202,12 @@ def makeService(config: Config, reactor: Any) -> MultiService:
 
     clients = backendClients(reactor, IDLE_CONNECTION_TIMEOUT)
     book = HeadBook(
-        library, reactor.seconds, config.learn_after, config.max_learned, config.max_learned_bytes
+        library,
+        reactor.seconds,
+        config.learn_after,
+        config.max_learned,
+        config.max_learned_bytes,
+        config.max_conversations,
     )
     members = [
         _member(config, spec, book, clients, metrics, reactor, i == 0)
@@ -203,6 +217,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
     for member in members:
         watcher.listeners.append(member.warmer.templateChanged)
         book.dropped.append(member.cache.forget)
+        book.dropped.append(member.warmer.forget)
         member.cache.onSaved.append(book.savedBytes)
 
     # The learned heads, and the names of the files each backend saved.

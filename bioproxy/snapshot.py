@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorTime
 
 from . import __version__
+from .backend import Persistence, Reuse
 from .heads import Head, HeadBook, Kind, templateHead
 from .kvcache import KVCache, isoTime
 from .monitor import BackendMonitor
@@ -122,7 +123,45 @@ class Snapshot:
                 if h.kind is Kind.LEARNED
             ]
         backend = self.cache.backend.view() if self.cache is not None else None
-        return {"templates": out, "learned": learned, "backend": backend}
+        return {
+            "templates": out,
+            "learned": learned,
+            "conversations": self._conversations(),
+            "backend": backend,
+        }
+
+    def _conversations(self) -> dict[str, Any] | None:
+        """The conversations kept for a llama-server restart (no text: their sizes and state)."""
+        if self.book is None or self.cache is None:
+            return None
+        backend = self.cache.backend
+        why = None
+        if backend.persistence is Persistence.NONE:
+            why = "llama-server runs without --slot-save-path: no cache files"
+        elif backend.reuse is Reuse.NOTHING:
+            why = backend.reuseWhy()
+        kept = []
+        for entry in reversed(self.book.conversations()):
+            head = entry.shell.head(self.book.library)
+            assert head is not None and entry.shell.view is not None
+            kept.append(
+                {
+                    "name": head.name,
+                    "messages": len(entry.shell.view.messages),
+                    "estimated_tokens": entry.tokens,
+                    "turns": entry.uses,
+                    "last_turn_at": isoTime(entry.lastUsed),
+                    "file_bytes": entry.bytes,
+                    "warm_state": self.warmer.phase(head).value if self.warmer is not None else None,
+                }
+            )
+        return {
+            "kept": len(kept),
+            "saved": sum(1 for c in kept if c["file_bytes"]),
+            "file_bytes": sum(c["file_bytes"] for c in kept),
+            "not_saved_because": why,
+            "conversations": kept,
+        }
 
     def _head(self, head: Head, uses: dict[str, Any]) -> dict[str, Any]:
         """A head's cache facts, its warm state, and its uses from the book."""

@@ -30,8 +30,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backend import Backend
-from .heads import Head, HeadBook
+from .backend import Backend, Reuse
+from .heads import Head, HeadBook, Kind
 from .kvcache import KVCache, WarmState
 from .llamacpp import Refused, Unauthorized, Unreachable
 from .metrics import Metrics
@@ -40,8 +40,9 @@ from .templates import Template
 
 log = Logger()
 
-# How a warmup made its head warm (the `how` label of bioproxy_warmup_total).
-Warmed = Literal["prefill", "restore", "resident"]
+# How a warmup made its head warm (the `how` label of bioproxy_warmup_total);
+# "saved": a conversation's file, written from what llama-server held.
+Warmed = Literal["prefill", "restore", "resident", "saved"]
 
 
 class Phase(enum.Enum):
@@ -69,6 +70,7 @@ class Warmer(Service):
         metrics: Metrics,
         timeout: float,
         retryDelay: float = 5.0,
+        conversationIdle: float = 5.0,
     ) -> None:
         self.book = book
         self.scheduler = scheduler
@@ -79,6 +81,11 @@ class Warmer(Service):
         self.metrics = metrics
         self.timeout = timeout
         self.retryDelay = retryDelay
+        # Seconds without a turn after which a conversation's file is saved.
+        self.conversationIdle = conversationIdle
+        self._idle: dict[str, IDelayedCall] = {}
+        # The head each conversation opens with, to warm once it is saved (warmAfter).
+        self._after: dict[str, str] = {}
         self.wanted: set[str] = set()
         self.jobs: dict[str, defer.Deferred[None]] = {}
         # Heads whose warmup has run to an end (warm, refused or failed) since
@@ -166,6 +173,74 @@ class Warmer(Service):
         if not saved:
             self.wanted.add(head.name)
 
+    def conversationServed(self, head: Head, grown: bool) -> None:
+        """
+        A conversation was answered. Its file is saved once it has had no
+        turn for conversationIdle seconds (a turn sooner makes a longer
+        one, and this one is dropped: HeadBook.served), or at once when it
+        has grown much since its last file (grown): off every request's
+        path, one conversation at a time.
+        """
+        if not self.running:
+            return
+        if grown and self.cache.persists(head):
+            self.request(head.name)
+            return
+        self._cancelIdle(head.name)
+        self._idle[head.name] = self.clock.callLater(self.conversationIdle, self._wentIdle, head.name)
+
+    def warmAfter(self, conversation: Head, opening: Head) -> None:
+        """
+        conversation opens with head opening, which is not yet warm at its
+        boundary, where its warmup would leave it: that warmup would take the
+        conversation out of llama-server's RAM cache and cut it there (a
+        cache entry moves into the slot that uses it). So the conversation
+        is saved first, at once, and opening warmed after
+        (_afterConversation); its next turn is restored from its file.
+        """
+        self._after[conversation.name] = opening.name
+        self._cancelIdle(conversation.name)
+        if self.cache.persists(conversation) and not self.cache.saved(conversation):
+            self.request(conversation.name)
+        else:
+            self._afterConversation(conversation.name)
+
+    def _wentIdle(self, name: str) -> None:
+        del self._idle[name]
+        head = self.book.get(name)
+        if head is not None and self.cache.persists(head) and not self.cache.saved(head):
+            self.request(name)
+        else:
+            self._afterConversation(name)
+
+    def _afterConversation(self, name: str) -> None:
+        """
+        Conversation name is saved, or had nothing to save: the head it
+        opens with is warmed now. That takes the conversation out of
+        llama-server's RAM cache (where the warmup finds the head), so its
+        next turn is restored from its file instead.
+        """
+        opening = self._after.pop(name, None)
+        head = self.book.get(name)
+        if opening is None:
+            return
+        if head is not None and not self.backend.pins:
+            self.cache.lostFromRam(head)
+        self.request(opening)
+
+    def _cancelIdle(self, name: str) -> None:
+        call = self._idle.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def forget(self, name: str) -> None:
+        """The book gave head name up: nothing of it is wanted any more."""
+        self._cancelIdle(name)
+        self.wanted.discard(name)
+        # A longer turn of it, which carries its opening on, replaced it; or
+        # it was given up, and its opening waits for the next conversation.
+        self._after.pop(name, None)
+
     def warmAll(self) -> None:
         for head in self.book.wanted():
             self.request(head.name)
@@ -189,9 +264,10 @@ class Warmer(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        for call in self._retries:
+        for call in [*self._retries, *self._idle.values()]:
             if call.active():
                 call.cancel()
+        self._idle.clear()
         self.retrying.clear()
         for job in list(self.jobs.values()):
             job.cancel()
@@ -211,13 +287,21 @@ class Warmer(Service):
                 # Each task llama-server starts clears the idle slots, so a
                 # second warmup would clear the first's slot before its save.
                 break
+            if head is not None and head.kind is Kind.CONVERSATION and self._conversationJob():
+                continue  # one conversation's file at a time: each is a long save
             self.wanted.discard(prefix)
             job = defer.ensureDeferred(self._run(prefix))
             self.jobs[prefix] = job
             job.addBoth(self._ended, prefix)
 
+    def _conversationJob(self) -> bool:
+        heads = (self.book.get(name) for name in self.jobs)
+        return any(head is not None and head.kind is Kind.CONVERSATION for head in heads)
+
     def _ended(self, result: object, prefix: str) -> None:
         del self.jobs[prefix]
+        if prefix in self._after:
+            self._afterConversation(prefix)
         if prefix not in self.wanted:  # not given back to a user, nor cancelled by a lost backend
             self.tried.add(prefix)
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
@@ -240,6 +324,10 @@ class Warmer(Service):
             return
         state = self.cache.state(head)
         await self.cache.boundary(head)
+        if head.kind is Kind.CONVERSATION and (
+            self.cache.saved(head) or not self.cache.persists(head) or state.boundary is None
+        ):
+            return  # saved already, or no file can serve it (its next turn computes it, as alone)
         lease = await self.scheduler.lease(head.key, WARMUP, text=self.cache.warmText(head))
         started = self.clock.seconds()
         try:
@@ -249,11 +337,11 @@ class Warmer(Service):
             # A cancelled request surfaces as the HTTP client's own failure,
             # so the lease, not the exception, says whether a user took over.
             if lease.preempted.called:
-                self.metrics.warmupCancellations.labels(prefix=prefix).inc()
+                self.metrics.warmupCancellations.labels(prefix=head.label).inc()
                 log.info("warmup of {prefix} gave its slot to a user request", prefix=prefix)
                 self.wanted.add(prefix)
             elif isinstance(e, Unauthorized):
-                self.metrics.warmupFailures.labels(prefix=prefix, kind="unauthorized").inc()
+                self.metrics.warmupFailures.labels(prefix=head.label, kind="unauthorized").inc()
                 state.error = str(e)
                 log.error(
                     "llama-server refused bioproxy's warmup of {prefix} ({why}): {fix}",
@@ -264,17 +352,20 @@ class Warmer(Service):
             elif isinstance(e, Refused):
                 # The backend refuses this head (too long for a slot, say):
                 # retrying cannot help until the head or the backend changes.
-                self.metrics.warmupFailures.labels(prefix=prefix, kind="refused").inc()
+                self.metrics.warmupFailures.labels(prefix=head.label, kind="refused").inc()
                 state.error = str(e)
                 log.error("warmup of {prefix} refused by the backend: {why}", prefix=prefix, why=str(e))
             elif not isinstance(e, defer.CancelledError):
-                self.metrics.warmupFailures.labels(prefix=prefix, kind="error").inc()
+                self.metrics.warmupFailures.labels(prefix=head.label, kind="error").inc()
                 log.warn("warmup of {prefix} failed: {why}; retrying", prefix=prefix, why=str(e))
                 self._retryLater(prefix)
             return
         state.error = None
+        if how is None:
+            lease.release(None)  # as it was: a conversation that was not there to save
+            return
         lease.release(self.cache.holding(head, self.cache.warmText(head)) if self.backend.pins else UNKNOWN)
-        self.metrics.warmups.labels(prefix=prefix, how=how).inc()
+        self.metrics.warmups.labels(prefix=head.label, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)
         log.info(
             "warmed {prefix} by {how} in {s:.3f} s ({tokens} tokens)",
@@ -284,10 +375,15 @@ class Warmer(Service):
             tokens=state.tokens,
         )
 
-    async def _warm(self, lease: Lease, head: Head, state: WarmState) -> Warmed:
-        """Make head reachable the way users' requests reach it, and its file exist; returns how."""
+    async def _warm(self, lease: Lease, head: Head, state: WarmState) -> Warmed | None:
+        """Make head reachable the way users' requests reach it, and its file exist; returns how (None: it was not)."""
         assert lease.slot is not None
-        if self.backend.pins:
+        how: Warmed | None
+        if head.kind is Kind.CONVERSATION:
+            how = await self._keep(lease, head, state)
+            if how is None:
+                return None
+        elif self.backend.pins:
             how = await self._warmPinned(lease, head, state)
         else:
             slot = await self.cache.claimSlot(lease.slot.id)
@@ -351,6 +447,39 @@ class Warmer(Service):
             self._retryLater(head.name)  # another task cleared the slot first
         state.inRam = True
         return "prefill"
+
+    async def _keep(self, lease: Lease, head: Head, state: WarmState) -> Warmed | None:
+        """
+        An idle conversation's file, written from what llama-server holds of
+        it, and never computed anew when it holds nothing: that costs what
+        its next turn would. On a dense model the slot that answered it is
+        saved as it is (with the answer, which any file of a prefix serves);
+        on another the file must end at the boundary, so the boundary is
+        computed first, from the checkpoint llama-server kept near the end
+        of its prompt (a few tokens, or at most one checkpoint's spacing).
+        """
+        assert lease.slot is not None
+        slot, prompt, generated = state.served or (None, None, None)
+        dense = self.backend.reuse is Reuse.PREFIX
+        if self.backend.pins:
+            if not self.cache.holds(lease.slot.contents, head):
+                self._notKept(head, "its slot was given to another prompt")
+                return None
+            slot = lease.slot.id
+        elif dense and prompt:
+            slot = await self.cache.slotHolding(prompt, generated)
+        if not dense or slot is None:
+            timings, ran = await self._complete(head, state, slot)
+            slot = ran if ran is not None else slot
+            if timings.get("cache_n", 0) < (state.reusable or 0) // 2:
+                log.info("{name}: llama-server no longer held it; computed it again", name=head.name)
+        if slot is not None and await self.cache.save(slot, head, None):
+            return "saved"
+        self._notKept(head, "no slot held it to save")
+        return None
+
+    def _notKept(self, head: Head, why: str) -> None:
+        log.info("conversation {name} not saved: {why}", name=head.name, why=why)
 
     async def _complete(
         self, head: Head, state: WarmState, slot: int | None, check: bool = False

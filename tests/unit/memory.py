@@ -67,6 +67,7 @@ class Memory:
             self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
         )
         self.book.dropped.append(self.cache.forget)
+        self.book.dropped.append(self.warmer.forget)
         self.cache.onSaved.append(self.book.savedBytes)
         self.backend.listeners.append(self.warmer)
         self.warmer.startService()
@@ -79,7 +80,7 @@ class Memory:
         retry = LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
         forwarder = Forwarder(self.agent.lean, "http://llama", self.clock, self.metrics, 30, retryAgent=retry)
         dispatcher = Dispatcher(
-            self.scheduler, self.cache, forwarder, self.warmer, self.monitor, self.backend
+            self.scheduler, self.cache, forwarder, self.warmer, self.monitor, self.backend, self.book
         )
         self.site = ProxySite(
             ProxyResource(forwarder, self.library, dispatcher, self.book), self.metrics, self.clock, 1 << 20

@@ -20,6 +20,7 @@ class StateFileTests(SynchronousTestCase):
     def start(self, directory: Path, path: Path) -> tuple[Memory, StateFile]:
         """A bioproxy (and, as after a reboot, a new llama-server) on the same disk."""
         m = Memory(directory, unified=True)
+        m.book.maxConversations = 0  # learned heads alone (test_conversations keeps conversations)
         m.template("@t", TEMPLATE)
         state = StateFile(path, m.book, m.backend, m.clock)
         state.read()
@@ -127,6 +128,7 @@ class PrivacyAndBudgetTests(SynchronousTestCase):
     def test_learnedBytesAreBounded(self) -> None:
         """max_learned_bytes counts the files' real sizes: past it, the least recently used head goes."""
         m = Memory(Path(self.mktemp()), unified=True)
+        m.book.maxConversations = 0
         m.template("@t", TEMPLATE)
         m.found()
         m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
