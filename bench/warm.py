@@ -83,7 +83,18 @@ SCENARIOS = (
     "responses, restart",
     "claude-code-shaped, new conversation",
     "claude-code-shaped, restart",
+    "1.6 KB system prompt, restart",
+    "Japanese system prompt, restart",
+    "conversation, next turn after a restart",
+    "Claude Code session, resumed after a restart",
+    "Codex session, resumed after a restart",
+    "template, right after a restart",
 )
+SESSIONS = {
+    "conversation, next turn after a restart": "chat",
+    "Claude Code session, resumed after a restart": "claude",
+    "Codex session, resumed after a restart": "codex",
+}
 
 
 def freePort() -> int:
@@ -205,6 +216,10 @@ class Bioproxy:
             and not any(s["holder"] == "warmup" for s in slots["slots"])
         )
 
+    def conversationsSaved(self) -> int:
+        conversations = call(self.admin + "/templates").get("conversations") or {}
+        return int(conversations.get("saved", 0))
+
     def restarts(self) -> float:
         text = urllib.request.urlopen(self.admin + "/metrics").read().decode()
         # Labelled by backend: no sample until the first restart.
@@ -317,6 +332,86 @@ def responses(base: str, instructions: str, content: str, key: str | None) -> tu
         usage["input_tokens"] - usage["input_tokens_details"]["cached_tokens"],
         "",
     )
+
+
+def post(base: str, path: str, body: dict[str, Any], key: str | None) -> tuple[float, int, dict[str, Any]]:
+    """One request, not streamed: its seconds, the prompt tokens llama-server computed, and its answer."""
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=headers)
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    seconds = time.perf_counter() - started
+    if "timings" in answer:
+        return seconds, answer["timings"]["prompt_n"], answer
+    usage = answer["usage"]
+    if "cache_read_input_tokens" in usage:
+        return seconds, usage["input_tokens"], answer
+    return seconds, usage["input_tokens"] - usage["input_tokens_details"]["cached_tokens"], answer
+
+
+AGENT_PROMPT = "You are an agent for software engineering. Use the tools; report what you changed. " * 30
+
+
+class Session:
+    """
+    A conversation or an agent session, kept apart on each path (each path
+    answers with its own words): a chat, Claude Code's /v1/messages with
+    tool calls and results, or Codex's /v1/responses with function calls.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.history: dict[str, list[dict[str, Any]]] = {"alone": [], "bioproxy": []}
+
+    def turn(self, path: str, base: str, n: int, key: str | None) -> tuple[float, int]:
+        items = self.history[path]
+        if self.kind == "chat":
+            if not items:
+                items.append(
+                    {"role": "system", "content": "You are a patient tutor who explains every step. " * 45}
+                )
+            items.append({"role": "user", "content": f"Question {n}: and how is step {n} done?"})
+            body = {"messages": items, "max_tokens": 24, "temperature": 0}
+            seconds, computed, answer = post(base, "/v1/chat/completions", body, key)
+            items.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+        elif self.kind == "claude":
+            if not items:
+                items.append({"role": "user", "content": [{"type": "text", "text": "Fix the failing test."}]})
+            body = {
+                "model": "m",
+                "max_tokens": 24,
+                "system": [{"type": "text", "text": AGENT_PROMPT, "cache_control": {"type": "ephemeral"}}],
+                "tools": CLAUDE_TOOLS,
+                "messages": items,
+                "metadata": {"user_id": json.dumps({"session_id": "bench-session"})},
+            }
+            seconds, computed, answer = post(base, "/v1/messages", body, key)
+            said = [b for b in answer["content"] if b.get("type") == "text"]
+            call = {"type": "tool_use", "id": f"call_{n}", "name": "tool_1", "input": {"path": f"f{n}.py"}}
+            items.append({"role": "assistant", "content": [*said, call]})
+            result = {"type": "tool_result", "tool_use_id": f"call_{n}", "content": f"ok: line {n}"}
+            items.append({"role": "user", "content": [result]})
+        else:
+            if not items:
+                items.append({"role": "user", "content": "Rename the module, please."})
+            body = {
+                "model": "m",
+                "instructions": AGENT_PROMPT,
+                "input": items,
+                "max_output_tokens": 24,
+                "prompt_cache_key": "bench-codex",
+                "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}],
+            }
+            seconds, computed, answer = post(base, "/v1/responses", body, key)
+            items.extend(
+                {k: v for k, v in o.items() if k != "id"} for o in answer["output"] if o["type"] == "message"
+            )
+            items.append(
+                {"type": "function_call", "call_id": f"c{n}", "name": "shell", "arguments": '{"cmd":"ls"}'}
+            )
+            items.append({"type": "function_call_output", "call_id": f"c{n}", "output": f"file{n}.py"})
+        return seconds, computed
 
 
 CLAUDE_TOOLS = [
@@ -478,12 +573,41 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
             respond("responses, repeat", f"@t2 again, take {r}")
             claude("claude-code-shaped, new conversation", ("db3", "a1c")[r], f"fix test {r}")
 
-        before = proxy.restarts()
+        # Issue 25: what a user is in the middle of, and short system prompts.
+        short = {"role": "system", "content": "Answer as a ship's captain would. " * 48}  # 1.6 KB
+        japanese = {
+            "role": "system",
+            "content": "\u3042\u306a\u305f\u306f\u6ce8\u610f\u6df1\u3044\u30ec\u30d3\u30e5\u30a2\u30fc\u3067\u3059\u3002"
+            * 70,
+        }
+        for system in (short, japanese):
+            for n in range(2):
+                both("", [system, {"role": "user", "content": f"question {n}"}])
+        sessions = {scenario: Session(kind) for scenario, kind in SESSIONS.items()}
+        for n in range(5):
+            for session in sessions.values():
+                session.turn("alone", direct.url, n, key)
+                session.turn("bioproxy", proxy.url, n, key)
+        waitFor(lambda: proxy.conversationsSaved() >= len(sessions), "bioproxy to save the conversations")
+
+        # The first request after a restart, sent again the moment the new
+        # process answers, as a client that got a 502 does.
         direct.stop()
         behind.stop()
+        try:
+            stream(proxy.url, user("@t3 while it is down"), key)
+        except OSError:
+            pass  # a 502, as expected
+        before = proxy.restarts()
         direct.start()
         behind.start()
+        both("template, right after a restart", user("@t3 right after the restart"))
         waitFor(lambda: proxy.restarts() > before, "bioproxy to see the restart")
+        for scenario, session in sessions.items():
+            samples[scenario]["alone"].append(session.turn("alone", direct.url, 5, key))
+            samples[scenario]["bioproxy"].append(session.turn("bioproxy", proxy.url, 5, key))
+        both("1.6 KB system prompt, restart", [short, {"role": "user", "content": "after the restart"}])
+        both("Japanese system prompt, restart", [japanese, {"role": "user", "content": "after the restart"}])
         waitFor(proxy.warm, "bioproxy's re-warm")
         for prefix in texts:
             both("restart", user(f"{prefix} after the restart"))

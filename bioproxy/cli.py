@@ -150,7 +150,7 @@ def pruneCache(args: list[str]) -> int:
     """
     Obsolete files are those named as bioproxy names cache files that no head
     of the running bioproxy uses now: older versions of edited templates,
-    dropped learned heads, other llama-server builds. bioproxy cannot delete
+    dropped learned heads and conversations, other llama-server builds. bioproxy cannot delete
     through llama-server, which has no such action, hence a command run where
     the directory is.
     """
@@ -172,6 +172,7 @@ def pruneCache(args: list[str]) -> int:
         *view["templates"],
         *(v for t in view["templates"] for v in t.get("variants", [])),
         *view["learned"],
+        *(view.get("conversations") or {}).get("conversations", []),
     ]
     used = {h.get("cache_file") for h in heads}
     dryRun = "--dry-run" in args

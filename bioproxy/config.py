@@ -35,6 +35,9 @@ class BackendSpec:
     api_key: str | None = None
     slots: int | None = None  # None: ask its /props
     weight: float = 1.0  # its share of templates placed by hashing
+    # Its --slot-save-path, where bioproxy can reach it (the same machine):
+    # the files of heads it gives up are deleted there. None: they stay.
+    slot_save_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,10 @@ class Config:
     # across restarts of bioproxy (state.py). None: $STATE_DIRECTORY/state.json
     # under systemd's StateDirectory=, else nowhere (they last one process).
     state_file: str | None = None
+    # llama-server's --slot-save-path, when it runs on this machine (relative
+    # to the config file): the cache files of heads and conversations that
+    # bioproxy gives up are deleted there. Unset: they stay until prune-cache.
+    slot_save_path: str | None = None
     # Several llama-servers: URLs, or mappings of url, api_key, slots, weight.
     # Empty: the one backend of backend_url.
     backends: tuple[BackendSpec, ...] = ()
@@ -129,12 +136,28 @@ class Config:
     def backendSpecs(self, environ: Mapping[str, str] = os.environ) -> list[BackendSpec]:
         """Every backend: those of `backends`, or else the one of backend_url and its settings."""
         key = self.backendApiKey(environ)
-        if self.backends:  # the top-level key and slot count are each backend's default
+        if self.backends:  # the top-level key, slot count and directory are each backend's default
             return [
-                dataclasses.replace(spec, api_key=spec.api_key or key, slots=spec.slots or self.slots)
+                dataclasses.replace(
+                    spec,
+                    api_key=spec.api_key or key,
+                    slots=spec.slots or self.slots,
+                    slot_save_path=self._beside(spec.slot_save_path or self.slot_save_path),
+                )
                 for spec in self.backends
             ]
-        return [BackendSpec(self.backend_url, key, self.slots)]
+        return [
+            BackendSpec(self.backend_url, key, self.slots, slot_save_path=self._beside(self.slot_save_path))
+        ]
+
+    def _beside(self, path: str | None) -> str | None:
+        """path, beside the config file when relative."""
+        if path is None:
+            return None
+        resolved = Path(path).expanduser()
+        if self.source and not resolved.is_absolute():
+            resolved = Path(self.source).parent / resolved
+        return str(resolved)
 
     def backendApiKey(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """The key for bioproxy's own calls: the setting, else its file, else the environment."""
@@ -354,10 +377,11 @@ def _backends(key: str, value: Any) -> tuple[BackendSpec, ...]:
             continue
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"config key {where!r}: expected a URL or a mapping with a url, got {item!r}")
-        unknown = sorted(set(item) - {"url", "api_key", "slots", "weight"})
+        unknown = sorted(set(item) - {"url", "api_key", "slots", "weight", "slot_save_path"})
         if unknown:
             raise ConfigError(
-                f"config key {where!r}: unknown key {unknown[0]!r}; known: url, api_key, slots, weight"
+                f"config key {where!r}: unknown key {unknown[0]!r}; "
+                "known: url, api_key, slots, weight, slot_save_path"
             )
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
@@ -368,6 +392,7 @@ def _backends(key: str, value: Any) -> tuple[BackendSpec, ...]:
                 _optionalString(where + ".api_key", item.get("api_key")),
                 _optionalCount(where + ".slots", item.get("slots")),
                 float(weight),
+                _optionalString(where + ".slot_save_path", item.get("slot_save_path")),
             )
         )
     urls = [spec.url for spec in specs]
@@ -458,6 +483,7 @@ _CHECKS = {
     "allow_slot_actions": _flag,
     "access_log": _flag,
     "state_file": _optionalString,
+    "slot_save_path": _optionalString,
     "backends": _backends,
     "warm_on": _warmOn,
     "balance_threshold": _count,

@@ -45,6 +45,9 @@ log = Logger()
 # How long a request waits for a check of a backend last seen away (the
 # check itself is two short calls when it is back).
 RECHECK_TIMEOUT = 5.0
+# How long a request waits for a new backend process's probe (a few short
+# completions), so as to restore its head instead of computing it.
+PROBE_TIMEOUT = 10.0
 
 
 class Dispatcher:
@@ -82,6 +85,9 @@ class Dispatcher:
             # now, not at the next poll, so that this request restores its
             # head from its file instead of computing it.
             await self.monitor.checkNow(RECHECK_TIMEOUT)
+        if not self.backend.ready and self.monitor.reachable:
+            # A new process, being probed: its files are named once it is.
+            await self.backend.probed(PROBE_TIMEOUT)
         head = self._resumed(body) or body.head
         pin = body.parsed.get("id_slot") if pinnable else None
         if "id_slot" in body.parsed and pinnable and (not isinstance(pin, int) or isinstance(pin, bool)):
@@ -262,10 +268,21 @@ class Dispatcher:
 
     def _kept(self, body: Body, slot: int | None, timings: dict[str, Any] | None) -> Head | None:
         """A chat was answered: the book keeps it as a conversation, whose file the warmer saves once it is idle."""
+        if body.view is None:
+            return None
         tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0) if timings else None
-        kept = (
-            self.book.served(body.view, tokens or None, lambda: body.links) if body.view is not None else None
-        )
+        # What the head it began with gives back, where that is warm already:
+        # one that is not is warmed now, which in llama-server's default mode
+        # takes this conversation out of the RAM cache (a cache entry moves
+        # into the slot that uses it), so the conversation is kept, whatever
+        # its length past the head.
+        covered = 0
+        state = self.cache.state(body.head) if body.head is not None else None
+        if state is not None and state.warm and tokens:  # its boundary, or its share of the prompt
+            assert body.head is not None
+            share = min(1.0, len(self.cache.warmText(body.head)) / max(1, len(body.text)))
+            covered = state.reusable or int(tokens * share)
+        kept = self.book.served(body.view, tokens or None, lambda: body.links, covered)
         if kept is None:
             return None
         conversation, grown = kept

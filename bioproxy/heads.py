@@ -34,6 +34,9 @@ MARK = "\u2063bioproxy-message\u2063"
 CONVERSATION_LABEL = "(conversation)"
 # Where a variant's template text goes, until the template's version is known.
 _TEMPLATE = "\u2063bioproxy-template\u2063"
+# A conversation is kept once it has this many tokens past the head it
+# began with (a template, a learned head), whose own file gives back the rest.
+BEYOND_HEAD = 128
 # A conversation is saved at once, not only once it goes idle, when it has
 # grown by this many tokens (estimatedTokens) since its last file.
 CONVERSATION_GROWTH = 8192
@@ -268,14 +271,20 @@ def conversationName(digest: str) -> str:
 
 
 def conversationShell(
-    view: ChatView | None, tokens: int | None = None, links: Callable[[], list[str]] | None = None
+    view: ChatView | None,
+    tokens: int | None = None,
+    links: Callable[[], list[str]] | None = None,
+    covered: int = 0,
 ) -> tuple[Shell, list[str], int] | None:
     """
     A chat that was just answered, as a conversation whose next turn will
     extend it, with its hash chain (links, if known) and its length (tokens:
-    its prompt tokens, as its answer counted them; else estimated), if it is
-    long enough to keep (MIN_LEARNED_TOKENS) and ends where the model
-    answers next.
+    its prompt tokens, as its answer counted them; else estimated), if it
+    ends where the model answers next, is MIN_LEARNED_TOKENS long and goes
+    on for BEYOND_HEAD tokens past what another head keeps (covered: the
+    tokens of the template or learned head it began with). A one-off
+    question to a template is not worth a file of its own: the template's
+    file gives back all but the question.
     """
     if view is None or not view.messages:
         return None
@@ -284,7 +293,7 @@ def conversationShell(
         return None
     if tokens is None:
         tokens = estimatedTokens(promptText(view))
-    if tokens < MIN_LEARNED_TOKENS:
+    if tokens < MIN_LEARNED_TOKENS or tokens - covered < BEYOND_HEAD:
         return None
     chained = links() if links is not None else chain(view)
     return Shell(Kind.CONVERSATION, None, view, chained[-1]), chained, tokens
@@ -448,6 +457,7 @@ class HeadBook:
         view: ChatView | None,
         tokens: int | None = None,
         links: Callable[[], list[str]] | None = None,
+        covered: int = 0,
     ) -> tuple[Head, bool] | None:
         """
         A chat was answered: keep it as a conversation whose next turn
@@ -456,7 +466,7 @@ class HeadBook:
         file of it was saved (then it is saved at once, not once idle). A
         shorter start of it that was never saved never will be: it goes.
         """
-        found = conversationShell(view, tokens, links) if self.maxConversations else None
+        found = conversationShell(view, tokens, links, covered) if self.maxConversations else None
         if found is None:
             return None
         shell, chained, tokens = found

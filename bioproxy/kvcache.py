@@ -16,6 +16,7 @@ import functools
 import re
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 from twisted.internet import defer
@@ -72,6 +73,14 @@ def filename(head: Head, fingerprint: str) -> str:
 def _filename(name: str, digest: str, fingerprint: str) -> str:
     # Asked several times per request; the same few answers each time.
     return f"{sanitise(name)}-{digest[:12]}-{fingerprint}.bin"
+
+
+_VERSION = re.compile(r"[0-9a-f]{12}-[0-9a-f]{8}\.bin")
+
+
+def _isVersion(rest: str) -> bool:
+    """rest (a file name after its head's name) is a version and a fingerprint: the file is that head's."""
+    return _VERSION.fullmatch(rest) is not None
 
 
 def isoTime(seconds: float | None) -> str | None:
@@ -142,8 +151,10 @@ class WarmState:
 
 
 class KVCache:
-    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, slotDir: Path | None = None) -> None:
         self.backend = backend
+        # llama-server's --slot-save-path, where bioproxy can reach it: files given up are deleted.
+        self.slotDir = slotDir
         self.llama = backend.llama
         self.metrics = metrics
         self.states: dict[str, WarmState] = {}
@@ -182,8 +193,21 @@ class KVCache:
         self.backend.saved.discard(self.filename(head) or "")
 
     def forget(self, name: str) -> None:
-        """A learned head was given up: its facts go (its file stays on the backend's disk)."""
+        """
+        A learned head or conversation was given up: its facts go, and its
+        files are deleted where bioproxy can reach them (slotDir).
+        """
         self.states.pop(name, None)
+        stem = sanitise(name) + "-"
+        files = [f for f in self.backend.saved if f.startswith(stem) and _isVersion(f[len(stem) :])]
+        for file in files:
+            self.backend.saved.discard(file)
+            if self.slotDir is None:
+                continue
+            try:
+                (self.slotDir / file).unlink(missing_ok=True)
+            except OSError as e:
+                log.warn("cannot delete the cache file {file}: {why}", file=file, why=str(e))
 
     def forgetProcess(self) -> None:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
@@ -466,7 +490,9 @@ class KVCache:
             # would serve only that conversation's next turn. Warm the head.
             return False
         state = self.state(head)
-        await self.boundary(head)  # the least the slot must hold (no task: nothing is cleared meanwhile)
+        if prompt is None:
+            await self.boundary(head)  # the least the slot must hold, where the answer did not say
+        # At once: a task that starts meanwhile clears the slot in CLEARED mode.
         with self._quietWhile():
             least = max(prompt or 0, state.reusable or 0)
             if slot is None and least:

@@ -103,7 +103,9 @@ class LlamaClient:
             content = await treq.content(response)
         except _CUT as e:
             if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
-                raise  # cancelled by bioproxy, not cut by llama-server
+                # Cancelled by bioproxy, not cut by llama-server: as a
+                # cancel, which no caller takes for a failed call.
+                raise CancelledError() from e
             raise Unreachable(f"{path}: {_reason(e)}") from None
         if response.code >= 400:
             raise backendError(response.code, _message(content))
@@ -149,10 +151,14 @@ class LlamaClient:
         return tokens
 
 
-def fingerprint(props: dict[str, Any]) -> str:
+def fingerprint(props: dict[str, Any], model: str = "") -> str:
     """
-    Names what a saved slot is only valid for: the model file, the context
-    size and the build. A file saved under another fingerprint is never loaded.
+    Names what a saved slot is only valid for: the model file (its path, and
+    model: its size and time, where bioproxy can read it), the context per
+    slot and the build. A file saved under another fingerprint is never
+    loaded. (The K and V cache types and flash attention, which /props does
+    not report, llama-server checks itself: it refuses a file made under
+    others, and the file is computed again.)
     """
     settings = props.get("default_generation_settings") or {}
     parts = [
@@ -160,6 +166,8 @@ def fingerprint(props: dict[str, Any]) -> str:
         str(settings.get("n_ctx", "")),
         str(props.get("build_info", "")),
     ]
+    if model:
+        parts.append(model)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 

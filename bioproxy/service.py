@@ -159,7 +159,14 @@ def _member(
         config.backend_timeout,
         readModel=lambda path: threads.deferToThreadPool(reactor, reactor.getThreadPool(), readFacts, path),
     )
-    cache = KVCache(backend, metrics)
+    cache = KVCache(backend, metrics, Path(spec.slot_save_path) if spec.slot_save_path else None)
+    if spec.slot_save_path is None:
+        log.info(
+            "{url}: the cache files of learned heads and conversations that bioproxy gives up stay "
+            "on llama-server's disk; set slot_save_path to its --slot-save-path (on this machine) "
+            "to delete them, or run bioproxy prune-cache",
+            url=spec.url,
+        )
     backend.onNewProcess.append(cache.forgetProcess)
     warmer = Warmer(
         book,

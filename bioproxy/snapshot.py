@@ -148,10 +148,11 @@ class Snapshot:
                 {
                     "name": head.name,
                     "messages": len(entry.shell.view.messages),
-                    "estimated_tokens": entry.tokens,
+                    "tokens": entry.tokens,  # its prompt tokens, as its last answer counted them
                     "turns": entry.uses,
                     "last_turn_at": isoTime(entry.lastUsed),
                     "file_bytes": entry.bytes,
+                    "cache_file": self.cache.filename(head),
                     "warm_state": self.warmer.phase(head).value if self.warmer is not None else None,
                 }
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +39,9 @@ class ModelFacts:
     architecture: str
     slidingWindow: int | None  # tokens, where some layers see only a window
     recurrent: bool  # some layers keep a recurrent state (SSM, delta net, short convolution, RWKV)
+    # The file's size and modification time: a model updated in place (the
+    # same path, other weights) must not restore files of the old one.
+    identity: str = ""
 
     def expected(self) -> Reuse:
         """What a restore should give on llama-server 11434 with its default flags."""
@@ -89,7 +93,8 @@ def readFacts(path: str | Path) -> ModelFacts:
         for _ in range(count):
             key = _string(f)
             values[key] = _value(f, struct.unpack("<I", _exactly(f, 4))[0])
-    return factsOf(values)
+        stat = os.fstat(f.fileno())
+    return dataclasses.replace(factsOf(values), identity=f"{stat.st_size}:{stat.st_mtime_ns}")
 
 
 def factsOf(values: dict[str, Any]) -> ModelFacts:

@@ -82,7 +82,7 @@ class Backend:
         self.configuredSlots = configuredSlots
         self.timeout = timeout
         self.props: dict[str, Any] | None = None
-        self.fingerprint: str | None = None  # None until /props is read
+        self.fingerprint: str | None = None  # None until the process is probed
         self.mode = SlotMode.UNKNOWN
         self.persistence = Persistence.UNKNOWN
         # Whether the RAM prompt cache gives back a prompt that a slot gave up;
@@ -98,6 +98,7 @@ class Backend:
         self.listeners: list[BackendListener] = []
         self.onNewProcess: list[Callable[[], None]] = []  # nothing it held is there any more
         self._probe: defer.Deferred[None] | None = None
+        self._probing: list[defer.Deferred[None]] = []  # waiting for the probe to end (probed)
         self._retry: Any = None
         self._stopped = False
 
@@ -105,6 +106,28 @@ class Backend:
     def pins(self) -> bool:
         """Whether user requests are pinned to the slot bioproxy chose."""
         return self.mode is SlotMode.RETAINED
+
+    def probed(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Fires once the process is probed (and its fingerprint known), or after
+        timeout seconds, never with an error: a request that comes in a new
+        process's first moments waits for it, to restore its head from its
+        file instead of computing it.
+        """
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if self.ready or not self.props:
+            waiter.callback(None)
+            return waiter
+        self._probing.append(waiter)
+        clock: Any = self.scheduler.clock
+        waiter.addTimeout(timeout, clock, onTimeoutCancel=lambda result, timeout: None)
+        return waiter
+
+    def _wake(self) -> None:
+        waiting, self._probing = self._probing, []
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.callback(None)
 
     @property
     def slotCount(self) -> int:
@@ -122,6 +145,7 @@ class Backend:
             self.mode, self.ramCache = SlotMode.UNKNOWN, None
             self.persistence = Persistence.UNKNOWN  # it may have been started with other flags
             self.reuse, self.model = Reuse.UNKNOWN, None  # or with another model
+            self.fingerprint = None  # named once its model file is read (the probe): no file till then
             self.scheduler.reset(int(self.configuredSlots or props.get("total_slots") or 1))
             for forget in self.onNewProcess:
                 forget()
@@ -129,7 +153,6 @@ class Backend:
             log.warn("the backend has no /props, so it is not llama-server: no warmups or cache files")
             self.fingerprint, self.ready = None, False
             return
-        self.fingerprint = fingerprint(props)
         if self.mode is SlotMode.UNKNOWN:
             if self._probe is None:
                 self._startProbe()
@@ -140,6 +163,7 @@ class Backend:
         """It stopped answering: drop every call of bioproxy's own at once, so a shutdown never waits on one."""
         self.ready = False
         self._cancelProbe()
+        self._wake()  # nothing to wait for: the request meets the outage
         for listener in self.listeners:
             listener.backendLost()
 
@@ -227,6 +251,7 @@ class Backend:
 
     def _becomeReady(self) -> None:
         self.ready = True
+        self._wake()
         log.info(
             "backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "
             "slot persistence {files}, RAM cache {ram}; a restored file reuses {reuse}",
@@ -282,6 +307,7 @@ class Backend:
     async def _measure(self, slots: int) -> tuple[SlotMode, bool]:
         await self._probePersistence()
         self.model = await self._readModel()
+        self.fingerprint = fingerprint(self.props or {}, self.model.identity if self.model else "")
         if self.persistence is Persistence.FILES:
             try:
                 self.reuse = await self._probeReuse()

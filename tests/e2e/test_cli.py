@@ -152,11 +152,31 @@ class CommandTests(TestCase):
         slots.mkdir()
         llama = FakeLlama(R, slots=2, unified=False, saveDir=slots)
         stack = Bioproxy(
-            self, self.dir, listen(R, FakeLlamaResource(llama), self), {"@code": "Review: <{message}>"}
+            self,
+            self.dir,
+            listen(R, FakeLlamaResource(llama), self),
+            {"@code": "Review: <{message}>"},
+            conversation_idle=0.1,
         )
         await stack.allWarm()
         [current] = [t["cache_file"] for t in (await stack.templates()).values()]
         self.assertTrue((slots / current).exists())
+        # A conversation kept for a llama-server restart: its file is in use too.
+        chat = {"messages": [{"role": "user", "content": "Tell me everything. " * 150}], "max_tokens": 2}
+        response = await stack.http.post(stack.proxy + "/v1/chat/completions", json=chat)
+        self.assertEqual(response.code, 200, await response.content())
+
+        async def conversationFiles() -> list[str]:
+            view = await (await stack.http.get(stack.admin + "/templates")).json()
+            return [c["cache_file"] for c in view["conversations"]["conversations"] if c["file_bytes"]]
+
+        kept: list[str] = []
+        for _ in range(100):
+            kept = await conversationFiles()
+            if kept:
+                break
+            await sleep(R, 0.05)
+        self.assertEqual(len(kept), 1, "the conversation was saved")
         old = ["_code-0123456789ab-" + current.rsplit("-", 1)[1], current.rsplit("-", 1)[0] + "-deadbeef.bin"]
         for name in old:
             (slots / name).write_bytes(b"old")
@@ -171,4 +191,4 @@ class CommandTests(TestCase):
             "prune-cache", "--dir", str(slots), "--admin", stack.admin, cwd=self.dir
         )
         self.assertEqual(code, 0, err)
-        self.assertEqual(cacheFiles(slots), sorted([current, "notes.txt"]))
+        self.assertEqual(cacheFiles(slots), sorted([current, *kept, "notes.txt"]))

@@ -59,7 +59,7 @@ class Memory:
         self.llama = LlamaClient(self.stub, "http://llama", self.clock)  # type: ignore[arg-type]
         self.scheduler = SlotScheduler(self.clock, 1, self.metrics)
         self.backend = Backend(self.llama, self.scheduler, None, 30.0)
-        self.cache = KVCache(self.backend, self.metrics)
+        self.cache = KVCache(self.backend, self.metrics, saveDir if persistent else None)
         self.backend.onNewProcess.append(self.cache.forgetProcess)
         self.library = TemplateLibrary()
         self.book = HeadBook(self.library, self.clock.seconds)

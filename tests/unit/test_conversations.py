@@ -299,3 +299,26 @@ class MeasuredRestartTests(SynchronousTestCase):
             m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
             record, _ = chat(m, [system, {"role": "user", "content": "after the restart"}])
             self.assertLess(record["prompt_n"], 60, memory)
+
+
+class BudgetTests(SynchronousTestCase):
+    def test_aBudgetThatEvictsAndDeletes(self) -> None:
+        """Conversations' files count in max_learned_bytes; the least recently used goes, file and all."""
+        m = Memory(Path(self.mktemp()), unified=True, memory="dense")
+        m.found()
+        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs)
+        files: list[set[str]] = []
+        for n in range(3):
+            messages = [{"role": "system", "content": f"{n} {SYSTEM}"}, {"role": "user", "content": "hi"}]
+            chat(m, messages)
+            m.clock.advance(m.warmer.conversationIdle)
+            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+            files.append(set(cacheFiles(m.dir / "slots")))
+            if n == 1:
+                m.book.maxBytes = sum(e.bytes for e in m.book.entries.values())  # room for what there is
+        first = files[0]
+        self.assertTrue(first, "the first conversation and its opening were saved")
+        self.assertFalse(first & files[2], "the least recently used files went from the disk")
+        self.assertLessEqual(sum(e.bytes for e in m.book.entries.values()), m.book.maxBytes)
+        on = sum((m.dir / "slots" / f).stat().st_size for f in files[2] if not f.startswith("bioproxy-probe"))
+        self.assertLessEqual(on, m.book.maxBytes * 1.01)
