@@ -90,6 +90,7 @@ SCENARIOS = (
     "Codex session, resumed after a restart",
     "template, right after a restart",
 )
+IDLE = 5.0  # bioproxy's conversation_idle (its default)
 SESSIONS = {
     "conversation, next turn after a restart": "chat",
     "Claude Code session, resumed after a restart": "claude",
@@ -216,9 +217,10 @@ class Bioproxy:
             and not any(s["holder"] == "warmup" for s in slots["slots"])
         )
 
-    def conversationsSaved(self) -> int:
+    def conversationsSaved(self) -> tuple[int, str | None]:
+        """How many conversations are saved, and why none can be, where none can."""
         conversations = call(self.admin + "/templates").get("conversations") or {}
-        return int(conversations.get("saved", 0))
+        return int(conversations.get("saved", 0)), conversations.get("not_saved_because")
 
     def restarts(self) -> float:
         text = urllib.request.urlopen(self.admin + "/metrics").read().decode()
@@ -351,6 +353,9 @@ def post(base: str, path: str, body: dict[str, Any], key: str | None) -> tuple[f
 
 
 AGENT_PROMPT = "You are an agent for software engineering. Use the tools; report what you changed. " * 30
+CODEX_PROMPT = (
+    "You are a coding agent in a terminal. Run commands; keep the user informed of each step. " * 28
+)
 
 
 class Session:
@@ -397,7 +402,7 @@ class Session:
                 items.append({"role": "user", "content": "Rename the module, please."})
             body = {
                 "model": "m",
-                "instructions": AGENT_PROMPT,
+                "instructions": CODEX_PROMPT,
                 "input": items,
                 "max_output_tokens": 24,
                 "prompt_cache_key": "bench-codex",
@@ -588,7 +593,11 @@ def runConfig(work: Path, binary: str, model: Path, config: str, args: argparse.
             for session in sessions.values():
                 session.turn("alone", direct.url, n, key)
                 session.turn("bioproxy", proxy.url, n, key)
-        waitFor(lambda: proxy.conversationsSaved() >= len(sessions), "bioproxy to save the conversations")
+        time.sleep(IDLE + 1)  # the sessions' users pause: bioproxy saves each conversation
+        waitFor(proxy.warm, "bioproxy to save the conversations")
+        saved, why = proxy.conversationsSaved()
+        if saved < len(sessions) and why is None:
+            raise SystemExit(f"bioproxy saved {saved} of the {len(sessions)} conversations")
 
         # The first request after a restart, sent again the moment the new
         # process answers, as a client that got a 502 does.

@@ -10,6 +10,7 @@ happened from the response's timings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -140,6 +141,28 @@ class Dispatcher:
         rewarm: list[Head],
     ) -> Contents | None:
         """The request on its leased slot; heads to warm again once it is released go in rewarm."""
+        restoring = (
+            not self.backend.pins
+            and head is not None
+            and not self.cache.state(head).inRam
+            and self.cache.mayRestore(head)
+        )
+        # Where its head is restored into an empty slot for it, no warmup's
+        # task may take that slot before this request has run on it.
+        with self.cache.restoredForUser() if restoring else contextlib.nullcontext():
+            return await self._exchange(request, lease, body, head, pinnable, gone, text, rewarm)
+
+    async def _exchange(
+        self,
+        request: ProxyRequest,
+        lease: Lease,
+        body: Body,
+        head: Head | None,
+        pinnable: bool,
+        gone: list[Failure],
+        text: str,
+        rewarm: list[Head],
+    ) -> Contents | None:
         assert lease.slot is not None
         pins = self.backend.pins
         slot = lease.slot.id

@@ -165,6 +165,10 @@ class KVCache:
         self.onSaved: list[Callable[[str, int], None]] = []
         self._saving = 0  # saves under way that a new task could spoil
         self._waiting: list[defer.Deferred[None]] = []
+        # Users' requests whose head was restored into an empty slot, until
+        # they end: a warmup's unpinned task meanwhile could land on that slot.
+        self._restored = 0
+        self._warmupsWaiting: list[defer.Deferred[None]] = []
 
     def state(self, head: Head) -> WarmState:
         state = self.states.get(head.name)
@@ -343,6 +347,32 @@ class KVCache:
         waiter: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(waiter)
         return waiter
+
+    def clearForWarmups(self) -> defer.Deferred[None]:
+        """
+        Fires once no user's request waits on a slot restored for it: in
+        CLEARED mode llama-server gives an unpinned task the idle slot that
+        shares most with it, and a warmup's task would take (and cut) the
+        slot a user's conversation was just restored into.
+        """
+        if not self._restored:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._warmupsWaiting.append(waiter)
+        return waiter
+
+    @contextlib.contextmanager
+    def restoredForUser(self) -> Iterator[None]:
+        """While a user's request runs on the slot its head was restored into (clearForWarmups)."""
+        self._restored += 1
+        try:
+            yield
+        finally:
+            self._restored -= 1
+            if not self._restored:
+                waiting, self._warmupsWaiting = self._warmupsWaiting, []
+                for waiter in waiting:
+                    waiter.callback(None)
 
     @contextlib.contextmanager
     def _quietWhile(self) -> Iterator[None]:

@@ -80,16 +80,25 @@ def _timingsOf(raw: bytes) -> dict[str, Any] | None:
         return timings
     message = value.get("message") or value.get("response")
     usage = value.get("usage") or (message.get("usage") if isinstance(message, dict) else None)
-    return _fromUsage(usage) if isinstance(usage, dict) else None
+    # An Anthropic stream's message_start counts no output yet.
+    final = "usage" in value or "response" in value
+    return _fromUsage(usage, final) if isinstance(usage, dict) else None
 
 
-def _fromUsage(usage: dict[str, Any]) -> dict[str, Any] | None:
-    """timings' two counts from an Anthropic or Responses `usage`."""
+def _fromUsage(usage: dict[str, Any], final: bool) -> dict[str, Any] | None:
+    """
+    timings' counts from an Anthropic or Responses `usage`: prompt tokens
+    cached and computed, and (final: the answer's whole usage) generated.
+    """
     cached, total = usage.get("cache_read_input_tokens"), usage.get("input_tokens")
+    timings: dict[str, Any] | None = None
     if isinstance(cached, int) and isinstance(total, int):
-        return {"cache_n": cached, "prompt_n": total}  # Anthropic's input_tokens are the computed ones
+        timings = {"cache_n": cached, "prompt_n": total}  # Anthropic's input_tokens are the computed ones
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    if isinstance(cached, int) and isinstance(total, int):
-        return {"cache_n": cached, "prompt_n": max(0, total - cached)}
-    return None
+    if timings is None and isinstance(cached, int) and isinstance(total, int):
+        timings = {"cache_n": cached, "prompt_n": max(0, total - cached)}
+    generated = usage.get("output_tokens")
+    if final and timings is not None and isinstance(generated, int) and not isinstance(generated, bool):
+        timings["predicted_n"] = generated
+    return timings

@@ -459,6 +459,9 @@ class Warmer(Service):
         of its prompt (a few tokens, or at most one checkpoint's spacing).
         """
         assert lease.slot is not None
+        if not state.warm:  # a new process since its last turn: nothing holds it any more
+            self._notKept(head, "llama-server restarted since its last turn")
+            return None
         slot, prompt, generated = state.served or (None, None, None)
         dense = self.backend.reuse is Reuse.PREFIX
         if self.backend.pins:
@@ -466,7 +469,8 @@ class Warmer(Service):
                 self._notKept(head, "its slot was given to another prompt")
                 return None
             slot = lease.slot.id
-        elif dense and prompt:
+        elif dense and prompt and generated is not None:
+            # (Without the answer's length, any longer prompt in another slot would match.)
             slot = await self.cache.slotHolding(prompt, generated)
         if not dense or slot is None:
             timings, ran = await self._complete(head, state, slot)
@@ -497,6 +501,8 @@ class Warmer(Service):
         it ran on where llama-server says (its /completion answers do).
         """
         await self.cache.quiet()
+        if slot is None:
+            await self.cache.clearForWarmups()
         if state.boundary is not None:
             prompt = state.boundary + (await self.cache.follower() if check else [])
             body: dict[str, Any] = {"prompt": prompt, "n_predict": 1, "cache_prompt": True}

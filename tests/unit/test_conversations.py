@@ -213,6 +213,29 @@ def chat(m: Memory, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], str
     return record, answer["choices"][0]["message"]["content"]
 
 
+class LostBeforeSavedTests(SynchronousTestCase):
+    def test_aRestartBeforeTheSaveComputesNothing(self) -> None:
+        """A conversation whose llama-server restarted before it went idle is not computed again to be saved."""
+        for memory in ("dense", "hybrid"):
+            m = Memory(Path(self.mktemp()), unified=True, memory=memory)
+            m.found()
+            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs)
+            messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
+            for turn in range(3):
+                messages.append({"role": "user", "content": f"question {turn}"})
+                _, answer = chat(m, messages)
+                messages.append({"role": "assistant", "content": answer})
+            m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
+            m.restarted()
+            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+            before = len(m.completions())
+            saved = [e.shell.name for e in m.book.conversations() if e.bytes]
+            m.clock.advance(m.warmer.conversationIdle)
+            m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
+            self.assertEqual(len(m.completions()), before, memory)
+            self.assertEqual([e.shell.name for e in m.book.conversations() if e.bytes], saved, memory)
+
+
 def added(messages: list[dict[str, Any]]) -> int:
     """The tokens (bytes, in fakellama) of the last answer and question, and the chat markup between them."""
     return len(chatPrompt(messages).encode()) - len(chatPrompt(messages[:-2]).encode())

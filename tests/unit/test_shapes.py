@@ -259,6 +259,12 @@ class UsageTests(TestCase):
         reader.feed(b'{"usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":70}}}')
         self.assertEqual(reader.timings, {"cache_n": 70, "prompt_n": 30})
 
+    def test_generatedFromAWholeAnswer(self) -> None:
+        """What an answer generated finds the slot that holds it (KVCache.slotHolding)."""
+        reader = TimingsReader()
+        reader.feed(b'{"usage":{"cache_read_input_tokens":90,"input_tokens":10,"output_tokens":24}}')
+        self.assertEqual(reader.timings, {"cache_n": 90, "prompt_n": 10, "predicted_n": 24})
+
 
 class ConversationTests(TestCase):
     """The clients' own names for a conversation, which placement uses where slots keep their contents."""
