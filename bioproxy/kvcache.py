@@ -163,6 +163,7 @@ class KVCache:
         self._follower: list[int] | None = None
         # Told of each file saved, by head name and bytes (the head book's disk budget).
         self.onSaved: list[Callable[[str, int], None]] = []
+        self._measuring = defer.DeferredLock()  # boundary: one head at a time
         self._saving = 0  # saves under way that a new task could spoil
         self._waiting: list[defer.Deferred[None]] = []
         # Users' requests whose head was restored into an empty slot, until
@@ -565,6 +566,15 @@ class KVCache:
         state = self.state(head)
         if state.boundary is not None:
             return state.boundary
+        # One head at a time: llama-server answers few calls at once, and a
+        # restart's warmups would otherwise ask for every head's together,
+        # keeping users' requests waiting for a connection.
+        async with self._measuring:
+            if state.boundary is None:
+                state.boundary = await self._measure(head)
+        return state.boundary
+
+    async def _measure(self, head: Head) -> list[int] | None:
         try:
             if head.prompt is not None:
                 before = head.prompt.partition(MARK)[0]
@@ -583,8 +593,7 @@ class KVCache:
         except Exception as e:  # noqa: BLE001 - without it, the head is warmed as a chat, as before
             log.info("cannot find where {prefix}'s message begins: {why}", prefix=head.name, why=str(e))
             return None
-        state.boundary = tokens[:keep]
-        return state.boundary
+        return tokens[:keep]
 
     def learn(
         self,

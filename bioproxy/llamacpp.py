@@ -13,6 +13,7 @@ from typing import Any
 
 import treq
 from treq.client import HTTPClient
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
@@ -49,6 +50,10 @@ class Unreachable(Exception):
     """
 
 
+class TimedOut(Exception):
+    """No whole answer within the time allowed (a busy or stalled llama-server); retried later, as any failure."""
+
+
 # What the HTTP client raises when the connection fails or is cut.
 _CUT = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed)
 
@@ -82,16 +87,28 @@ class LlamaClient:
             self.headers[b"authorization"] = [b"Bearer " + apiKey.encode("utf-8")]
 
     async def _json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        kwargs: dict[str, Any] = {
-            "reactor": self.reactor,
-            "timeout": timeout or self.timeout,
-            "headers": self.headers,
-        }
+        kwargs: dict[str, Any] = {"reactor": self.reactor, "headers": self.headers}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
+        # One deadline for the answer's headers and its body (treq's own
+        # timeout covers the headers only), told apart from a cancel of
+        # bioproxy's own, which both reach this call as the same failure.
+        seconds = timeout or self.timeout
+        waiting: list[defer.Deferred[Any]] = []
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            waiting[-1].cancel()
+
+        def wait(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+            waiting.append(d)
+            return d
+
+        deadline = self.reactor.callLater(seconds, expire)
         try:
             try:
-                response = await self.http.request(method, self.base + path, **kwargs)
+                response = await wait(self.http.request(method, self.base + path, **kwargs))
             except ResponseNeverReceived as e:
                 # llama-server closes a connection after a streamed answer, and
                 # the pool may hand that one out first; Agent retries only GETs.
@@ -99,14 +116,21 @@ class LlamaClient:
                 # (A cancel is reported this way too, and is not retried.)
                 if not all(r.check(ConnectionDone, ConnectionLost) for r in e.reasons):
                     raise
-                response = await self.http.request(method, self.base + path, **kwargs)
-            content = await treq.content(response)
-        except _CUT as e:
-            if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
+                response = await wait(self.http.request(method, self.base + path, **kwargs))
+            content = await wait(treq.content(response))
+        except (*_CUT, CancelledError) as e:
+            if expired:
+                raise TimedOut(f"{path}: no whole answer in {seconds:g} s") from None
+            if isinstance(e, CancelledError) or any(
+                r.check(CancelledError) for r in getattr(e, "reasons", ())
+            ):
                 # Cancelled by bioproxy, not cut by llama-server: as a
                 # cancel, which no caller takes for a failed call.
-                raise CancelledError() from e
+                raise CancelledError() from None
             raise Unreachable(f"{path}: {_reason(e)}") from None
+        finally:
+            if deadline.active():
+                deadline.cancel()
         if response.code >= 400:
             raise backendError(response.code, _message(content))
         return json.loads(content) if content else None

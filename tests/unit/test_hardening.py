@@ -6,8 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from bioproxy.llamacpp import LlamaClient, TimedOut
 from bioproxy.proxy import ProxyResource
 
 from .memory import Memory
@@ -233,3 +239,46 @@ class RewarmTests(SynchronousTestCase):
         # The only prompt computed was the request's own; the head's file came from its slot.
         self.assertEqual(len(m.completions()), warmups + 1)
         self.assertTrue(m.cache.saved(head))
+
+
+class _Stalls(Resource):
+    """Answers nothing, or (body=True) its headers and part of a body, and then nothing."""
+
+    isLeaf = True
+
+    def __init__(self, body: bool) -> None:
+        super().__init__()
+        self.body = body
+
+    def render(self, request: Any) -> Any:
+        if self.body:
+            request.setHeader(b"content-length", b"100")
+            request.write(b'{"status":')
+        return NOT_DONE_YET
+
+
+class DeadlineTests(SynchronousTestCase):
+    """A call of bioproxy's own that gets no whole answer fails as timed out, not as a cancel."""
+
+    def call(self, body: bool) -> tuple[Clock, Any]:
+        clock = Clock()
+        llama = LlamaClient(StubTreq(_Stalls(body)), "http://llama", clock, timeout=5)  # type: ignore[arg-type]
+        d = defer.ensureDeferred(llama.health())
+        return clock, d
+
+    def test_noHeaders(self) -> None:
+        clock, d = self.call(body=False)
+        clock.advance(5)
+        self.failureResultOf(d, TimedOut)
+
+    def test_stalledBody(self) -> None:
+        clock, d = self.call(body=True)
+        self.assertNoResult(d)
+        clock.advance(5)
+        self.failureResultOf(d, TimedOut)
+
+    def test_cancelIsACancel(self) -> None:
+        clock, d = self.call(body=True)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])
