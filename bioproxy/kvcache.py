@@ -236,7 +236,9 @@ class KVCache:
         the boundary, which a warmup of this process made (a request that
         computed the head and went on left checkpoints 4 + 512 tokens short).
         """
-        return self.backend.reuse is Reuse.PREFIX or self.state(head).atBoundary
+        # (Where nothing says what the model reuses, as before anything did:
+        # no restore probe without --slot-save-path, no readable model file.)
+        return self.backend.reuse in (Reuse.PREFIX, Reuse.UNKNOWN) or self.state(head).atBoundary
 
     async def follower(self) -> list[int]:
         """One ordinary token, to extend a head by (asked of llama-server once per process)."""
