@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from ..helpers import asyncTest, client, until
+from ..helpers import asyncTest, client, sleep, until
 from .llama import LlamaServer
 from .test_llama import RealStack, texts
 
@@ -82,18 +82,22 @@ class DenseResume(TestCase):
         return int(counted.get("input_tokens", counted.get("tokens", -1)))
 
     async def saved(self) -> None:
-        """The last turn's conversation is saved: it went idle, and the warmer is done."""
+        """The last turn's conversation (the longest kept) is saved: it went idle, and the warmer is done."""
         warmer = self.stack.service.getServiceNamed("warmup")
-        before = self.stack.metric("bioproxy_warmup_total", prefix="(conversation)", how="saved")
-        await until(
-            R,
-            lambda: (
-                self.stack.metric("bioproxy_warmup_total", prefix="(conversation)", how="saved") > before
-                and not warmer.jobs
-            ),
-            30,
-            "the conversation's save",
-        )
+        last: list[bool] = [False]
+
+        async def check() -> None:
+            view = await (await self.http.get(self.stack.admin + "/templates")).json()
+            kept = view["conversations"]["conversations"]
+            longest = max(kept, key=lambda c: c["messages"]) if kept else None
+            last[0] = longest is not None and longest["file_bytes"] > 0 and not warmer.jobs
+
+        for _ in range(300):
+            await check()
+            if last[0]:
+                return
+            await sleep(R, 0.1)
+        self.fail("the conversation's last turn was never saved")
 
     async def restart(self) -> None:
         restarts = self.stack.metric("bioproxy_backend_restarts_total")
