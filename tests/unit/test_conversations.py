@@ -13,14 +13,17 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend import Reuse
+from bioproxy.backend.model import ModelFacts, readFacts
 from bioproxy.expand import ChatView, chain
 from bioproxy.heads import CONVERSATION_GROWTH, HeadBook, Kind, Shell, shellOf
 from bioproxy.routes import Shape
 from bioproxy.templates import TemplateLibrary
+from bioproxy.testing import tinymodel
 from bioproxy.testing.fakellama import chatPrompt
 
 from ..helpers import cacheFiles
@@ -345,3 +348,32 @@ class BudgetTests(SynchronousTestCase):
         self.assertLessEqual(sum(e.bytes for e in m.book.entries.values()), m.book.maxBytes)
         on = sum((m.dir / "slots" / f).stat().st_size for f in files[2] if not f.startswith("bioproxy-probe"))
         self.assertLessEqual(on, m.book.maxBytes * 1.01)
+
+
+class FingerprintTests(SynchronousTestCase):
+    def test_aModelUpdatedInPlaceRestoresNothingOfTheOld(self) -> None:
+        """The same path, other weights: the files of the old model are never restored."""
+        m = Memory(Path(self.mktemp()), unified=True, memory="dense")
+        identity = ["100:1"]
+        m.backend.readModel = lambda path: defer.succeed(ModelFacts("llama", None, False, identity[0]))
+        m.template("@t0", "You are a careful reviewer. Follow every rule. " * 30 + "Input: <{message}>")
+        m.found()
+        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+        first = m.backend.fingerprint
+        m.restarted()  # the same model file
+        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+        self.assertEqual(m.backend.fingerprint, first)
+        self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t0", how="restore"), 1)
+        identity[0] = "100:2"  # replaced in place
+        m.restarted()
+        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+        self.assertNotEqual(m.backend.fingerprint, first)
+        self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t0", how="restore"), 1, "not restored")
+        self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t0", how="prefill"), 2)
+
+    def test_theFileIsWhatIsRead(self) -> None:
+        path = Path(self.mktemp())
+        tinymodel.write(path, size="tiny", arch="llama")
+        facts = readFacts(path)
+        stat = path.stat()
+        self.assertEqual(facts.identity, f"{stat.st_size}:{stat.st_mtime_ns}")
