@@ -14,7 +14,10 @@ mode, one prompt per conversation:
 
   first         the first conversation in the project
   second        a new conversation in the same project, with another prompt
-  restart       a new conversation after both llama-servers restart
+  resumed       the second conversation resumed (`claude --continue`,
+                `codex exec resume --last`) after the user paused and both
+                llama-servers restarted
+  restart       a new conversation after that restart
 
 Every prompt goes to both paths, one after the other. Computed tokens are
 llama-server's own count (`prompt eval time = … / N tokens` in its log),
@@ -51,8 +54,11 @@ CONTEXT = 65536
 PROMPTS = {
     "first": "list the files",
     "second": "what does main.py print?",
+    "resumed": "and what should it print?",
     "restart": "write a test for main.py",
 }
+# bioproxy's default conversation_idle: the user pauses this long before the restart.
+PAUSE = 6.0
 SELECTED = re.compile(r"selected slot by (\w+)")
 LAUNCHED = re.compile(r"launch_slot_: id +\d+ \| task (\d+)")
 COMPUTED = re.compile(r"task (\d+) \| prompt eval time = +([\d.]+) ms / +(\d+) tokens")
@@ -95,8 +101,8 @@ class Agent:
         self.binary = binary
         self.work = work
 
-    def run(self, base: str, prompt: str, project: Path, home: Path) -> float:
-        """Seconds the agent took to answer prompt, in a conversation of its own."""
+    def run(self, base: str, prompt: str, project: Path, home: Path, resume: bool = False) -> float:
+        """Seconds the agent took to answer prompt, in a conversation of its own (or its last, resumed)."""
         home.mkdir(exist_ok=True)
         env = {**os.environ, "HOME": str(home)}
         if self.name == "claude":
@@ -107,7 +113,7 @@ class Agent:
                 DISABLE_TELEMETRY="1",
                 CLAUDE_CODE_MAX_OUTPUT_TOKENS=str(MAX_OUTPUT),
             )
-            command = [str(self.binary), "-p", prompt, "--model", "tiny"]
+            command = [str(self.binary), "-p", prompt, "--model", "tiny", *(["--continue"] if resume else [])]
         else:
             codex = home / "codex"
             codex.mkdir(exist_ok=True)
@@ -116,7 +122,8 @@ class Agent:
                 f'base_url = "{base}/v1"\nwire_api = "responses"\nenv_key = "LOCAL_KEY"\n'
             )
             env.update(CODEX_HOME=str(codex), LOCAL_KEY="unused")
-            command = [str(self.binary), "exec", "--skip-git-repo-check", prompt]
+            command = [str(self.binary), "exec", "--skip-git-repo-check"]
+            command += ["resume", "--last", prompt] if resume else [prompt]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
         # A noise reply that reaches the cap ends the run with this message; the prompt was computed.
@@ -154,16 +161,20 @@ def runAgent(agent: Agent, binary: str, model: Path, config: str) -> list[dict[s
     try:
         warm.waitFor(proxy.warm, "bioproxy's probe")
         for scenario, prompt in PROMPTS.items():
-            if scenario == "restart":
+            if scenario == "resumed":
+                time.sleep(PAUSE)  # the user pauses: bioproxy saves the conversation
+                warm.waitFor(proxy.warm, "bioproxy's saves")
                 before = proxy.restarts()
                 for llama in (direct, behind):
                     llama.stop()
                     llama.start()
                 warm.waitFor(lambda seen=before: proxy.restarts() > seen, "bioproxy to see the restart")
+            if scenario == "restart":
                 warm.waitFor(proxy.warm, "bioproxy's re-warm")
             logged = direct.log.stat().st_size, behind.log.stat().st_size
-            aloneSeconds = agent.run(direct.url, prompt, where, work / "home-direct")
-            behindSeconds = agent.run(proxy.url, prompt, where, work / "home-behind")
+            resume = scenario == "resumed"
+            aloneSeconds = agent.run(direct.url, prompt, where, work / "home-direct", resume)
+            behindSeconds = agent.run(proxy.url, prompt, where, work / "home-behind", resume)
             warm.waitFor(proxy.warm, "bioproxy's warmups")
             alone, _ = computed(direct.log, logged[0])
             users, ours = computed(behind.log, logged[1])
