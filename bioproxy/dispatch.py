@@ -272,8 +272,9 @@ class Dispatcher:
         if head is not None:
             self._learnHead(head, slot, how, pinned, timings, rewarm, conversation)
         opening = body.head
-        if head is not opening and opening is not None and conversation is not None:
-            self._learnOpening(opening, conversation)
+        if head is not opening and opening is not None:
+            # It resumed a conversation: what it began with is kept all the same.
+            self._keepHead(opening, slot, pinned, timings, rewarm, conversation)
         # Whatever the reuse was, the slot has just computed the head the
         # request began with (by whose key placement finds it) and the
         # conversation (which placement finds by its text).
@@ -313,10 +314,28 @@ class Dispatcher:
         self.warmer.conversationServed(conversation, grown)
         return conversation
 
-    def _learnOpening(self, opening: Head, conversation: Head) -> None:
-        """A conversation opens with head opening: warmed at its boundary after the conversation is saved."""
-        if not self.cache.atBoundary(opening):
-            self.warmer.warmAfter(conversation, opening)
+    def _keepHead(
+        self,
+        head: Head,
+        slot: int,
+        pinned: bool,
+        timings: dict[str, Any] | None,
+        rewarm: list[Head],
+        conversation: Head | None,
+    ) -> None:
+        """
+        The request just computed head (or went on from it): its file is
+        saved from the slot, or it is warmed to its boundary; where the
+        request is a kept conversation that would take the conversation out
+        of llama-server's RAM cache, so the conversation is saved first
+        (Warmer.warmAfter).
+        """
+        if conversation is not None and not self.cache.atBoundary(head):
+            self.warmer.warmAfter(conversation, head)
+        elif not self.cache.saved(head) and self.cache.persists(head):
+            self._saveServed(head, slot if pinned else None, timings)
+        elif not self.cache.atBoundary(head):
+            rewarm.append(head)  # a warmup leaves it at its boundary, where every request extends it
 
     def _learnHead(
         self,
@@ -336,12 +355,8 @@ class Dispatcher:
         # A conversation's file is saved once it is idle; it is never warmed
         # again (its next turn resumes a longer one).
         kept = head.kind is not Kind.CONVERSATION
-        if kept and conversation is not None and not self.cache.atBoundary(head):
-            self._learnOpening(head, conversation)
-        elif kept and not self.cache.saved(head) and self.cache.persists(head):
-            self._saveServed(head, slot if pinned else None, timings)
-        elif kept and not self.cache.atBoundary(head):
-            rewarm.append(head)  # a warmup leaves it at its boundary, where every request extends it
+        if kept:
+            self._keepHead(head, slot, pinned, timings, rewarm, conversation)
         # Only a pinned request right after a restore tells whether restores work.
         restored = how == "restored" and pinned
         missed = (

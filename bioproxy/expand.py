@@ -167,6 +167,20 @@ def normaliseBillingHeader(body: dict[str, Any]) -> bool:
     return changed
 
 
+def _stampedOut(text: str) -> str:
+    """
+    A system text as llama-server 11434 renders it: a billing header's
+    five-character `cch` value followed by `;` becomes `fffff`, so that
+    a head's rendering matches what llama-server computed.
+    """
+    if not text.startswith(BILLING_HEADER):
+        return text
+    at = text.find("cch=", len(BILLING_HEADER))
+    if at < 0 or text[at + 9 : at + 10] != ";":
+        return text
+    return text[: at + 4] + "fffff" + text[at + 9 :]
+
+
 def _zeroed(match: re.Match[str]) -> str:
     name, value = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
     return name + "0" * len(value)
@@ -218,10 +232,10 @@ def _anthropicView(body: dict[str, Any]) -> ChatView:
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if isinstance(system, str):
-        messages.append({"role": "system", "content": system})
+        messages.append({"role": "system", "content": _stampedOut(system)})
     elif isinstance(system, list):
         text = "".join(
-            b["text"]
+            _stampedOut(b["text"])
             for b in system
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )

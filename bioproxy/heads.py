@@ -463,7 +463,8 @@ class HeadBook:
         A chat was answered: keep it as a conversation whose next turn
         resumes from it, if it is one (conversationShell). Returns its head,
         and whether it has grown by CONVERSATION_GROWTH tokens since the last
-        file of it was saved (then it is saved at once, not once idle). A
+        file of it was saved, if one was (then it is saved at once, not once
+        idle). A
         shorter start of it that was never saved never will be: it goes.
         """
         found = conversationShell(view, tokens, links, covered) if self.maxConversations else None
@@ -477,7 +478,7 @@ class HeadBook:
         entry.uses += 1
         entry.lastUsed = self.clock()
         self.entries[shell.name] = entry
-        saved = 0
+        saved = 0  # the tokens of its last file
         for link in chained[:-1]:
             older = self.entries.get(conversationName(link))
             if older is not None and older.bytes:
@@ -488,7 +489,9 @@ class HeadBook:
         head = shell.head(self.library)
         if head is None or shell.name not in self.entries:
             return None  # none are kept (max_conversations: 0)
-        return head, entry.tokens - saved >= CONVERSATION_GROWTH
+        # Saved at once only when it has grown much since its last file: a
+        # first file waits for a pause (a save holds llama-server's loop).
+        return head, bool(saved) and entry.tokens - saved >= CONVERSATION_GROWTH
 
     def savedBytes(self, name: str, size: int) -> None:
         """A file of head name was saved: it counts in the disk budget, and replaces its conversation's older ones."""

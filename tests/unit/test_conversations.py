@@ -179,6 +179,9 @@ class BookTests(SynchronousTestCase):
         grown = b.served(ChatView({}, long))
         assert grown is not None
         self.assertTrue(grown[1])
+        other = book().served(ChatView({}, long))
+        assert other is not None
+        self.assertFalse(other[1], "a first file waits for a pause, however long the conversation")
 
     def test_noneKeptWhenTheCountIsZero(self) -> None:
         b = book(maxConversations=0)
