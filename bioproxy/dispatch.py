@@ -150,53 +150,40 @@ class Dispatcher:
         # Where its head is restored into an empty slot for it, no warmup's
         # task may take that slot before this request has run on it.
         with self.cache.restoredForUser() if restoring else contextlib.nullcontext():
-            return await self._exchange(request, lease, body, head, pinnable, gone, text, rewarm)
-
-    async def _exchange(
-        self,
-        request: ProxyRequest,
-        lease: Lease,
-        body: Body,
-        head: Head | None,
-        pinnable: bool,
-        gone: list[Failure],
-        text: str,
-        rewarm: list[Head],
-    ) -> Contents | None:
-        assert lease.slot is not None
-        pins = self.backend.pins
-        slot = lease.slot.id
-        how: Prepared = "warm"
-        if pins:
-            how = await self._preparePinned(lease, head)
-        elif head is not None:
-            how = await self._prepareUnpinned(slot, head)
-        if head is not None and how in ("failed", "cold") and not head.learned:
-            # A template that was not warm. (A learned head is not warmed:
-            # its request computes it, and its slot is saved as its file.)
-            rewarm.append(head)
-        if gone:
-            if not pins:
-                return UNKNOWN
-            if how == "restored" and head:
-                return self.cache.holding(head, self.cache.warmText(head))
-            return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
-        reader = TimingsReader()
-        pinned = pins and pinnable
-        if pinned:
-            request.slot = slot  # for the access line
-        await self.cache.quiet()
-        outcome = await self.forwarder.forward(
-            request, body.pinned(slot if pinned else None), reader.feed, self.replaceable
-        )
-        contents = self._learn(outcome, reader, head, body, slot, how, pinned, text, rewarm)
-        if outcome.error == "connect" and outcome.status is None and self.replaceable:
-            # Nothing was answered: the router places the request on another backend.
-            raise BackendGone(self.forwarder.backend.decode())
-        if reader.timings is not None:  # for the access line
-            request.cached = reader.timings.get("cache_n")
-            request.computed = reader.timings.get("prompt_n")
-        return contents if pins else UNKNOWN
+            assert lease.slot is not None
+            pins = self.backend.pins
+            slot = lease.slot.id
+            how: Prepared = "warm"
+            if pins:
+                how = await self._preparePinned(lease, head)
+            elif head is not None:
+                how = await self._prepareUnpinned(slot, head)
+            if head is not None and how in ("failed", "cold") and not head.learned:
+                # A template that was not warm. (A learned head is not warmed:
+                # its request computes it, and its slot is saved as its file.)
+                rewarm.append(head)
+            if gone:
+                if not pins:
+                    return UNKNOWN
+                if how == "restored" and head:
+                    return self.cache.holding(head, self.cache.warmText(head))
+                return EMPTY if how == "failed" else None  # a failed restore leaves the slot empty
+            reader = TimingsReader()
+            pinned = pins and pinnable
+            if pinned:
+                request.slot = slot  # for the access line
+            await self.cache.quiet()
+            outcome = await self.forwarder.forward(
+                request, body.pinned(slot if pinned else None), reader.feed, self.replaceable
+            )
+            contents = self._learn(outcome, reader, head, body, slot, how, pinned, text, rewarm)
+            if outcome.error == "connect" and outcome.status is None and self.replaceable:
+                # Nothing was answered: the router places the request on another backend.
+                raise BackendGone(self.forwarder.backend.decode())
+            if reader.timings is not None:  # for the access line
+                request.cached = reader.timings.get("cache_n")
+                request.computed = reader.timings.get("prompt_n")
+            return contents if pins else UNKNOWN
 
     def _resumed(self, body: Body) -> Head | None:
         """

@@ -83,6 +83,33 @@ def _isVersion(rest: str) -> bool:
     return _VERSION.fullmatch(rest) is not None
 
 
+class _Gate:
+    """A count of holders, and whoever waits for it to come back to none."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def cleared(self) -> defer.Deferred[None]:
+        if not self.holders:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holders += 1
+        try:
+            yield
+        finally:
+            self.holders -= 1
+            if not self.holders:
+                waiting, self._waiting = self._waiting, []
+                for waiter in waiting:
+                    waiter.callback(None)
+
+
 def isoTime(seconds: float | None) -> str | None:
     """A Unix time in ISO 8601 (UTC, milliseconds), for the admin views."""
     if seconds is None:
@@ -164,12 +191,10 @@ class KVCache:
         # Told of each file saved, by head name and bytes (the head book's disk budget).
         self.onSaved: list[Callable[[str, int], None]] = []
         self._measuring = defer.DeferredLock()  # boundary: one head at a time
-        self._saving = 0  # saves under way that a new task could spoil
-        self._waiting: list[defer.Deferred[None]] = []
+        self._saving = _Gate()  # saves under way that a new task could spoil
         # Users' requests whose head was restored into an empty slot, until
         # they end: a warmup's unpinned task meanwhile could land on that slot.
-        self._restored = 0
-        self._warmupsWaiting: list[defer.Deferred[None]] = []
+        self._restored = _Gate()
 
     def state(self, head: Head) -> WarmState:
         state = self.states.get(head.name)
@@ -345,11 +370,10 @@ class KVCache:
         clears the idle slot being saved. llama-server runs a save on its
         main loop, so nothing it could compute meanwhile is lost.
         """
-        if not self._saving:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append(waiter)
-        return waiter
+        return self._saving.cleared()
+
+    def _quietWhile(self) -> contextlib.AbstractContextManager[None]:
+        return self._saving.held()
 
     def clearForWarmups(self) -> defer.Deferred[None]:
         """
@@ -358,36 +382,11 @@ class KVCache:
         shares most with it, and a warmup's task would take (and cut) the
         slot a user's conversation was just restored into.
         """
-        if not self._restored:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._warmupsWaiting.append(waiter)
-        return waiter
+        return self._restored.cleared()
 
-    @contextlib.contextmanager
-    def restoredForUser(self) -> Iterator[None]:
+    def restoredForUser(self) -> contextlib.AbstractContextManager[None]:
         """While a user's request runs on the slot its head was restored into (clearForWarmups)."""
-        self._restored += 1
-        try:
-            yield
-        finally:
-            self._restored -= 1
-            if not self._restored:
-                waiting, self._warmupsWaiting = self._warmupsWaiting, []
-                for waiter in waiting:
-                    waiter.callback(None)
-
-    @contextlib.contextmanager
-    def _quietWhile(self) -> Iterator[None]:
-        self._saving += 1
-        try:
-            yield
-        finally:
-            self._saving -= 1
-            if not self._saving:
-                waiting, self._waiting = self._waiting, []
-                for waiter in waiting:
-                    waiter.callback(None)
+        return self._restored.held()
 
     async def restoreIntoEmptySlot(self, leased: int, head: Head) -> bool:
         slot = await self.claimSlot(leased)

@@ -211,6 +211,25 @@ class BookTests(SynchronousTestCase):
         )
 
 
+def started(test: SynchronousTestCase, memory: str, unified: bool = True) -> Memory:
+    """A bioproxy in memory in front of a fake llama-server of that memory kind, probed and warm."""
+    m = Memory(Path(test.mktemp()), unified=unified, memory=memory)
+    m.found()
+    m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs)
+    return m
+
+
+def settled(m: Memory) -> None:
+    """bioproxy's background work is done (saves, warmups)."""
+    m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+
+
+def restarted(m: Memory) -> None:
+    """llama-server restarted, and bioproxy has seen it and warmed again."""
+    m.restarted()
+    settled(m)
+
+
 def chat(m: Memory, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """One turn: the fake's record of it, and the answer's text."""
     status, answer = m.post("/v1/chat/completions", {"messages": messages, "max_tokens": 8})
@@ -223,21 +242,18 @@ class LostBeforeSavedTests(SynchronousTestCase):
     def test_aRestartBeforeTheSaveComputesNothing(self) -> None:
         """A conversation whose llama-server restarted before it went idle is not computed again to be saved."""
         for memory in ("dense", "hybrid"):
-            m = Memory(Path(self.mktemp()), unified=True, memory=memory)
-            m.found()
-            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs)
+            m = started(self, memory, True)
             messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
             for turn in range(3):
                 messages.append({"role": "user", "content": f"question {turn}"})
                 _, answer = chat(m, messages)
                 messages.append({"role": "assistant", "content": answer})
-            m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
-            m.restarted()
-            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+            settled(m)
+            restarted(m)
             before = len(m.completions())
             saved = [e.shell.name for e in m.book.conversations() if e.bytes]
             m.clock.advance(m.warmer.conversationIdle)
-            m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
+            settled(m)
             self.assertEqual(len(m.completions()), before, memory)
             self.assertEqual([e.shell.name for e in m.book.conversations() if e.bytes], saved, memory)
 
@@ -254,9 +270,7 @@ class RestartTests(SynchronousTestCase):
         for memory, reuse in KINDS.items():
             for unified in (True, False):
                 where = (memory, unified)
-                m = Memory(Path(self.mktemp()), unified=unified, memory=memory)
-                m.found()
-                m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs)
+                m = started(self, memory, unified)
                 messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
                 for turn in range(3):
                     messages.append({"role": "user", "content": f"question {turn}"})
@@ -270,7 +284,7 @@ class RestartTests(SynchronousTestCase):
                         self.assertLessEqual(record["prompt_n"], added(messages) + again + 8, (where, turn))
                     messages.append({"role": "assistant", "content": answer})
                 m.clock.advance(m.warmer.conversationIdle)
-                m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
+                settled(m)
                 saved = [
                     m.cache.filename(e.shell.head(m.library))  # type: ignore[arg-type]
                     for e in m.book.entries.values()
@@ -278,8 +292,7 @@ class RestartTests(SynchronousTestCase):
                 ]
                 self.assertEqual(len(saved), 0 if reuse is Reuse.NOTHING else 1, (where, saved))
                 self.assertTrue(set(saved) <= set(cacheFiles(m.dir / "slots")), where)
-                m.restarted()
-                m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+                restarted(m)
                 messages.append({"role": "user", "content": "question after the restart"})
                 record, _ = chat(m, messages)
                 if reuse is Reuse.NOTHING:  # no file serves it: only its opening, prefilled, is warm
@@ -300,7 +313,7 @@ class FirstSecondsTests(SynchronousTestCase):
             m.template("@t0", "You are a careful reviewer. Follow every rule. " * 30 + "Input: <{message}>")
             m.monitor.startService()
             self.addCleanup(m.monitor.stopService)
-            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+            settled(m)
             m.fake.restart()
             # A request failed to connect while it was down; no poll has run since.
             m.monitor.noteUnreachable("a request could not connect")
@@ -317,15 +330,12 @@ class MeasuredRestartTests(SynchronousTestCase):
     def test_systemPromptShortByEstimateIsWarmAfterARestart(self) -> None:
         """The issue's 1.6 KB, 1,500-token system prompt (a byte a token, as in the tiny models)."""
         for memory in ("dense", "hybrid"):
-            m = Memory(Path(self.mktemp()), unified=True, memory=memory)
-            m.found()
-            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs)
+            m = started(self, memory, True)
             system = {"role": "system", "content": "Answer as a ship's captain would. " * 48}
             for n in range(2):
                 chat(m, [system, {"role": "user", "content": f"question {n}"}])
-                m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
-            m.restarted()
-            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+                settled(m)
+            restarted(m)
             record, _ = chat(m, [system, {"role": "user", "content": "after the restart"}])
             self.assertLess(record["prompt_n"], 60, memory)
 
@@ -333,15 +343,13 @@ class MeasuredRestartTests(SynchronousTestCase):
 class BudgetTests(SynchronousTestCase):
     def test_aBudgetThatEvictsAndDeletes(self) -> None:
         """Conversations' files count in max_learned_bytes; the least recently used goes, file and all."""
-        m = Memory(Path(self.mktemp()), unified=True, memory="dense")
-        m.found()
-        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs)
+        m = started(self, "dense")
         files: list[set[str]] = []
         for n in range(3):
             messages = [{"role": "system", "content": f"{n} {SYSTEM}"}, {"role": "user", "content": "hi"}]
             chat(m, messages)
             m.clock.advance(m.warmer.conversationIdle)
-            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+            settled(m)
             files.append(set(cacheFiles(m.dir / "slots")))
             if n == 1:
                 m.book.maxBytes = sum(e.bytes for e in m.book.entries.values())  # room for what there is
@@ -361,15 +369,14 @@ class FingerprintTests(SynchronousTestCase):
         m.backend.readModel = lambda path: defer.succeed(ModelFacts("llama", None, False, identity[0]))
         m.template("@t0", "You are a careful reviewer. Follow every rule. " * 30 + "Input: <{message}>")
         m.found()
-        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+        settled(m)
         first = m.backend.fingerprint
         m.restarted()  # the same model file
-        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+        settled(m)
         self.assertEqual(m.backend.fingerprint, first)
         self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t0", how="restore"), 1)
         identity[0] = "100:2"  # replaced in place
-        m.restarted()
-        m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+        restarted(m)
         self.assertNotEqual(m.backend.fingerprint, first)
         self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t0", how="restore"), 1, "not restored")
         self.assertEqual(m.metric("bioproxy_warmup_total", prefix="@t0", how="prefill"), 2)
