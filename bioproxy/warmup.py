@@ -323,11 +323,12 @@ class Warmer(Service):
         if head is None:
             return
         state = self.cache.state(head)
-        await self.cache.boundary(head)
-        if head.kind is Kind.CONVERSATION and (
-            self.cache.saved(head) or not self.cache.persists(head) or state.boundary is None
-        ):
+        conversation = head.kind is Kind.CONVERSATION
+        if conversation and (self.cache.saved(head) or not self.cache.persists(head)):
             return  # saved already, or no file can serve it (its next turn computes it, as alone)
+        await self.cache.boundary(head)
+        if conversation and state.boundary is None:
+            return  # llama-server cannot say where its next answer begins: no file
         lease = await self.scheduler.lease(head.key, WARMUP, text=self.cache.warmText(head))
         started = self.clock.seconds()
         try:
