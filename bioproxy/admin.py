@@ -96,7 +96,9 @@ class TokenGuard(Resource):
         return page and bool(query) and hmac.compare_digest(query, self.token)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if path not in self.open and not self._allowed(request, page=path == b""):
+        # The page is "/" alone: "//metrics" has an empty first segment too.
+        page = path == b"" and not request.postpath
+        if path not in self.open and not self._allowed(request, page=page):
             return _Unauthorized()
         child: Resource = self.wrapped.getChildWithDefault(path, request)
         return child

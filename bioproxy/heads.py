@@ -561,10 +561,13 @@ class HeadBook:
                     bool(data.get("marked", False)),
                 )
                 entry = Entry(shell, int(data["uses"]), float(data["last_used"]), int(data["file_bytes"]))
-            except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            except Exception:  # noqa: BLE001 - an entry that does not read is skipped, whatever is wrong with it
                 continue
             if shell.kind is Kind.CONVERSATION:
-                found = conversationShell(shell.view)
+                try:
+                    found = conversationShell(shell.view)
+                except Exception:  # noqa: BLE001 - its messages do not render (nested past Python's limit)
+                    continue
                 if found is None or found[0].digest != shell.digest:
                     continue  # not what was kept: its messages were changed
                 entry.chain, entry.tokens = tuple(found[1]), found[2]

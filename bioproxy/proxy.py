@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -47,6 +48,25 @@ class Sending(Protocol):
 _SLOT_ACTION = re.compile(rb"^/slots/[^/]*/?$")
 
 
+def routedPath(raw: bytes) -> bytes | None:
+    """
+    The path as llama-server routes it: it percent-decodes the path before
+    matching its routes, so the guards and the route table look at the
+    decoded path too (`/%73lots/0` is `/slots/0`). None for a path that
+    could be routed more than one way: an encoded slash or backslash
+    (`/slots%2F0`), or a dot segment.
+    """
+    if b"%" not in raw and b"/." not in raw:
+        return raw  # every ordinary request
+    lowered = raw.lower()
+    if b"%2f" in lowered or b"%5c" in lowered:
+        return None
+    decoded = unquote_to_bytes(raw)
+    if any(segment in (b".", b"..") for segment in decoded.split(b"/")):
+        return None
+    return decoded
+
+
 class ProxyResource:
     """Forwards every request, whatever its path, to the backend."""
 
@@ -67,7 +87,15 @@ class ProxyResource:
         self.normaliseHeaders = normaliseHeaders
 
     def render(self, request: ProxyRequest) -> None:
-        if request.method == b"POST" and not self.allowSlotActions and _SLOT_ACTION.match(request.path):
+        path = routedPath(request.path)
+        if path is None:
+            writeError(
+                request,
+                400,
+                "The request path is ambiguous: an encoded slash or backslash, or a '.' or '..' segment.",
+            )
+            return
+        if request.method == b"POST" and not self.allowSlotActions and _SLOT_ACTION.match(path):
             writeError(
                 request,
                 403,
@@ -75,7 +103,7 @@ class ProxyResource:
                 "caches in the slots; set allow_slot_actions to let clients use them.",
             )
             return
-        found = route(request.method, request.path)
+        found = route(request.method, path)
         if found is None:
             self.forwarder.forward(request)
             return

@@ -65,18 +65,8 @@ class StateFile(Service):
                 raise ValueError("its heads and files must be lists")
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as e:
-            aside = self.path.with_name(self.path.name + ".unreadable")
-            log.warn(
-                "state file {path} cannot be read ({why}); moved to {aside}, starting afresh",
-                path=str(self.path),
-                why=str(e),
-                aside=str(aside),
-            )
-            try:
-                self.path.replace(aside)
-            except OSError:
-                pass
+        except Exception as e:  # noqa: BLE001 - whatever it holds (1e999, nesting past Python's limit), never a crash
+            self._setAside(e)
             return
         self.book.addEntries(heads)
         # Files this bioproxy saved before; a restore finds out whether they are still there.
@@ -88,6 +78,19 @@ class StateFile(Service):
                 backend.saved.update(f for f in listed if isinstance(f, str))
         self._written = self._version()
         log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
+
+    def _setAside(self, e: Exception) -> None:
+        aside = self.path.with_name(self.path.name + ".unreadable")
+        log.warn(
+            "state file {path} cannot be read ({why}); moved to {aside}, starting afresh",
+            path=str(self.path),
+            why=f"{type(e).__name__}: {e}"[:200],
+            aside=str(aside),
+        )
+        try:
+            self.path.replace(aside)
+        except OSError:
+            pass
 
     def write(self, force: bool = False) -> None:
         """

@@ -46,6 +46,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -659,6 +660,8 @@ class FakeLlamaResource(Resource):
         if faults.down:
             _abort(request)
             return NOT_DONE_YET
+        # llama-server (cpp-httplib) percent-decodes the path before it routes.
+        request.path = unquote_to_bytes(request.path)
         key = self.llama.apiKey
         if key and request.path not in _PUBLIC:
             given = request.getHeader(b"authorization") or ""

@@ -229,6 +229,16 @@ class AdminTests(TestCase):
         self.assertEqual(denied["error"]["type"], "authentication_error")
 
     @asyncTest
+    async def test_pageTokenOpensThePageAlone(self) -> None:
+        """Issue 26, item 10: the status page's query token opens "/" only, not "//metrics" and the like."""
+        http = self.client(token="s3cret")
+        self.assertNotEqual((await http.get("http://admin/?token=s3cret")).code, 401)
+        for path in ("//metrics", "//status", "//templates", "/metrics"):
+            self.assertEqual((await http.get(f"http://admin{path}?token=s3cret")).code, 401, path)
+        warm = await http.post("http://admin//templates/%40code/warmup?token=s3cret")
+        self.assertEqual(warm.code, 401)
+
+    @asyncTest
     async def test_unknownPathIs404(self) -> None:
         self.assertEqual((await self.client().get("http://admin/nope")).code, 404)
 

@@ -55,6 +55,26 @@ class SlotActionTests(SynchronousTestCase):
         self.assertEqual(status, 200, raw)
         self.assertEqual(len(json.loads(raw)), len(m.fake.slots))
 
+    def test_encodedPathsAreGuardedAsRouted(self) -> None:
+        """Issue 26, item 6: llama-server decodes the path before routing; so does the guard."""
+        m = Memory(Path(self.mktemp()))
+        m.found()
+        status, raw = m.postRaw("/%73lots/0?action=erase", {})
+        self.assertEqual(status, 403, raw)
+        for ambiguous in (
+            "/slots%2F0?action=erase",
+            "/slots%2f0",
+            "/./slots/0?action=erase",
+            "/x/../slots/0",
+        ):
+            status, raw = m.postRaw(ambiguous, {})
+            self.assertEqual(status, 400, (ambiguous, raw))
+        self.assertEqual([a for a in m.fake.actions if a[0] == "erase"], [])
+        m.template("@t", "Review: <{message}>")
+        status, raw = m.postRaw("/v1/chat/completion%73", {"messages": [{"role": "user", "content": "@t x"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertIn(b"Review: x", m.completions()[-1]["prompt"])
+
     def test_allowed(self) -> None:
         m = Memory(Path(self.mktemp()))
         resource = m.site.resource

@@ -74,6 +74,34 @@ class StateFileTests(SynchronousTestCase):
         state.stopService()
         self.assertEqual([h["uses"] for h in json.loads(path.read_text())["heads"]], [2])
 
+    def test_noStateFileStopsStartUp(self) -> None:
+        """Issue 26, item 2: numbers past a float, Infinity, nesting past Python's limit."""
+        entry = {"kind": "learned", "template": None, "digest": "ab" * 32, "last_used": 0, "file_bytes": 0}
+        entry["view"] = {"messages": [{"role": "user", "content": "\u2063bioproxy-message\u2063"}]}
+
+        def stateWith(head: dict[str, Any], old: str = "", new: str = "") -> str:
+            heads = json.dumps(head).replace(old, new)
+            return '{"format": 1, "files": [], "heads": [' + heads + "]}"
+
+        message = '"content": "\\u2063bioproxy-message\\u2063"'
+        held = {
+            "uses 1e999": stateWith({**entry, "uses": 1}, '"uses": 1', '"uses": 1e999'),
+            "uses Infinity": stateWith({**entry, "uses": 1}, '"uses": 1', '"uses": Infinity'),
+            "nested": '{"format": 1, "heads": ' + "[" * 100000 + "]" * 100000 + "}",
+            "nested view": stateWith(
+                {**entry, "uses": 1, "kind": "conversation"}, message, '"content": ' + "[" * 5000 + "]" * 5000
+            ),
+        }
+        for what, text in held.items():
+            directory = Path(self.mktemp())
+            directory.mkdir()
+            path = directory / "state.json"
+            path.write_text(text)
+            m, state = self.start(directory, path)  # no exception: it starts
+            self.assertEqual(m.book.entries, {}, what)
+            state.stopService()
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_unreadableFileIsSetAside(self) -> None:
         directory = Path(self.mktemp())
         directory.mkdir()
