@@ -401,9 +401,15 @@ class HeadBook:
         return heads
 
     def variantsOf(self, prefix: str) -> list[Head]:
-        return [
-            h for h in self.wanted() if h.template is not None and h.template.prefix == prefix and h.learned
-        ]
+        """The kept heads built on template prefix, most recently used first: the entries alone are looked at,
+        so that a listing of every template's is linear in the templates."""
+        heads = []
+        for entry in reversed(self.entries.values()):
+            if entry.shell.prefix == prefix and self._kept(entry):
+                head = entry.shell.head(self.library)
+                if head is not None:
+                    heads.append(head)
+        return heads
 
     def observe(self, shell: Shell | None, template: Template | None) -> Head | None:
         """

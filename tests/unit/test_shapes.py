@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from bioproxy.expand import Body, chatView, expand, marksBreakpoint, normaliseBillingHeader
 from bioproxy.heads import MARK, MIN_LEARNED_TOKENS, HeadBook, Kind, estimatedTokens, locate, shellOf
 from bioproxy.routes import ROUTES, Shape, route
-from bioproxy.templates import Sources, TemplateLibrary, load
+from bioproxy.templates import Sources, Template, TemplateLibrary, load
 from bioproxy.timings import TimingsReader
 
 jsonValues = st.recursive(
@@ -306,3 +306,30 @@ class EstimatedTokensTests(TestCase):
             shell = shellOf(Shape.CHAT, chatView(Shape.CHAT, body), None)
             kept = shell is not None and not shell.short  # short by estimate: kept once measured long
             self.assertEqual(kept, learned, (estimatedTokens(text), text[:20]))
+
+
+class ListingTests(TestCase):
+    def test_variantsOfLooksAtTheEntriesAlone(self) -> None:
+        """Issue 26, item 1: a listing asks each template for its variants; that must not render every template."""
+        library = TemplateLibrary()
+        book = HeadBook(library, lambda: 0.0)
+        renders = [0]
+        for i in range(50):
+            library.put(_counting(f"@t{i}", renders))
+        before = renders[0]
+        for i in range(50):
+            book.variantsOf(f"@t{i}")
+        self.assertEqual(renders[0], before, "no template was rendered to list the variants")
+
+
+class _Counted(Template):
+    counter: list[int] = [0]
+
+    def render(self, message: str) -> str:
+        _Counted.counter[0] += 1
+        return super().render(message)
+
+
+def _counting(prefix: str, renders: list[int]) -> Template:
+    _Counted.counter = renders
+    return _Counted(prefix, Path(prefix), "<{message}>", {}, {}, {}, prefix * 4, 11)
