@@ -316,7 +316,13 @@ class ProxyChannel(Protocol):
         limit = self.site.maxBodyBytes
         self.chunks, self.left, self.received = None, 0, 0
         if coding is not None:
-            if lengths is not None or [t.lower() for t in _split(coding)] != [b"chunked"]:
+            # HTTP/1.0 has no chunked coding: a request that claims it is
+            # faulty (RFC 9112, section 6.1), however a peer would read it.
+            if (
+                lengths is not None
+                or [t.lower() for t in _split(coding)] != [b"chunked"]
+                or request.clientproto != b"HTTP/1.1"
+            ):
                 self._malformed()
                 return False
             self.chunks = _Chunks()

@@ -288,6 +288,15 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(status, 413)
         self.assertEqual(c.renderer.seen, [])
 
+    def test_chunkedInHTTP10IsRefused(self) -> None:
+        """Issue 26, item 9: HTTP/1.0 has no chunked coding (RFC 9112, section 6.1)."""
+        c = Connection(maxBody=100)
+        c.send(b"POST / HTTP/1.0\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n", chunked(b"y" * 12, 6))
+        [(status, _, _)] = c.responses()
+        self.assertEqual(status, 400)
+        self.assertEqual(c.renderer.seen, [])
+        self.assertTrue(c.closed)
+
     def test_expectContinue(self) -> None:
         c = Connection(maxBody=10)
         c.send(b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
