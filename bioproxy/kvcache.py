@@ -142,6 +142,8 @@ class WarmState:
     error: str | None = None  # why the backend refused the last warmup
     text: str | None = None  # what the warmup's slot starts with, as placement compares it
     held: str | None = None  # a conversation's messages, as a slot's text starts with them (holds)
+    saveError: str | None = None  # why llama-server could not write its file, the last time it tried
+    saveFailures: int = 0  # in a row: the warmer's retries back off
     fileBytes: int = 0  # of its file, as llama-server reported the save
     # A conversation's last answered request: its slot (where pinned), its
     # prompt and generated tokens, to find the slot that holds it (slotHolding).
@@ -174,6 +176,7 @@ class WarmState:
             "last_warmup_at": isoTime(self.lastWarmup),
             "last_warmup_how": self.lastHow,
             "warmup_error": self.error,
+            "save_error": self.saveError,
         }
 
 
@@ -476,12 +479,27 @@ class KVCache:
         backend = self.backend
         if name is None or name in backend.saved or not backend.restoresHelp:
             return name in backend.saved
+        state = self.state(head)
         try:
             with self._quietWhile():
                 result = await self.llama.save(slot, name, self.backend.timeout)
         except NoPersistence as e:
             backend.noPersistence(str(e))
             return False
+        except BackendError as e:
+            if e.status < 500:
+                raise
+            # A directory llama-server cannot write (full, read-only): the
+            # head stays warm in llama-server; the warmer saves it again later.
+            if state.saveError != str(e):
+                log.warn(
+                    "cannot save {prefix}'s file ({why}); it stays warm in llama-server, saved again later",
+                    prefix=head.name,
+                    why=str(e),
+                )
+            state.saveError, state.saveFailures = str(e), state.saveFailures + 1
+            return False
+        state.saveError, state.saveFailures = None, 0
         written = result.get("n_saved") if isinstance(result, dict) else None
         if tokens and isinstance(written, int) and written < HIT_SHARE * tokens:
             log.info(

@@ -40,6 +40,8 @@ from .templates import Template
 
 log = Logger()
 
+# The longest wait, in seconds, before a head whose file could not be written is saved again.
+SAVE_RETRY_LIMIT = 300.0
 # How a warmup made its head warm (the `how` label of bioproxy_warmup_total);
 # "saved": a conversation's file, written from what llama-server held.
 Warmed = Literal["prefill", "restore", "resident", "saved"]
@@ -362,6 +364,13 @@ class Warmer(Service):
                 self._retryLater(prefix)
             return
         state.error = None
+        if state.saveError is not None and self.running:
+            # Warm, but with no file: saved again later, backing off, from
+            # what llama-server holds (never computed again for it). It is
+            # warm meanwhile, not "retrying".
+            delay = min(self.retryDelay * 2**state.saveFailures, SAVE_RETRY_LIMIT)
+            self._retries = [c for c in self._retries if c.active()]
+            self._retries.append(self.clock.callLater(delay, self.request, prefix))
         if how is None:
             lease.release(None)  # as it was: a conversation that was not there to save
             return
@@ -445,7 +454,8 @@ class Warmer(Service):
         timings, ran = await self._complete(head, state, None if state.boundary is not None else slot)
         slot = ran if ran is not None else slot
         if not await self.cache.save(slot, head, state.tokens) and self.cache.persists(head):
-            self._retryLater(head.name)  # another task cleared the slot first
+            if state.saveError is None:
+                self._retryLater(head.name)  # another task cleared the slot first
         state.inRam = True
         return "prefill"
 

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from bioproxy.heads import templateHead
 from bioproxy.llamacpp import LlamaClient, TimedOut
 from bioproxy.proxy import ProxyResource
 
@@ -302,3 +303,39 @@ class DeadlineTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class UnwritableSaveTests(SynchronousTestCase):
+    """Issue 26, item 11: a slot directory llama-server cannot write."""
+
+    def test_warmWithAReasonAndBackoff(self) -> None:
+        for unified in (True, False):
+            m = Memory(Path(self.mktemp()), unified=unified)
+            m.template("@t", "You are a careful reviewer. Follow every rule. " * 30 + "Input: <{message}>")
+            m.found()
+            m.advanceUntil(lambda m=m: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+            head = templateHead(m.library.templates["@t"])
+            m.fake.saveDir = m.dir / "slots" / "missing"  # the disk goes read-only: saves fail with 500
+            m.cache.forgetFile(head)
+            m.warmer.request("@t", force=True)
+            m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
+            state = m.cache.state(head)
+            view = state.view(m.backend)
+            self.assertTrue(view["warm"], unified)
+            self.assertIsNone(view["warmup_error"], unified)
+            self.assertIn("Unable to save", view["save_error"] or "", unified)
+            before = len(m.completions())
+            saves = len([a for a in m.fake.actions if a[0] == "save"])
+            for _ in range(120):  # ten minutes
+                m.clock.advance(5)
+                m.settle()
+            tries = len([a for a in m.fake.actions if a[0] == "save"]) - saves
+            self.assertLessEqual(tries, 8, (unified, "backing off"))
+            self.assertGreaterEqual(tries, 3, (unified, "retried"))
+            computed = [r["prompt_n"] for r in m.completions()[before:]]
+            self.assertTrue(all(n < 60 for n in computed), (unified, computed, "never computed again"))
+            m.fake.saveDir = m.dir / "slots"  # writable again
+            m.clock.advance(300)
+            m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
+            self.assertTrue(m.cache.saved(head), unified)
+            self.assertIsNone(m.cache.state(head).saveError, unified)
