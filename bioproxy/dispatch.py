@@ -291,8 +291,9 @@ class Dispatcher:
         state = self.cache.state(body.head) if body.head is not None else None
         if state is not None and state.warm and tokens:  # its boundary, or its share of the prompt
             assert body.head is not None
-            share = min(1.0, len(self.cache.warmText(body.head)) / max(1, len(body.text)))
-            covered = state.reusable or int(tokens * share)
+            covered = state.reusable or int(
+                tokens * min(1.0, len(self.cache.warmText(body.head)) / max(1, len(body.text)))
+            )
         kept = self.book.served(body.view, tokens or None, lambda: body.links, covered)
         if kept is None:
             return None

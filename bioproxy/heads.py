@@ -447,12 +447,17 @@ class HeadBook:
         """The conversations kept, least recently used first."""
         return [e for e in self.entries.values() if e.shell.kind is Kind.CONVERSATION]
 
-    def conversationsOf(self, view: ChatView | None, links: list[str] | None = None) -> list[Head]:
-        """The kept conversations whose messages view (with hash chain links) starts with, longest first."""
-        if view is None or not self.conversations():
+    def conversationsOf(
+        self, view: ChatView | None, links: Callable[[], list[str]] | None = None
+    ) -> list[Head]:
+        """
+        The kept conversations whose messages view starts with, longest
+        first. links: its hash chain, worked out only when some are kept.
+        """
+        if view is None or not any(e.shell.kind is Kind.CONVERSATION for e in self.entries.values()):
             return []
         found = []
-        for link in reversed(links if links is not None else chain(view)):
+        for link in reversed(links() if links is not None else chain(view)):
             entry = self.entries.get(conversationName(link))
             if entry is not None:
                 found.append(entry.shell.head(self.library))

@@ -155,8 +155,7 @@ class ProxyResource:
                     shape, body.view, position, shape is Shape.ANTHROPIC and marksBreakpoint(parsed)
                 )
             body.head = self.book.observe(shell, position[0] if position and shell is None else None)
-            if self.book.conversations():
-                body.resumes = self.book.conversationsOf(body.view, body.links)
+            body.resumes = self.book.conversationsOf(body.view, lambda: body.links)
             if shell is not None and shell.short and body.head is None:
                 body.unmeasured = shell
         return body
