@@ -28,6 +28,7 @@ from io import BytesIO
 from typing import IO, Any
 from typing import Protocol as TypingProtocol
 
+import httptools
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IAddress, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -39,7 +40,7 @@ from .deadline import Deadline
 from .errors import errorResponse, failRequest, writeError
 from .headers import RawHeaders
 from .metrics import Metrics, methodLabel, pathLabel
-from .wire import BadChunk, _Chunks, sendNow
+from .wire import sendNow
 
 log = Logger()
 
@@ -47,6 +48,7 @@ CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 RECENT = 20  # requests the status page shows
 MAX_LINE = 16384  # the request line; and the headers in all (Twisted's limits)
 MAX_HEADERS = 500
+MAX_HEAD = 2 * MAX_LINE  # a head whose line and headers are still being read
 BODY_IN_MEMORY = 1 << 20  # a larger body is kept in a temporary file
 READ_AHEAD = 1 << 16  # bytes of pipelined requests read while one is answered
 LINGER = 2.0  # seconds a refused body is still read (and dropped) before closing
@@ -80,6 +82,7 @@ class ProxyRequest:
     cached: int | None = None  # prompt tokens reused from the cache
     computed: int | None = None  # prompt tokens computed
     firstByte: float | None = None  # seconds to the response's first body byte
+    tooLarge = False  # its body passes the limit: answered 413, and the connection closed
     backend: str | None = None  # which backend answered, when there are several (the router sets it)
 
     def __init__(
@@ -205,9 +208,19 @@ class ProxyRequest:
                 d.errback(reason)
 
 
+class _Refused(Exception):
+    """Raised in a parser callback: stop parsing; the channel's refusal says what to answer."""
+
+
 class ProxyChannel(Protocol):
     """
-    One client connection: requests parsed by hand, answered one at a time.
+    One client connection: requests framed by llhttp (httptools), answered
+    one at a time.
+
+    The parser is fed only while no request is answered; what comes
+    meanwhile waits in a buffer (READ_AHEAD bytes, then reading pauses), so
+    that pipelined requests are read once the one before is answered. One
+    feed can complete several; they wait their turn in `ready`.
 
     Between requests the connection may stay idle for the site's timeout;
     from a request's first byte, its head and body must arrive within it.
@@ -215,17 +228,27 @@ class ProxyChannel(Protocol):
 
     def __init__(self, site: ProxySite) -> None:
         self.site = site
-        self.buffer = b""
-        self.request: ProxyRequest | None = None  # being read, or answered
-        self.answering = False  # its head and body are in; its response is not done
+        self.parser = httptools.HttpRequestParser(self)
+        self.buffer = b""  # read while a request is answered
+        self.request: ProxyRequest | None = None  # being answered
+        self.ready: deque[ProxyRequest] = deque()  # read whole, waiting their turn
+        self.reading: ProxyRequest | None = None  # its head is in; its body is coming
         self.closed = False  # refused, or told to close: nothing more is read
-        self.chunks: _Chunks | None = None  # a chunked body being read
-        self.left = 0  # bytes of a sized body still to come
-        self.received = 0
+        self.refusal: tuple[int, str] | None = None  # answered once the requests before it are
         self.deadline = Deadline(site.clock)  # idle, then each request's, then idle again
         self.paused = False  # reading is paused: READ_AHEAD bytes wait
-        self.parsing = False
+        self.pumping = False
         self.lingering = False  # answered and closing: what still comes is read and dropped
+        self._head()
+
+    def _head(self) -> None:
+        """Forget the head being read: a new message begins."""
+        self.url = b""
+        self.headers = RawHeaders()
+        self.headerCount = 0
+        self.headerBytes = 0  # of the whole header lines so far
+        self.inHead = False  # between a message's first byte and the end of its headers
+        self.headSeen = 0  # bytes fed while this head was being read (see _feed)
 
     def connectionMade(self) -> None:
         self.site.channels.add(self)
@@ -236,176 +259,179 @@ class ProxyChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
             return  # refused, or lingering after a 413
-        if self.answering:
+        if self.request is not None or self.ready:
             self.buffer += data  # a pipelined request: read once this one is answered
             if len(self.buffer) > READ_AHEAD and not self.paused:
                 self.paused = True
                 self.transport.pauseProducing()  # type: ignore[union-attr]
             return
-        if self.request is None and not self.buffer and data:
-            self._deadline()
         self.buffer += data
-        self._parse()
+        self._pump()
 
-    def _parse(self) -> None:
-        # A loop, not recursion: a request answered at once (an error) ends
-        # in requestDone, which leaves the next pipelined one to this loop.
-        if self.parsing:
+    def _pump(self) -> None:
+        """
+        Answer what is ready, else parse what is buffered, until a request
+        is being answered or nothing is left. A loop, not recursion: a
+        request answered at once (an error) ends in requestDone, which
+        leaves the next to this loop.
+        """
+        if self.pumping:
             return
-        self.parsing = True
+        self.pumping = True
         try:
-            while not self.closed and not self.answering and self.buffer:
-                if self.request is None:
-                    if not self._readHead():
-                        return
+            while self.request is None:
+                if self.ready:
+                    self._answer(self.ready.popleft())
+                elif self.refusal is not None:
+                    self._refuse(*self.refusal)
+                    break
+                elif self.buffer and not self.closed:
+                    data, self.buffer = self.buffer, b""
+                    self._feed(data)
                 else:
-                    self._readBody()
+                    break
         finally:
-            self.parsing = False
+            self.pumping = False
 
-    def _readHead(self) -> bool:
-        buffer = self.buffer = self.buffer.lstrip(b"\r\n")  # empty lines before a request are allowed
-        if not buffer:
-            return False
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            firstLine = buffer.find(b"\r\n")
-            if firstLine < 0 and len(buffer) > MAX_LINE:
-                self._refuse(414, f"The request line is longer than {MAX_LINE} bytes.")
-            elif firstLine >= 0 and len(buffer) - firstLine > MAX_LINE:
-                self._refuse(431, f"The request's headers exceed {MAX_LINE} bytes.")
-            return False
-        head, self.buffer = buffer[:end], buffer[end + 4 :]
-        lines = head.split(b"\r\n")
-        first = lines[0]
-        if len(first) > MAX_LINE:
-            self._refuse(414, f"The request line is longer than {MAX_LINE} bytes.")
-            return False
-        if len(head) - len(first) > MAX_LINE:
-            self._refuse(431, f"The request's headers exceed {MAX_LINE} bytes.")
-            return False
-        if len(lines) - 1 > MAX_HEADERS:
-            self._refuse(431, f"The request has more than {MAX_HEADERS} headers.")
-            return False
-        parts = first.split(b" ")
-        headers = RawHeaders()
-        if len(parts) != 3 or not parts[0].isalpha() or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-            return self._malformed()
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            # No space before the colon, no folded lines, no bare CR or LF:
-            # each is a way to smuggle a header past one parser and not another.
-            if not colon or not name or name != name.strip() or b"\r" in line or b"\n" in line:
-                return self._malformed()
-            headers.addRawHeader(name, value.strip(b" \t"))
-        method, uri, version = parts
-        request = self.request = ProxyRequest(self, method, uri, version, headers)
-        if not self._framing(request):
-            return False
-        if version == b"HTTP/1.0" or b"close" in _tokens(headers, b"connection"):
-            request.persistent = False
-        if self.chunks is None and not self.left:
-            self._received()
-        return True
+    def _feed(self, data: bytes) -> None:
+        while data:
+            # Counted as the head's if a head is still being read after this
+            # feed; not if a message ended in it first (then it is no more
+            # than one read short).
+            self.feeding = len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # bioproxy switches no protocol: the request is answered as
+                # any other, and what follows it is the next request.
+                data = data[upgrade.args[0] :]
+                continue
+            except httptools.HttpParserError as e:
+                if self.refusal is None and not self.lingering:
+                    self.refusal = (400, f"The request is not well-formed HTTP/1.1: {_reason(e)}.")
+                self.closed = True
+            break
+        if self.inHead and not self.closed:
+            # llhttp keeps a header line until its end: its size is bounded
+            # here, where the line and headers limits could not see it yet.
+            self.headSeen += self.feeding
+            if self.headSeen > MAX_HEAD:
+                self.refusal, self.closed = (431, f"The request's head exceeds {MAX_HEAD} bytes."), True
 
-    def _framing(self, request: ProxyRequest) -> bool:
-        """How the body is framed, and whether it may come at all; False if refused."""
-        headers = request.requestHeaders
+    # -- httptools' callbacks, called while feeding
+
+    def on_message_begin(self) -> None:
+        self._head()
+        self.inHead = True
+        if self.request is None and not self.ready:
+            self._deadline()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_LINE:
+            self._fail(414, f"The request line is longer than {MAX_LINE} bytes.")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headerBytes += len(name) + len(value) + 4
+        self.headerCount += 1
+        if self.headerBytes > MAX_LINE:
+            self._fail(431, f"The request's headers exceed {MAX_LINE} bytes.")
+        if self.headerCount > MAX_HEADERS:
+            self._fail(431, f"The request has more than {MAX_HEADERS} headers.")
+        self.headers.addRawHeader(name, value.rstrip(b" \t"))
+
+    def on_headers_complete(self) -> None:
+        self.inHead = False
+        parser, headers = self.parser, self.headers
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            self._fail(400, f"HTTP/{version} is not served here; use HTTP/1.1.")
+        clientproto = b"HTTP/" + version.encode()
+        hosts = headers.getRawHeaders(b"host") or []
+        if len(hosts) > 1 or (version == "1.1" and not hosts):
+            self._fail(400, "An HTTP/1.1 request has exactly one Host header (RFC 9112, section 3.2).")
+        if not self.url.startswith(b"/"):
+            self._fail(400, "The request target is not a path; this is not a forward proxy.")
+        request = self.reading = ProxyRequest(self, parser.get_method(), self.url, clientproto, headers)
         coding = headers.getRawHeaders(b"transfer-encoding")
-        lengths = headers.getRawHeaders(b"content-length")
-        limit = self.site.maxBodyBytes
-        self.chunks, self.left, self.received = None, 0, 0
-        if coding is not None:
+        if coding is not None and (
             # HTTP/1.0 has no chunked coding: a request that claims it is
             # faulty (RFC 9112, section 6.1), however a peer would read it.
-            if (
-                lengths is not None
-                or [t.lower() for t in _split(coding)] != [b"chunked"]
-                or request.clientproto != b"HTTP/1.1"
-            ):
-                self._malformed()
-                return False
-            self.chunks = _Chunks()
-        elif lengths is not None:
-            values = set(_split(lengths))
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                self._malformed()
-                return False
-            self.left = int(values.pop())
-            if self.left > limit:
-                self._tooLarge(request)
-                return False
-        if (self.chunks is not None or self.left) and b"100-continue" in _tokens(headers, b"expect"):
-            if request.clientproto == b"HTTP/1.1":
-                self.transport.write(_CONTINUE)  # type: ignore[union-attr]
-        return True
-
-    def _readBody(self) -> None:
-        request = self.request
-        assert request is not None
-        data, self.buffer = self.buffer, b""
-        if self.chunks is not None:
-            pieces: list[bytes] = []
-            try:
-                self.buffer = self.chunks.feed(data, pieces)
-            except BadChunk:
-                self._malformed()
-                return
-            for piece in pieces:
-                self._store(request, piece)
-            if self.chunks.done and not self.closed:
-                self._received()
-            return
-        piece, self.buffer = data[: self.left], data[self.left :]
-        self.left -= len(piece)
-        self._store(request, piece)
-        if not self.left and not self.closed:
-            self._received()
-
-    def _store(self, request: ProxyRequest, piece: bytes) -> None:
-        if self.closed:
-            return
-        self.received += len(piece)
-        if self.received > self.site.maxBodyBytes:
+            version != "1.1" or [t.lower() for t in _split(coding)] != [b"chunked"]
+        ):
+            self._fail(400, "The request's Transfer-Encoding is not chunked alone.")
+        length = headers.getRawHeaders(b"content-length")
+        declared = int(length[0]) if length else 0  # llhttp checked: one, and digits
+        if parser.should_upgrade() and (coding is not None or declared):
+            self._fail(400, "An Upgrade request with a body is not served here.")
+        if declared > self.site.maxBodyBytes:
+            self.reading = None
             self._tooLarge(request)
-            return
+            raise _Refused()
+        if version == "1.0" or b"close" in _tokens(headers, b"connection"):
+            request.persistent = False
+        if (coding is not None or declared) and b"100-continue" in _tokens(headers, b"expect"):
+            if version == "1.1":
+                self.transport.write(_CONTINUE)  # type: ignore[union-attr]
+
+    def on_body(self, piece: bytes) -> None:
+        request = self.reading
+        assert request is not None
+        received = request.content.tell() + len(piece)
+        if received > self.site.maxBodyBytes:
+            self.reading = None
+            self._tooLarge(request)
+            raise _Refused()
         content = request.content
-        if isinstance(content, BytesIO) and self.received > BODY_IN_MEMORY:
+        if isinstance(content, BytesIO) and received > BODY_IN_MEMORY:
             spilled = request.content = tempfile.TemporaryFile()
             spilled.write(content.getvalue())
             content = spilled
         content.write(piece)
 
-    def _received(self) -> None:
-        """The request's head and body are in: answer it."""
-        request = self.request
+    def on_message_complete(self) -> None:
+        request, self.reading = self.reading, None
         assert request is not None
-        self.deadline.stop()
-        self.answering = True
-        request.content.seek(0)
-        self.site.process(request)
+        self.ready.append(request)
+        self.feeding = 0  # a head that begins later in this feed is not counted from the feed's start
+
+    def _fail(self, status: int, message: str) -> None:
+        self.refusal = (status, message)
+        raise _Refused()
 
     # -- answering
+
+    def _answer(self, request: ProxyRequest) -> None:
+        """The request's head and body are in: answer it."""
+        self.request = request
+        self.deadline.stop()
+        if request.tooLarge:
+            self.site.track(request)
+            writeError(request, 413, f"Request body exceeds the limit of {self.site.maxBodyBytes} bytes.")
+            return
+        request.content.seek(0)
+        self.site.process(request)
 
     def requestDone(self, request: ProxyRequest) -> None:
         if request is not self.request:
             return
-        self.request, self.answering = None, False
+        self.request = None
         if self.lingering:
             self._linger()
             return
-        if not request.persistent or self.closed:
-            self.closed = True
+        if not request.persistent:
+            self.closed, self.refusal = True, None
+            self.ready.clear()
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         if self.paused:
             self.paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
-        if self.buffer:
+        if self.buffer or self.inHead or self.reading is not None:
             self._deadline()  # the next request's first bytes are in
-            self._parse()
         else:
             self._idle()
+        self._pump()
 
     def _linger(self) -> None:
         """
@@ -425,6 +451,7 @@ class ProxyChannel(Protocol):
         self.site.channels.discard(self)
         self.deadline.cancel()
         request, self.request = self.request, None
+        self.ready.clear()
         if request is not None:
             request.connectionLost(reason)
 
@@ -449,18 +476,15 @@ class ProxyChannel(Protocol):
     def _tooSlow(self) -> None:
         self._refuse(408, f"The request's headers and body did not arrive within {self.site.timeout:g} s.")
 
-    def _malformed(self) -> bool:
-        self._refuse(400, "The request is not well-formed HTTP/1.1.")
-        return False
-
     def _tooLarge(self, request: ProxyRequest) -> None:
-        """413 through the request, so that it is counted and logged; nothing more is parsed."""
+        """
+        413 through the request, so that it is counted and logged, once the
+        requests before it are answered; nothing more is parsed.
+        """
         self.closed = self.lingering = True
-        self.answering = True
-        self.deadline.stop()
         request.persistent = False
-        self.site.track(request)
-        writeError(request, 413, f"Request body exceeds the limit of {self.site.maxBodyBytes} bytes.")
+        request.tooLarge = True
+        self.ready.append(request)
 
     def _refuse(self, status: int, message: str) -> None:
         """An answer before there is a request to answer; the connection closes after it."""
@@ -472,8 +496,13 @@ class ProxyChannel(Protocol):
             transport.loseConnection()
 
 
+def _reason(error: Exception) -> str:
+    """llhttp's reason, as it says it ("Invalid header value char")."""
+    return str(error).rstrip(".") or type(error).__name__
+
+
 def _split(values: Sequence[bytes]) -> list[bytes]:
-    return [t.strip() for value in values for t in value.split(b",") if t.strip()]
+    return [t.strip(b" \t") for value in values for t in value.split(b",") if t.strip(b" \t")]
 
 
 def _tokens(headers: RawHeaders, name: bytes) -> list[bytes]:
@@ -603,7 +632,7 @@ class ProxySite(Factory):
             transport: Any = channel.transport
             if channel.lingering:
                 transport.abortConnection()
-            elif not channel.answering:
+            elif channel.request is None:
                 transport.loseConnection()
             self._closing.append(transport)
         while any(t.connected for t in self._closing) and self.clock.seconds() < deadline:

@@ -200,7 +200,7 @@ class FramingTests(SynchronousTestCase):
 
     def test_connectionCloseIsHonoured(self) -> None:
         c = Connection()
-        c.send(b"GET /a HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+        c.send(b"GET /a HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\nHost: p\r\n\r\n")
         self.assertEqual([s[1] for s in c.renderer.seen], [b"/a"])
         [(status, headers, _)] = c.responses()
         self.assertEqual(headers[b"connection"], b"close")
@@ -248,28 +248,28 @@ class RefusalTests(SynchronousTestCase):
 
     def test_tooLong(self) -> None:
         self.assertRefused(b"GET /" + b"a" * 20000, 414, "uri_too_long")
-        self.assertRefused(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414)
-        self.assertRefused(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 20000, 431)
-        self.assertRefused(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431)
+        self.assertRefused(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: p\r\n\r\n", 414)
+        # A header line still coming is refused once the head passes MAX_HEAD.
+        self.assertRefused(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 40000, 431)
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: p\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431)
         many = b"".join(b"X-%d: v\r\n" % i for i in range(501))
-        self.assertRefused(b"GET / HTTP/1.1\r\n" + many + b"\r\n", 431, "headers_too_large")
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: p\r\n" + many + b"\r\n", 431, "headers_too_large")
 
     def test_malformed(self) -> None:
         for raw in (
             b"NONSENSE\r\n\r\n",
             b"GET / HTTP/2.0\r\n\r\n",
-            b"GET /  HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nNo-Colon\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX-Space : v\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX-A: v\r\n folded\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX-A: v\nX-Smuggled: w\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX-A: v\rX-Smuggled: w\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-            b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n",
+            b"GET / HTTP/1.1\r\nHost: p\r\nNo-Colon\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: p\r\nX-Space : v\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: p\r\nX-A: v\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: p\r\nX-A: v\nX-Smuggled: w\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: p\r\nX-A: v\rX-Smuggled: w\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: -3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n",
         ):
             self.assertRefused(raw, 400, "invalid_request")
 
@@ -325,7 +325,7 @@ class DeadlineTests(SynchronousTestCase):
 
     def test_slowBodyIs408(self) -> None:
         c = Connection(timeout=10)
-        c.send(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+        c.send(b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nab")
         c.clock.advance(10)
         self.assertEqual([r[0] for r in c.responses()], [408])
         self.assertEqual(c.renderer.seen, [])
@@ -333,7 +333,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_answeringIsNotTimedOut(self) -> None:
         renderer = Echo(now=False)
         c = Connection(renderer, timeout=10)
-        c.send(b"GET / HTTP/1.1\r\n\r\n")
+        c.send(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
         c.clock.advance(100)
         self.assertFalse(c.closed)
         answer(renderer.waiting.pop())
@@ -367,7 +367,7 @@ class DeadlineTests(SynchronousTestCase):
 
         c.clock.callLater = counted  # type: ignore[method-assign]
         for _ in range(5):
-            c.send(b"GET / HTTP/1.1\r\n\r\n")
+            c.send(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
             c.clock.advance(0)
             self.assertEqual(len(c.clock.getDelayedCalls()), 1)
             c.clock.advance(3)
@@ -392,7 +392,7 @@ class ConnectionTests(SynchronousTestCase):
     def test_clientLostWhileAnswering(self) -> None:
         renderer = Echo(now=False)
         c = Connection(renderer)
-        c.send(b"GET / HTTP/1.1\r\n\r\n")
+        c.send(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
         request = renderer.waiting.pop()
         failed: list[Any] = []
         request.notifyFinish().addErrback(failed.append)
@@ -406,9 +406,9 @@ class ConnectionTests(SynchronousTestCase):
     def test_readAheadIsBounded(self) -> None:
         renderer = Echo(now=False)
         c = Connection(renderer, maxBody=1 << 20)
-        c.send(b"GET /a HTTP/1.1\r\n\r\n")
+        c.send(b"GET /a HTTP/1.1\r\nHost: p\r\n\r\n")
         body = b"z" * (READ_AHEAD + 1)
-        c.send(b"POST /b HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+        c.send(b"POST /b HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % len(body), body)
         self.assertEqual(c.transport.producerState, "paused")
         self.assertEqual(len(renderer.seen), 1, "the next request waits for this one's answer")
         answer(renderer.waiting.pop())
@@ -421,6 +421,6 @@ class ConnectionTests(SynchronousTestCase):
                 raise RuntimeError("boom")
 
         c = Connection(Broken())
-        c.send(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+        c.send(b"GET / HTTP/1.1\r\nHost: p\r\n\r\nGET / HTTP/1.1\r\nHost: p\r\n\r\n")
         self.assertEqual([r[0] for r in c.responses()], [500, 500])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
