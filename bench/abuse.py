@@ -10,6 +10,10 @@ with raw sockets:
   bioproxy's resident memory before and after.
 - slowloris: N connections send one byte of a request's headers a second.
   Reported: how many are still open after 20 s, and after client_timeout.
+- listing (--templates N): bioproxy with N templates; GET /templates and
+  GET /status on the admin port, each with a proxied GET /v1/models sent
+  while it runs. Reported: medians of 5 of the listing's seconds and of
+  that request's.
 
 The config is bioproxy's defaults but for max_queue_wait (90 s), so that a
 held slot shows as a wait rather than a 503.
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +60,9 @@ def chat(port: int, tokens: int, stream: bool) -> bytes:
 
 
 @contextlib.contextmanager
-def stack(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
+def stack(
+    work: Path, prefixes: dict[str, str] | None = None
+) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
     """fakellama (answers generated at once) and bioproxy (warm.py's) in front of it."""
     env = {
         **os.environ,
@@ -69,7 +76,7 @@ def stack(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
         stderr=subprocess.STDOUT,
         env=env,
     )
-    proxy = Bioproxy(work, backend, {}, max_queue_wait=90)
+    proxy = Bioproxy(work, backend, prefixes or {}, max_queue_wait=90)
     try:
         waitFor(lambda: call(backend.url + "/health") is not None, "fakellama", timeout=30)
         waitFor(lambda: call(proxy.admin + "/ready") is not None, "bioproxy", timeout=30)
@@ -127,6 +134,33 @@ def slowloris(count: int, grace: float) -> dict[str, int]:
         return openAt
 
 
+def listing(count: int) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="bioproxy-abuse-"))
+    prefixes = {}
+    for i in range(count):
+        path = work / f"t{i}.txt"
+        path.write_text(f"Template {i}: " + "a long instruction. " * 40 + "{message}")
+        prefixes[f"@t{i}"] = str(path)
+    out: dict[str, float] = {}
+    with stack(work, prefixes) as (port, admin, _):
+        for path in ("/templates", "/status"):
+            listed, proxied = [], []
+            for _ in range(5):
+                started = time.perf_counter()
+                with socket.create_connection(("127.0.0.1", admin)) as a:
+                    a.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
+                    time.sleep(0.005)  # the listing has begun
+                    sent = time.perf_counter()
+                    call(f"http://127.0.0.1:{port}/v1/models")
+                    proxied.append(time.perf_counter() - sent)
+                    while a.recv(1 << 16):
+                        pass
+                listed.append(time.perf_counter() - started)
+            out[f"{path} s"] = round(statistics.median(listed), 3)
+            out[f"/v1/models meanwhile s"] = round(statistics.median(proxied), 3)
+    return out
+
+
 def _open(s: socket.socket) -> bool:
     try:
         data = s.recv(65536, socket.MSG_PEEK)
@@ -142,10 +176,14 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=4)
     parser.add_argument("--tokens", default="14000,56000")
     parser.add_argument("--slowloris", type=int, default=101)
+    parser.add_argument("--templates", type=int, default=0, help="the listing scenario alone, with N templates")
     parser.add_argument(
         "--grace", type=float, default=63.0, help="seconds of slowloris (client_timeout is 60)"
     )
     args = parser.parse_args()
+    if args.templates:
+        print(f"{args.templates} templates: {listing(args.templates)}")
+        return
     for tokens in (int(t) for t in args.tokens.split(",")):
         result = stalled(args.stalled, tokens)
         print(f"{args.stalled} stalled readers of {tokens} tokens, then one user: {result}", flush=True)

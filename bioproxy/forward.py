@@ -79,6 +79,9 @@ class Outcome:
     complete: bool = False
     error: str | None = None
     bytesSent: int = 0
+    # Whether the request may have reached the backend; False when no
+    # connection could be made, so that it did no work and another may take it.
+    reached: bool = True
 
 
 BodyObserver = Callable[[bytes], None]
@@ -230,6 +233,7 @@ class _Exchange:
             why=_describe(reason),
         )
         self.outcome.error = kind
+        self.outcome.reached = not reason.check(error.ConnectError, error.DNSLookupError)
         if not (self.replaceable and kind == "connect"):
             self.outcome.status = status
             writeError(self.request, status, message)

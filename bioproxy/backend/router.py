@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 
 from twisted.logger import Logger
 
-from ..errors import writeError
+from ..errors import failRequest, writeError
 from ..expand import Body
+from ..forward import Outcome
 from ..heads import Head
 from ..scheduler import BackendGone
 from ..serve import ProxyRequest
@@ -126,11 +127,42 @@ class Router:
                 log.info("{backend} went away; placing a waiting request again", backend=e)
         writeError(request, 502, "Every backend went away while this request waited for a slot.")
 
-    def forward(self, request: ProxyRequest, body: bytes | None = None) -> None:
-        """Any other request: to the least busy healthy member."""
-        member = min(self.healthy(), key=lambda m: m.load())
+    def forward(
+        self, request: ProxyRequest, body: bytes | None = None, tried: tuple[Member, ...] = ()
+    ) -> None:
+        """
+        Any other request: to the least busy healthy member. One that
+        refuses the connection did no work: the request goes to the next,
+        and the refusal takes that backend out of placement until its
+        health check finds it again.
+        """
+        if len(self.members) == 1:
+            member = self.members[0]
+            self._mark(request, member)
+            member.forwarder.forward(request, body)
+            return
+        left = [m for m in self.members if m not in tried]
+        member = min([m for m in left if m.healthy] or left, key=lambda m: m.load())
         self._mark(request, member)
-        member.forwarder.forward(request, body)
+        if len(left) == 1:  # the last (or only) one answers as it can, its own 502 included
+            member.forwarder.forward(request, body)
+            return
+        d = member.forwarder.forward(request, body, replaceable=True)
+        d.addCallback(self._forwarded, request, body, (*tried, member))
+        d.addErrback(lambda reason: failRequest(request, reason))
+
+    def _forwarded(
+        self, outcome: Outcome, request: ProxyRequest, body: bytes | None, tried: tuple[Member, ...]
+    ) -> None:
+        if outcome.error != "connect" or outcome.status is not None:
+            return  # answered, by the backend or with the forwarder's own error
+        if outcome.reached:  # it may have done the work: not sent again
+            writeError(request, 502, "The backend closed the connection before it answered.")
+            return
+        member = tried[-1]
+        log.info("{backend} refused a connection; placing the request again", backend=member.name)
+        member.monitor.noteUnreachable("a request could not connect")
+        self.forward(request, body, tried)
 
     def _mark(self, request: ProxyRequest, member: Member) -> None:
         """The response says which backend answered; with several, the access line does too."""

@@ -16,14 +16,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web._newclient import RequestNotSent, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from bioproxy.forward import Forwarder
+from bioproxy.headers import RawHeaders
 from bioproxy.metrics import Metrics
 from bioproxy.proxy import ProxyResource
-from bioproxy.serve import ProxySite
+from bioproxy.serve import ProxyRequest, ProxySite
 
 
 class Backend(Resource):
@@ -50,6 +51,11 @@ class Backend(Resource):
 class _Refusing:
     def request(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         return defer.fail(ConnectionRefusedError("nobody home"))
+
+
+class _Lost:
+    def request(self, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.fail(ResponseFailed([Failure(ConnectionDone())]))
 
 
 class _StaleOnce:
@@ -235,6 +241,17 @@ class ForwardTests(TestCase):
         self.assertEqual(
             h.sample("bioproxy_backend_errors_total", backend="http://backend:8081", kind="connect"), 1.0
         )
+
+    def test_aRefusalSaysTheRequestDidNotReachTheBackend(self) -> None:
+        """What the router places again (issue 26, item 5): no connection, no work, no 502 written."""
+        for agent, reached in ((_Refusing(), False), (_Lost(), True)):
+            h = Harness(agent=agent)
+            forwarder = Forwarder(agent, "http://backend:8081", h.clock, h.metrics, 5.0)
+            channel, transport = h.connect()
+            request = ProxyRequest(channel, b"GET", b"/v1/models", b"HTTP/1.1", RawHeaders())
+            outcome = self.successResultOf(forwarder.forward(request, replaceable=True))
+            self.assertEqual((outcome.error, outcome.status, outcome.reached), ("connect", None, reached))
+            self.assertEqual(transport.value(), b"")
 
     def test_requestNotSentOnAStaleConnectionIsRetriedOnce(self) -> None:
         stale = _StaleOnce(Backend())

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend.router import BALANCE_ABS, Router, imbalanced, rendezvous
 from bioproxy.config import BackendSpec
+from bioproxy.forward import Outcome
 from bioproxy.heads import Head, Kind
 from bioproxy.scheduler import BackendGone
 
@@ -49,6 +50,31 @@ class _Dispatcher:
         self.sent.append(request)
 
 
+@dataclass
+class _Forwarder:
+    """Refuses the connection while refusing is set (no 502 when another may take it), else answers."""
+
+    refusing: bool = False
+    sent: list[tuple[Any, bool]] = field(default_factory=list)
+
+    def forward(self, request: Any, body: Any = None, replaceable: bool = False) -> defer.Deferred[Outcome]:
+        self.sent.append((request, replaceable))
+        if not self.refusing:
+            return defer.succeed(Outcome(status=200, complete=True))
+        if replaceable:
+            return defer.succeed(Outcome(error="connect", reached=False))
+        request.errors.append(502)
+        return defer.succeed(Outcome(status=502, error="connect", reached=False))
+
+
+@dataclass
+class _Monitor:
+    member: Any = None
+
+    def noteUnreachable(self, problem: str) -> None:
+        self.member.healthy = False
+
+
 class _Request:
     def __init__(self) -> None:
         self.headers: dict[bytes, bytes] = {}
@@ -70,9 +96,11 @@ class Stand:
     backend: _Ready = field(default_factory=_Ready)
     warmer: _Warmer = field(default_factory=_Warmer)
     dispatcher: _Dispatcher = field(default_factory=_Dispatcher)
+    forwarder: _Forwarder = field(default_factory=_Forwarder)
+    monitor: _Monitor = field(default_factory=_Monitor)
 
     def __post_init__(self) -> None:
-        self.dispatcher.member = self
+        self.dispatcher.member = self.monitor.member = self
 
     @property
     def spec(self) -> BackendSpec:
@@ -261,6 +289,34 @@ class FailoverTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual((first.dispatcher.sent, second.dispatcher.sent), ([], [request]))
         self.assertEqual(request.headers[b"x-bioproxy-backend"], second.url.encode())
+
+    def test_aRefusedPassThroughIsPlacedAgain(self) -> None:
+        """Issue 26, item 5: a backend that refuses the connection did no work; another takes the request."""
+        members = stands(3)
+        refusing, *others = members
+        refusing.forwarder.refusing = True
+        others[0].busy = others[1].busy = 1  # the refusing one is the least busy: chosen first
+        r = router(members)
+        request = _Request()
+        r.forward(request)  # type: ignore[arg-type]
+        self.assertEqual(refusing.forwarder.sent, [(request, True)])
+        answered = [m for m in others if m.forwarder.sent]
+        self.assertEqual(len(answered), 1)
+        self.assertEqual(request.errors, [])
+        self.assertEqual(request.headers[b"x-bioproxy-backend"], answered[0].url.encode())
+        self.assertFalse(refusing.healthy, "the refusal takes it out of placement")
+        r.forward(_Request())  # type: ignore[arg-type]
+        self.assertEqual(len(refusing.forwarder.sent), 1)
+
+    def test_everyBackendRefusing(self) -> None:
+        members = stands(2)
+        for m in members:
+            m.forwarder.refusing = True
+        request = _Request()
+        router(members).forward(request)  # type: ignore[arg-type]
+        self.assertEqual([len(m.forwarder.sent) for m in members], [1, 1])
+        self.assertEqual([replaceable for m in members for _, replaceable in m.forwarder.sent], [True, False])
+        self.assertEqual(request.errors, [502], "the last one's own 502")
 
 
 class RouterMachine(RuleBasedStateMachine):
