@@ -61,7 +61,7 @@ def chat(port: int, tokens: int, stream: bool) -> bytes:
 
 @contextlib.contextmanager
 def stack(
-    work: Path, prefixes: dict[str, str] | None = None
+    work: Path, prefixes: dict[str, str] | None = None, checkout: Path = ROOT
 ) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
     """fakellama (answers generated at once) and bioproxy (warm.py's) in front of it."""
     env = {
@@ -76,10 +76,11 @@ def stack(
         stderr=subprocess.STDOUT,
         env=env,
     )
-    proxy = Bioproxy(work, backend, prefixes or {}, max_queue_wait=90)
+    proxy = Bioproxy(work, backend, prefixes or {}, checkout, max_queue_wait=90)
     try:
         waitFor(lambda: call(backend.url + "/health") is not None, "fakellama", timeout=30)
-        waitFor(lambda: call(proxy.admin + "/ready") is not None, "bioproxy", timeout=30)
+        # With many templates, listed while they are being warmed: up, not warm.
+        waitFor(lambda: call(proxy.admin + ("/health" if prefixes else "/ready")) is not None, "bioproxy", 30)
         yield proxy.port, proxy.adminPort, proxy.proc
     finally:
         proxy.stop()
@@ -134,7 +135,7 @@ def slowloris(count: int, grace: float) -> dict[str, int]:
         return openAt
 
 
-def listing(count: int) -> dict[str, float]:
+def listing(count: int, checkout: Path = ROOT) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bioproxy-abuse-"))
     prefixes = {}
     for i in range(count):
@@ -142,7 +143,7 @@ def listing(count: int) -> dict[str, float]:
         path.write_text(f"Template {i}: " + "a long instruction. " * 40 + "{message}")
         prefixes[f"@t{i}"] = str(path)
     out: dict[str, float] = {}
-    with stack(work, prefixes) as (port, admin, _):
+    with stack(work, prefixes, checkout) as (port, admin, _):
         for path in ("/templates", "/status"):
             listed, proxied = [], []
             for _ in range(5):
@@ -153,11 +154,13 @@ def listing(count: int) -> dict[str, float]:
                     sent = time.perf_counter()
                     call(f"http://127.0.0.1:{port}/v1/models")
                     proxied.append(time.perf_counter() - sent)
-                    while a.recv(1 << 16):
-                        pass
+                    size = 0
+                    while piece := a.recv(1 << 16):
+                        size += len(piece)
+                    assert size > count * 10, f"{path} answered only {size} bytes"
                 listed.append(time.perf_counter() - started)
             out[f"{path} s"] = round(statistics.median(listed), 3)
-            out[f"/v1/models meanwhile s"] = round(statistics.median(proxied), 3)
+            out[f"/v1/models during {path} s"] = round(statistics.median(proxied), 3)
     return out
 
 
@@ -176,13 +179,18 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=4)
     parser.add_argument("--tokens", default="14000,56000")
     parser.add_argument("--slowloris", type=int, default=101)
-    parser.add_argument("--templates", type=int, default=0, help="the listing scenario alone, with N templates")
+    parser.add_argument(
+        "--templates", type=int, default=0, help="the listing scenario alone, with N templates"
+    )
     parser.add_argument(
         "--grace", type=float, default=63.0, help="seconds of slowloris (client_timeout is 60)"
     )
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout, listed beside this one")
     args = parser.parse_args()
     if args.templates:
         print(f"{args.templates} templates: {listing(args.templates)}")
+        if args.baseline:
+            print(f"{args.templates} templates, baseline: {listing(args.templates, args.baseline)}")
         return
     for tokens in (int(t) for t in args.tokens.split(",")):
         result = stalled(args.stalled, tokens)

@@ -391,7 +391,11 @@ class HeadBook:
 
     def wanted(self) -> list[Head]:
         """Every head to keep warm: each template's, then those learned, most recently used first."""
-        heads = [templateHead(t) for t in self.library.templates.values()]
+        return [templateHead(t) for t in self.library.templates.values()] + self.learnedHeads()
+
+    def learnedHeads(self) -> list[Head]:
+        """The heads learned from requests and kept warm (variants and starts), most recently used first."""
+        heads = []
         for entry in reversed(self.entries.values()):
             if entry.shell.kind is Kind.CONVERSATION:
                 continue  # saved once it goes idle (Warmer.conversationServed), restored by its next turn

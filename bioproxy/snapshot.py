@@ -6,9 +6,10 @@ which the status page polls), so that each fact is written once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from . import __version__
@@ -23,6 +24,8 @@ from .watcher import TemplateWatcher
 
 if TYPE_CHECKING:
     from .backend.member import Member
+
+LISTED_PER_TURN = 100  # templates listed between two turns of the reactor
 
 
 class Snapshot:
@@ -54,10 +57,17 @@ class Snapshot:
         self.members = members
 
     def whole(self) -> dict[str, Any]:
+        return self._whole(self.templates())
+
+    async def wholeInTurns(self) -> dict[str, Any]:
+        """whole(), its templates listed a slice per reactor turn (templatesInTurns)."""
+        return self._whole(await self.templatesInTurns())
+
+    def _whole(self, templates: dict[str, Any]) -> dict[str, Any]:
         return {
             "health": self.health(),
             "ready": self.ready(),
-            "templates": self.templates(),
+            "templates": templates,
             "slots": self.slots() if self.scheduler is not None else None,
             "requests": list(self.recent),
         }
@@ -96,8 +106,24 @@ class Snapshot:
         return {"ready": backend and not untried, "backend_ready": backend, "templates_untried": untried}
 
     def templates(self) -> dict[str, Any]:
-        out = []
         uses = self.book.view() if self.book is not None else {}
+        return self._templates(list(self._templateEntries(uses)), uses)
+
+    async def templatesInTurns(self) -> dict[str, Any]:
+        """
+        templates(), a slice of LISTED_PER_TURN templates per reactor turn:
+        with thousands of templates a listing takes tens of milliseconds,
+        and the proxy's requests are served between its slices.
+        """
+        uses = self.book.view() if self.book is not None else {}
+        entries = []
+        for entry in self._templateEntries(uses):
+            entries.append(entry)
+            if len(entries) % LISTED_PER_TURN == 0:
+                await task.deferLater(self.clock, 0)
+        return self._templates(entries, uses)
+
+    def _templateEntries(self, uses: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for prefix, status in sorted(self.watcher.status.items()):
             template = self.watcher.library.templates.get(prefix)
             entry: dict[str, Any] = (
@@ -114,17 +140,19 @@ class Snapshot:
                         {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}
                         for h in self.book.variantsOf(prefix)
                     ]
-            out.append(entry)
+            yield entry
+
+    def _templates(self, entries: list[dict[str, Any]], uses: dict[str, Any]) -> dict[str, Any]:
         learned = []
         if self.book is not None and self.cache is not None:
             learned = [
                 {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}
-                for h in self.book.wanted()
-                if h.kind is Kind.LEARNED
+                for h in self.book.learnedHeads()
+                if h.kind is Kind.LEARNED  # variants are listed under their templates
             ]
         backend = self.cache.backend.view() if self.cache is not None else None
         return {
-            "templates": out,
+            "templates": entries,
             "learned": learned,
             "conversations": self._conversations(),
             "backend": backend,

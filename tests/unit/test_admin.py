@@ -14,7 +14,7 @@ from bioproxy import __version__
 from bioproxy.admin import adminRoot
 from bioproxy.metrics import Metrics
 from bioproxy.monitor import BackendMonitor
-from bioproxy.snapshot import Snapshot
+from bioproxy.snapshot import LISTED_PER_TURN, Snapshot
 from bioproxy.templates import Sources, TemplateLibrary
 from bioproxy.watcher import TemplateWatcher
 
@@ -164,6 +164,41 @@ class AdminTests(TestCase):
                 openHealth=openHealth,
             )
         )
+
+    def test_aLongListingLetsRequestsThrough(self) -> None:
+        """
+        Issue 26, item 1: /templates and /status are built a slice of
+        LISTED_PER_TURN templates per reactor turn, and give what one
+        turn would have.
+        """
+        where = Path(self.mktemp())
+        where.mkdir()
+        count = 2 * LISTED_PER_TURN + 1
+        paths = {f"@t{i}": f"t{i}.txt" for i in range(count)}
+        for name in paths.values():
+            (where / name).write_text("A template. {message}")
+        library = TemplateLibrary()
+        watcher = TemplateWatcher(
+            library,
+            paths,
+            Sources.build(where, list(paths.values()), cwd=where),
+            self.clock,
+            30,
+            self.metrics,
+            defer.maybeDeferred,
+        )
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        snapshot = Snapshot(self.monitor, self.clock, "http://b:1", watcher)
+        self.assertEqual(len(snapshot.templates()["templates"]), count)
+        for view, whole in (
+            (snapshot.templatesInTurns, snapshot.templates),
+            (snapshot.wholeInTurns, snapshot.whole),
+        ):
+            d = defer.ensureDeferred(view())
+            self.assertNoResult(d)  # the reactor turns between slices
+            self.clock.advance(0)
+            self.assertEqual(self.successResultOf(d), whole())
 
     @asyncTest
     async def test_health(self) -> None:
