@@ -37,9 +37,26 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 class QuietPool(HTTPConnectionPool):
-    """A pool of quiet connections, for bioproxy's own calls (forwarding keeps its own, wire.py)."""
+    """
+    A pool of quiet connections, for bioproxy's own calls (forwarding keeps
+    its own, wire.py). Once closed it keeps nothing: a call still in flight
+    when bioproxy stops closes its connection when it ends, rather than
+    leave it cached, with a timer, in a reactor that is stopping.
+    """
 
     _factory = _QuietFactory
+    closed = False
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self.closed:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+    def closeCachedConnections(self) -> defer.Deferred[None]:
+        self.closed = True
+        closed: defer.Deferred[None] = super().closeCachedConnections()
+        return closed
 
 
 def _direct(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:

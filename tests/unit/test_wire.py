@@ -253,3 +253,35 @@ class ResponseHeadTests(SynchronousTestCase):
             transport, answer = self.exchange(head)
             self.assertTrue(transport.disconnecting)
             self.assertNoResult(answer)
+
+
+class QuietPoolTests(SynchronousTestCase):
+    def test_aCallEndingAfterCloseIsNotCached(self) -> None:
+        """
+        A call in flight when bioproxy stops ends after its pool was closed:
+        its connection is closed, not cached with a timer the stopped
+        reactor would keep (issue 27: "Reactor was unclean" in test_scaling).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from bioproxy.connect import QuietPool
+
+        class Quiescent:
+            state = "QUIESCENT"
+
+            def __init__(self) -> None:
+                self.transport = StringTransport()
+
+            def abort(self) -> defer.Deferred[None]:
+                self.transport.loseConnection()
+                return defer.succeed(None)
+
+        reactor = MemoryReactorClock()
+        pool = QuietPool(reactor, persistent=True)
+        kept, late = Quiescent(), Quiescent()
+        pool._putConnection(("http", b"b", 1), kept)
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        pool.closeCachedConnections()
+        pool._putConnection(("http", b"b", 1), late)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertTrue(late.transport.disconnecting)
