@@ -203,6 +203,24 @@ def tcpEndpoint(host: str, port: int) -> str:
     return f"tcp:{port}:interface={host}"
 
 
+LISTEN_BACKLOG = 1024
+_BACKLOGGED = ("tcp", "tcp6", "ssl", "unix")
+
+
+def withBacklog(description: str) -> str:
+    """
+    A listening endpoint string with a backlog of LISTEN_BACKLOG unless it
+    names one. Twisted's default is 50: connections past it, arriving
+    while the event loop is busy, wait for their SYN to be sent again (a
+    second, then three) and can time out with no answer at all; the kernel
+    caps the number at net.core.somaxconn.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind not in _BACKLOGGED or "backlog=" in description:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
 def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
     """
     Merge layers, later ones winning key by key.

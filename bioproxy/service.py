@@ -21,7 +21,7 @@ from .backend import Backend
 from .backend.member import Member
 from .backend.model import readFacts
 from .backend.router import Router
-from .config import BackendSpec, Config
+from .config import BackendSpec, Config, withBacklog
 from .connect import backendClients
 from .dispatch import Dispatcher
 from .forward import Forwarder
@@ -107,7 +107,7 @@ class _Announce(Service):
 
 
 def _listen(reactor: Any, description: str, factory: Any, name: str) -> StreamServerEndpointService:
-    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    service = StreamServerEndpointService(serverFromString(reactor, withBacklog(description)), factory)
     # Fail start-up loudly when the port cannot be bound, not log and carry on.
     service._raiseSynchronously = True
     service.setName(name)

@@ -214,3 +214,18 @@ class BackendsTests(TestCase):
         options = Options()
         options.parseOptions(["--config", str(path), "--backend", "http://c:3"])
         self.assertEqual([s.url for s in options.config.backendSpecs()], ["http://c:3"])
+
+
+class BacklogTests(TestCase):
+    def test_listeningEndpointsGetABacklog(self) -> None:
+        """Issue 26, item 13: Twisted's 50 drops a burst of connections that arrives while bioproxy is busy."""
+        from bioproxy.config import LISTEN_BACKLOG, withBacklog
+
+        for description in (
+            "tcp:8088:interface=127.0.0.1",
+            "tcp6:8088:interface=\\:\\:1",
+            "unix:/run/b.sock",
+        ):
+            self.assertEqual(withBacklog(description), f"{description}:backlog={LISTEN_BACKLOG}")
+        for kept in ("tcp:8088:backlog=10", "systemd:domain=INET:index=0"):
+            self.assertEqual(withBacklog(kept), kept)
