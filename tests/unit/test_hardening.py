@@ -299,6 +299,24 @@ class DeadlineTests(SynchronousTestCase):
         clock.advance(5)
         self.failureResultOf(d, TimedOut)
 
+    def test_aStalledHealthCheckIsAFailedOne(self) -> None:
+        """Issue 26, item 3: headers, then nothing: the backend is taken out, and the loop goes on."""
+        from bioproxy.metrics import Metrics
+        from bioproxy.monitor import BackendMonitor
+
+        clock = Clock()
+        llama = LlamaClient(StubTreq(_Stalls(True)), "http://llama", clock, timeout=5)  # type: ignore[arg-type]
+        monitor = BackendMonitor(llama, clock, Metrics(), 2)
+        monitor.reachable = True
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        clock.advance(5)
+        self.assertIs(monitor.reachable, False)
+        self.assertIn("TimedOut", monitor.lastError or "")
+        checked = monitor.lastChecked
+        clock.pump([1] * 7)  # the next poll runs, and times out too
+        self.assertGreater(monitor.lastChecked, checked)
+
     def test_cancelIsACancel(self) -> None:
         clock, d = self.call(body=True)
         d.cancel()
