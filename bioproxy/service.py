@@ -17,27 +17,19 @@ from twisted.logger import Logger
 
 from . import __version__
 from .admin import adminRoot
-from .backend import Backend
-from .backend.member import Member
+from .backend.member import build
 from .backend.model import readFacts
 from .backend.router import Router
-from .config import BackendSpec, Config, withBacklog
+from .config import Config, withBacklog
 from .connect import backendClients
-from .dispatch import Dispatcher
-from .forward import Forwarder
 from .heads import HeadBook
-from .kvcache import KVCache
-from .llamacpp import LlamaClient
 from .metrics import Metrics
-from .monitor import BackendMonitor
 from .proxy import ProxyResource
-from .scheduler import SlotScheduler
 from .serve import ProxySite
 from .site import JSONSite
 from .snapshot import Snapshot
 from .state import StateFile
 from .templates import Sources, TemplateLibrary
-from .warmup import Warmer
 from .watcher import TemplateWatcher
 
 log = Logger()
@@ -120,71 +112,6 @@ def templateSources(config: Config) -> Sources:
     return Sources.build(configDir, config.prefixes.values(), [configDir / r for r in config.template_roots])
 
 
-def _member(
-    config: Config,
-    spec: BackendSpec,
-    book: HeadBook,
-    clients: Any,
-    metrics: Metrics,
-    reactor: Any,
-    first: bool,
-) -> Member:
-    """
-    One backend's pieces, wired to each other and to nothing of another
-    backend's. The first backend's services have the plain names.
-    """
-    suffix = "" if first else f" {spec.url}"
-    forwarder = Forwarder(
-        clients.forward,
-        spec.url,
-        reactor,
-        metrics,
-        config.backend_timeout,
-        config.backend_idle_timeout,
-        config.response_buffer_bytes,
-        config.write_stall_timeout,
-        retryAgent=clients.retry,
-    )
-    llama = LlamaClient(HTTPClient(clients.agent), spec.url, reactor, apiKey=spec.api_key)
-    monitor = BackendMonitor(llama, reactor, metrics, config.health_check_interval)
-    monitor.setName("monitor" + suffix)
-    # Until the backend's /props is read, one slot is the only safe guess.
-    scheduler = SlotScheduler(
-        reactor, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.url
-    )
-    backend = Backend(
-        llama,
-        scheduler,
-        spec.slots,
-        config.backend_timeout,
-        readModel=lambda path: threads.deferToThreadPool(reactor, reactor.getThreadPool(), readFacts, path),
-    )
-    cache = KVCache(backend, metrics, Path(spec.slot_save_path) if spec.slot_save_path else None)
-    if spec.slot_save_path is None:
-        log.info(
-            "{url}: the cache files of learned heads and conversations that bioproxy gives up stay "
-            "on llama-server's disk; set slot_save_path to its --slot-save-path (on this machine) "
-            "to delete them, or run bioproxy prune-cache",
-            url=spec.url,
-        )
-    backend.onNewProcess.append(cache.forgetProcess)
-    warmer = Warmer(
-        book,
-        scheduler,
-        cache,
-        backend,
-        reactor,
-        metrics,
-        config.backend_timeout,
-        conversationIdle=config.conversation_idle,
-    )
-    warmer.setName("warmup" + suffix)
-    monitor.listeners.append(backend)
-    backend.listeners.append(warmer)
-    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend, book)
-    return Member(spec, llama, monitor, scheduler, backend, cache, warmer, forwarder, dispatcher)
-
-
 def makeService(config: Config, reactor: Any) -> MultiService:
     """
     Build bioproxy. Templates are loaded here, blocking, so that a missing or
@@ -216,16 +143,34 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.max_learned_bytes,
         config.max_conversations,
     )
-    members = [
-        _member(config, spec, book, clients, metrics, reactor, i == 0)
-        for i, spec in enumerate(config.backendSpecs())
-    ]
+    members = []
+    for i, spec in enumerate(config.backendSpecs()):
+        if spec.slot_save_path is None:
+            log.info(
+                "{url}: the cache files of learned heads and conversations that bioproxy gives up stay "
+                "on llama-server's disk; set slot_save_path to its --slot-save-path (on this machine) "
+                "to delete them, or run bioproxy prune-cache",
+                url=spec.url,
+            )
+        members.append(
+            build(
+                spec,
+                config,
+                book,
+                metrics,
+                reactor,
+                HTTPClient(clients.agent),
+                clients.forward,
+                clients.retry,
+                readModel=lambda path: threads.deferToThreadPool(
+                    reactor, reactor.getThreadPool(), readFacts, path
+                ),
+                name="" if i == 0 else f" {spec.url}",
+            )
+        )
     router = Router(members, config.warm_on, config.balance_threshold, config.balance_ratio)
     for member in members:
         watcher.listeners.append(member.warmer.templateChanged)
-        book.dropped.append(member.cache.forget)
-        book.dropped.append(member.warmer.forget)
-        member.cache.onSaved.append(book.savedBytes)
 
     # The learned heads, and the names of the files each backend saved.
     statePath = config.statePath()

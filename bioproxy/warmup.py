@@ -61,6 +61,23 @@ class Phase(enum.Enum):
     BACKEND_DOWN = "backend down"  # nothing can be warmed until llama-server is back
 
 
+class Held(enum.Enum):
+    """Where a backend holds a head, from its facts alone, whatever warmup or save is under way."""
+
+    IN_SLOT = "slot"
+    IN_RAM = "ram"
+    ON_DISK = "disk"
+    NOWHERE = "nowhere"
+
+
+_PHASE_OF = {
+    Held.IN_SLOT: Phase.IN_SLOT,
+    Held.IN_RAM: Phase.IN_RAM,
+    Held.ON_DISK: Phase.ON_DISK,
+    Held.NOWHERE: Phase.COLD,
+}
+
+
 class Warmer(Service):
     def __init__(
         self,
@@ -117,13 +134,21 @@ class Warmer(Service):
             return Phase.RETRYING
         if head.name in self.wanted:
             return Phase.QUEUED
+        return _PHASE_OF[self.held(head)]
+
+    def held(self, head: Head) -> Held:
+        """
+        Where head is held: the facts placement reads (a head re-warmed or
+        re-saved is still where it was), and the operator's phase shows
+        when no warmup is under way.
+        """
         if self.backend.pins and any(slot.contents.key == head.key for slot in self.scheduler.slots):
-            return Phase.IN_SLOT
-        if state.inRam and not self.backend.pins:
-            return Phase.IN_RAM
+            return Held.IN_SLOT
+        if self.cache.state(head).inRam and not self.backend.pins:
+            return Held.IN_RAM
         if self.cache.saved(head):
-            return Phase.ON_DISK
-        return Phase.COLD
+            return Held.ON_DISK
+        return Held.NOWHERE
 
     def untried(self, prefixes: Iterable[str]) -> list[str]:
         """Those of prefixes whose warmup has not yet run to an end."""

@@ -9,23 +9,33 @@ shared by all members; nothing of one member is written by another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from ..config import BackendSpec
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ..config import BackendSpec, Config
 from ..dispatch import Dispatcher
 from ..forward import Forwarder
-from ..heads import Head
+from ..heads import Head, HeadBook
 from ..kvcache import KVCache
 from ..llamacpp import LlamaClient
+from ..metrics import Metrics
 from ..monitor import BackendMonitor
 from ..scheduler import USER, SlotScheduler
-from ..warmup import Phase, Warmer
+from ..warmup import Held, Warmer
+from .model import ModelFacts
 from .process import Backend
 
-# Phases in which a head costs a request little on a member: held in a slot
-# or in llama-server's RAM cache (HOT), or in a file it restores (DISK).
-HOT = frozenset({Phase.IN_SLOT, Phase.IN_RAM})
-DISK = frozenset({Phase.ON_DISK})
+log = Logger()
+
+# What a head costs a request on a member: little where held in a slot or
+# llama-server's RAM cache, a restore where its file is saved.
+_WARMTH = {Held.IN_SLOT: 2, Held.IN_RAM: 2, Held.ON_DISK: 1, Held.NOWHERE: 0}
 
 
 @dataclass(eq=False)
@@ -55,6 +65,72 @@ class Member:
         return busy + len(self.scheduler.queues[USER])
 
     def warmth(self, head: Head) -> int:
-        """2 where head is in a slot or the RAM cache, 1 where its file is on disk, else 0."""
-        phase = self.warmer.phase(head)
-        return 2 if phase in HOT else 1 if phase in DISK else 0
+        """
+        2 where head is in a slot or the RAM cache, 1 where its file is on
+        disk, else 0; from the backend's facts, so that a head being warmed
+        again or saved stays as warm as it is.
+        """
+        if not self.backend.ready:
+            return 0
+        return _WARMTH[self.warmer.held(head)]
+
+
+def build(
+    spec: BackendSpec,
+    config: Config,
+    book: HeadBook,
+    metrics: Metrics,
+    clock: IReactorTime,
+    http: Any,
+    forwardAgent: Any,
+    retryAgent: Any,
+    readModel: Callable[[str], defer.Deferred[ModelFacts]] | None = None,
+    name: str = "",
+) -> Member:
+    """
+    One backend's pieces, wired to each other and to the shared head book,
+    and to nothing of another backend's: what makeService builds per
+    llama-server and the in-memory test harness builds alike. http: the
+    treq-like client of bioproxy's own calls; forwardAgent and retryAgent:
+    the agents that relay requests (wire.LeanAgent). name: a suffix for the
+    member's service names (the first backend's are the plain ones).
+    """
+    forwarder = Forwarder(
+        forwardAgent,
+        spec.url,
+        clock,
+        metrics,
+        config.backend_timeout,
+        config.backend_idle_timeout,
+        config.response_buffer_bytes,
+        config.write_stall_timeout,
+        retryAgent=retryAgent,
+    )
+    llama = LlamaClient(http, spec.url, clock, apiKey=spec.api_key)
+    monitor = BackendMonitor(llama, clock, metrics, config.health_check_interval)
+    monitor.setName("monitor" + name)
+    # Until the backend's /props is read, one slot is the only safe guess.
+    scheduler = SlotScheduler(
+        clock, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.url
+    )
+    backend = Backend(llama, scheduler, spec.slots, config.backend_timeout, readModel=readModel)
+    cache = KVCache(backend, metrics, Path(spec.slot_save_path) if spec.slot_save_path else None)
+    backend.onNewProcess.append(cache.forgetProcess)
+    warmer = Warmer(
+        book,
+        scheduler,
+        cache,
+        backend,
+        clock,
+        metrics,
+        config.backend_timeout,
+        conversationIdle=config.conversation_idle,
+    )
+    warmer.setName("warmup" + name)
+    monitor.listeners.append(backend)
+    backend.listeners.append(warmer)
+    book.dropped.append(cache.forget)
+    book.dropped.append(warmer.forget)
+    cache.onSaved.append(book.savedBytes)
+    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend, book)
+    return Member(spec, llama, monitor, scheduler, backend, cache, warmer, forwarder, dispatcher)

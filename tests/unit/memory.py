@@ -24,20 +24,14 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from bioproxy.backend import Backend
-from bioproxy.dispatch import Dispatcher
-from bioproxy.forward import Forwarder
+from bioproxy.backend.member import build
+from bioproxy.config import BackendSpec, Config
 from bioproxy.heads import HeadBook
-from bioproxy.kvcache import KVCache
-from bioproxy.llamacpp import LlamaClient
 from bioproxy.metrics import Metrics
-from bioproxy.monitor import BackendMonitor
 from bioproxy.proxy import ProxyResource
-from bioproxy.scheduler import SlotScheduler
 from bioproxy.serve import ProxySite
 from bioproxy.templates import Sources, Template, TemplateLibrary, load
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
-from bioproxy.warmup import Warmer
 from bioproxy.wire import LeanAgent
 
 from ..helpers import metricSum
@@ -45,10 +39,15 @@ from ..helpers import metricSum
 T = TypeVar("T")
 
 
+MEMORY_CONFIG = Config(backend_timeout=30.0, health_check_interval=60.0)
+
+
 class Memory:
     """One fake llama-server and the bioproxy objects that own its facts, wired as makeService does."""
 
-    def __init__(self, directory: Path, persistent: bool = True, **fake: Any) -> None:
+    def __init__(
+        self, directory: Path, persistent: bool = True, url: str = "http://llama", **fake: Any
+    ) -> None:
         self.clock = Clock()
         self.dir = directory
         saveDir = directory / "slots"
@@ -56,32 +55,24 @@ class Memory:
         self.fake = FakeLlama(self.clock, saveDir=saveDir if persistent else None, **fake)
         self.stub = StubTreq(FakeLlamaResource(self.fake))
         self.metrics = Metrics()
-        self.llama = LlamaClient(self.stub, "http://llama", self.clock)  # type: ignore[arg-type]
-        self.scheduler = SlotScheduler(self.clock, 1, self.metrics)
-        self.backend = Backend(self.llama, self.scheduler, None, 30.0)
-        self.cache = KVCache(self.backend, self.metrics, saveDir if persistent else None)
-        self.backend.onNewProcess.append(self.cache.forgetProcess)
         self.library = TemplateLibrary()
         self.book = HeadBook(self.library, self.clock.seconds)
-        self.warmer = Warmer(
-            self.book, self.scheduler, self.cache, self.backend, self.clock, self.metrics, 30
-        )
-        self.book.dropped.append(self.cache.forget)
-        self.book.dropped.append(self.warmer.forget)
-        self.cache.onSaved.append(self.book.savedBytes)
-        self.backend.listeners.append(self.warmer)
-        self.warmer.startService()
-        self.monitor = BackendMonitor(self.llama, self.clock, self.metrics, 60)
         # Forwarding goes through bioproxy's own client (wire.py), over
         # in-memory connections to the fake; bodies in files, through treq's.
         self.endpoints = MemoryEndpoints(Site(FakeLlamaResource(self.fake), reactor=self.clock), self.clock)
         files = RequestTraversalAgent(FakeLlamaResource(self.fake))
         self.agent = _Both(LeanAgent(self.clock, self.endpoints, files, 2), self.endpoints)
         retry = LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
-        forwarder = Forwarder(self.agent.lean, "http://llama", self.clock, self.metrics, 30, retryAgent=retry)
-        dispatcher = Dispatcher(
-            self.scheduler, self.cache, forwarder, self.warmer, self.monitor, self.backend, self.book
+        spec = BackendSpec(url, slot_save_path=str(saveDir) if persistent else None)
+        # As makeService builds each backend (backend.member.build), with the timeouts of old tests.
+        self.member = build(
+            spec, MEMORY_CONFIG, self.book, self.metrics, self.clock, self.stub, self.agent.lean, retry
         )
+        member = self.member
+        self.llama, self.monitor, self.scheduler = member.llama, member.monitor, member.scheduler
+        self.backend, self.cache, self.warmer = member.backend, member.cache, member.warmer
+        self.warmer.startService()
+        forwarder, dispatcher = member.forwarder, member.dispatcher
         self.site = ProxySite(
             ProxyResource(forwarder, self.library, dispatcher, self.book), self.metrics, self.clock, 1 << 20
         )

@@ -377,3 +377,42 @@ RouterMachine.TestCase.settings = settings(max_examples=100, stateful_step_count
 class RouterMachineTests(SynchronousTestCase):
     def test_machine(self) -> None:
         RouterMachine.TestCase().runTest()
+
+
+class RealMembersTests(SynchronousTestCase):
+    """The router over members as makeService builds them (backend.member.build), in memory."""
+
+    def test_aHeadWarmedAgainStaysWhereItIs(self) -> None:
+        """
+        Issue 27: a head its backend is warming again, saving, or retrying
+        a save of is as warm there as it was; the router still sends its
+        requests there, not where hashing alone would.
+        """
+        from pathlib import Path
+
+        from bioproxy.backend.router import Router
+        from bioproxy.heads import templateHead
+        from bioproxy.warmup import Phase
+
+        from .memory import Memory
+
+        text = "You are a careful reviewer. " * 40 + "{message}"
+        for n in range(20):  # backends whose hash prefers the one without the head
+            warm = Memory(Path(self.mktemp()), url=f"http://a{n}:8081")
+            cold = Memory(Path(self.mktemp()), url=f"http://b{n}:8081")
+            h = templateHead(warm.template("@code", text))
+            if rendezvous(h.key, [warm.member, cold.member])[0] is cold.member:
+                break
+        else:
+            self.fail("no pair of names where hashing prefers the cold backend")
+        warm.found()
+        cold.found()
+        warm.advanceUntil(lambda: warm.warmer.phase(h) in (Phase.IN_RAM, Phase.IN_SLOT))
+        r = Router([warm.member, cold.member], warmOn=1)
+        self.assertIs(r.choose(h, ""), warm.member)
+        for busy in (warm.warmer.wanted, warm.warmer.retrying):
+            busy.add(h.name)  # queued again, or a save retried after a failure
+            self.assertIn(warm.warmer.phase(h), (Phase.QUEUED, Phase.RETRYING))
+            self.assertIs(r.choose(h, ""), warm.member, busy)
+            self.assertEqual(r.warmTargets(h), [warm.member])
+            busy.discard(h.name)
