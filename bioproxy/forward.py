@@ -213,7 +213,9 @@ class _Exchange:
         if retry and not self.timedOut and reason.check(*_STALE):
             # A pooled connection the backend had just closed: try once more on
             # a fresh one. The backend never answered, so it did no work.
-            log.info("backend closed a reused connection; retrying once")
+            log.info(
+                "{backend}: backend closed a reused connection; retrying once", backend=self.forwarder.label
+            )
             self.start(retry=False)
             return
         if self.timedOut:
@@ -226,11 +228,12 @@ class _Exchange:
             reason.raiseException()
         self.forwarder.metrics.backendErrors.labels(backend=self.forwarder.label, kind=kind).inc()
         log.warn(
-            "backend {kind} error for {method} {path}: {why}",
+            "{backend}: backend {kind} error for {method} {path}: {why}",
             kind=kind,
             method=self.request.method.decode(),
             path=self.request.path.decode(),
             why=_describe(reason),
+            backend=self.forwarder.label,
         )
         self.outcome.error = kind
         self.outcome.reached = not reason.check(error.ConnectError, error.DNSLookupError)
@@ -274,11 +277,16 @@ class _Exchange:
             self.forwarder.metrics.backendErrors.labels(backend=self.forwarder.label, kind=kind).inc()
             if idle:
                 log.warn(
-                    "backend sent nothing for {s:g} s mid-response; cutting it off",
+                    "{backend}: backend sent nothing for {s:g} s mid-response; cutting it off",
                     s=self.forwarder.idleTimeout,
+                    backend=self.forwarder.label,
                 )
             else:
-                log.warn("backend connection failed mid-response: {why}", why=_describe(reason))
+                log.warn(
+                    "{backend}: backend connection failed mid-response: {why}",
+                    why=_describe(reason),
+                    backend=self.forwarder.label,
+                )
             self.outcome.error = kind
             self._abortClient()
         self._end()
@@ -304,7 +312,7 @@ class _Exchange:
             self.done.callback(self.outcome)
 
     def _bug(self, reason: Failure) -> None:
-        log.failure("unexpected error while forwarding", reason)
+        log.failure("{backend}: unexpected error while forwarding", reason, backend=self.forwarder.label)
         if not self.clientGone and not self.request.finished and not self.request.startedWriting:
             writeError(self.request, 502, "The proxy failed to relay the backend's answer.")
         self._end()
@@ -452,8 +460,9 @@ class _BodyPump(Protocol):
 
     def _stalled(self) -> None:
         log.info(
-            "client took nothing for {s:g} s; dropping it",
+            "{backend}: client took nothing for {s:g} s; dropping it",
             s=self.forwarder.stallTimeout,
+            backend=self.exchange.forwarder.label,
         )
         self.exchange._abortClient()
 

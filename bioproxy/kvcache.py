@@ -240,7 +240,12 @@ class KVCache:
             try:
                 (self.slotDir / file).unlink(missing_ok=True)
             except OSError as e:
-                log.warn("cannot delete the cache file {file}: {why}", file=file, why=str(e))
+                log.warn(
+                    "{backend}: cannot delete the cache file {file}: {why}",
+                    file=file,
+                    why=str(e),
+                    backend=self.backend.llama.base,
+                )
 
     def forgetProcess(self) -> None:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
@@ -419,12 +424,17 @@ class KVCache:
             status = "missing" if e.status == 400 else "error"
             if name in self.backend.saved:
                 log.warn(
-                    "the cache file of {prefix} is unusable ({why}); computing it again",
+                    "{backend}: the cache file of {prefix} is unusable ({why}); computing it again",
                     prefix=prefix,
                     why=str(e),
+                    backend=self.backend.llama.base,
                 )
             else:  # a first warmup: normal, not an error
-                log.info("no cache file for {prefix} yet; computing it", prefix=prefix)
+                log.info(
+                    "{backend}: no cache file for {prefix} yet; computing it",
+                    prefix=prefix,
+                    backend=self.backend.llama.base,
+                )
             self.metrics.kvRestores.labels(prefix=label, status=status).inc()
             self.backend.saved.discard(name)
             self.backend.missing.add(name)
@@ -432,7 +442,12 @@ class KVCache:
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed restore only means a cold request
-            log.warn("restoring {prefix} failed: {why}", prefix=prefix, why=str(e))
+            log.warn(
+                "{backend}: restoring {prefix} failed: {why}",
+                prefix=prefix,
+                why=str(e),
+                backend=self.backend.llama.base,
+            )
             self.metrics.kvRestores.labels(prefix=label, status="error").inc()
             return False
         restored = result.get("n_restored", 0) if isinstance(result, dict) else 0
@@ -493,9 +508,10 @@ class KVCache:
             # head stays warm in llama-server; the warmer saves it again later.
             if state.saveError != str(e):
                 log.warn(
-                    "cannot save {prefix}'s file ({why}); it stays warm in llama-server, saved again later",
+                    "{backend}: cannot save {prefix}'s file ({why}); it stays warm in llama-server, saved again later",
                     prefix=head.name,
                     why=str(e),
+                    backend=self.backend.llama.base,
                 )
             state.saveError, state.saveFailures = str(e), state.saveFailures + 1
             return False
@@ -503,11 +519,12 @@ class KVCache:
         written = result.get("n_saved") if isinstance(result, dict) else None
         if tokens and isinstance(written, int) and written < HIT_SHARE * tokens:
             log.info(
-                "slot {slot} held {n} tokens, not {prefix}'s {tokens}, when saved; saving again later",
+                "{backend}: slot {slot} held {n} tokens, not {prefix}'s {tokens}, when saved; saving again later",
                 slot=slot,
                 n=written,
                 prefix=head.name,
                 tokens=tokens,
+                backend=self.backend.llama.base,
             )
             return False
         backend.saved.add(name)
@@ -517,7 +534,13 @@ class KVCache:
         for listener in self.onSaved:
             listener(head.name, self.state(head).fileBytes)
         self.metrics.kvSaves.labels(prefix=head.label).inc()
-        log.info("saved {prefix} from slot {slot} to {name}", prefix=head.name, slot=slot, name=name)
+        log.info(
+            "{backend}: saved {prefix} from slot {slot} to {name}",
+            prefix=head.name,
+            slot=slot,
+            name=name,
+            backend=self.backend.llama.base,
+        )
         return True
 
     async def saveServed(
@@ -610,7 +633,12 @@ class KVCache:
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - without it, the head is warmed as a chat, as before
-            log.info("cannot find where {prefix}'s message begins: {why}", prefix=head.name, why=str(e))
+            log.info(
+                "{backend}: cannot find where {prefix}'s message begins: {why}",
+                prefix=head.name,
+                why=str(e),
+                backend=self.backend.llama.base,
+            )
             return None
         return tokens[:keep]
 
@@ -654,12 +682,13 @@ class KVCache:
         state.misses += 1
         self.metrics.cacheMisses.labels(prefix=head.label).inc()
         log.warn(
-            "cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens{why}",
+            "{backend}: cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens{why}",
             prefix=head.name,
             slot=slot,
             got=cached,
             want=expected,
             why=" (up to a context checkpoint: not warmed again)" if reused == "checkpoint" else "",
+            backend=self.backend.llama.base,
         )
         if reused == "checkpoint":
             return reused
@@ -670,7 +699,11 @@ class KVCache:
             if state.restoreMisses >= RESTORE_MISS_LIMIT and not state.prefill:
                 state.prefill = True
                 state.prefillWhy = f"{state.restoreMisses} restores in a row reported success and gave no reuse on their slot"
-                log.warn("restores of {prefix} give no reuse; warming it by prefill", prefix=head.name)
+                log.warn(
+                    "{backend}: restores of {prefix} give no reuse; warming it by prefill",
+                    prefix=head.name,
+                    backend=self.backend.llama.base,
+                )
         return reused
 
     def count(self, prefix: str, timings: dict[str, Any]) -> None:

@@ -114,12 +114,12 @@ class BackendMonitor(Service):
         except Unauthorized as e:
             problem = f"llama-server refuses bioproxy's own calls ({e}): {e.fix}"
             if self.lastError != problem:
-                log.error("{problem}", problem=problem)
+                log.error("{backend}: {problem}", problem=problem, backend=self.client.base)
             self._record(True, problem)
             return
         except BackendError as e:
             # Not llama-server, or an old one: run without its facts.
-            log.warn("backend has no usable /props: {why}", why=str(e))
+            log.warn("{backend}: backend has no usable /props: {why}", why=str(e), backend=self.client.base)
             props = {}
         except Exception as e:  # noqa: BLE001 - it went away again
             self._record(False, f"{type(e).__name__}: {e}")
@@ -138,7 +138,7 @@ class BackendMonitor(Service):
         )
         if restarted:
             self.metrics.backendRestarts.labels(backend=self.client.base).inc()
-            log.info("backend restarted; its slots are unknown now")
+            log.info("{backend}: backend restarted; its slots are unknown now", backend=self.client.base)
         self.props = props
         self._record(True, None)
         for listener in self.listeners:
@@ -152,9 +152,11 @@ class BackendMonitor(Service):
     def _record(self, reachable: bool, problem: str | None) -> None:
         if reachable != self.reachable:
             if reachable:
-                log.info("backend is reachable")
+                log.info("{backend}: backend is reachable", backend=self.client.base)
             else:
-                log.warn("backend is unreachable: {problem}", problem=problem)
+                log.warn(
+                    "{backend}: backend is unreachable: {problem}", problem=problem, backend=self.client.base
+                )
         lost = self.reachable and not reachable
         self.reachable = reachable
         self.lastError = problem

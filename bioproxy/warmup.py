@@ -158,7 +158,7 @@ class Warmer(Service):
 
     def backendReady(self) -> None:
         """The backend was found or came back, and has been probed: warm everything."""
-        log.info("warming {n} head(s)", n=len(self.book.wanted()))
+        log.info("{backend}: warming {n} head(s)", n=len(self.book.wanted()), backend=self.llama.base)
         self.tried.clear()
         self.warmAll()
 
@@ -333,16 +333,29 @@ class Warmer(Service):
             self.tried.add(prefix)
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             if not self.ready:  # its backend went away under it: the reason is logged already
-                log.info("warmup of {prefix} stopped: {why}", prefix=prefix, why=result.getErrorMessage())
+                log.info(
+                    "{backend}: warmup of {prefix} stopped: {why}",
+                    prefix=prefix,
+                    why=result.getErrorMessage(),
+                    backend=self.llama.base,
+                )
             elif result.check(Unreachable):
                 # llama-server stopped under it (killed while saving, say): what
                 # was cut off is done again once it is back (backendReady).
                 log.warn(
-                    "{prefix}: llama-server went away ({why})", prefix=prefix, why=result.getErrorMessage()
+                    "{backend}: {prefix}: llama-server went away ({why})",
+                    prefix=prefix,
+                    why=result.getErrorMessage(),
+                    backend=self.llama.base,
                 )
                 self._retryLater(prefix)
             else:
-                log.failure("warmup of {prefix} failed unexpectedly", result, prefix=prefix)
+                log.failure(
+                    "{backend}: warmup of {prefix} failed unexpectedly",
+                    result,
+                    prefix=prefix,
+                    backend=self.llama.base,
+                )
         self._kick()
 
     async def _run(self, prefix: str) -> None:
@@ -366,26 +379,41 @@ class Warmer(Service):
             # so the lease, not the exception, says whether a user took over.
             if lease.preempted.called:
                 self.metrics.warmupCancellations.labels(prefix=head.label).inc()
-                log.info("warmup of {prefix} gave its slot to a user request", prefix=prefix)
+                log.info(
+                    "{backend}: warmup of {prefix} gave its slot to a user request",
+                    prefix=prefix,
+                    backend=self.llama.base,
+                )
                 self.wanted.add(prefix)
             elif isinstance(e, Unauthorized):
                 self.metrics.warmupFailures.labels(prefix=head.label, kind="unauthorized").inc()
                 state.error = str(e)
                 log.error(
-                    "llama-server refused bioproxy's warmup of {prefix} ({why}): {fix}",
+                    "{backend}: llama-server refused bioproxy's warmup of {prefix} ({why}): {fix}",
                     prefix=prefix,
                     why=str(e),
                     fix=e.fix,
+                    backend=self.llama.base,
                 )
             elif isinstance(e, Refused):
                 # The backend refuses this head (too long for a slot, say):
                 # retrying cannot help until the head or the backend changes.
                 self.metrics.warmupFailures.labels(prefix=head.label, kind="refused").inc()
                 state.error = str(e)
-                log.error("warmup of {prefix} refused by the backend: {why}", prefix=prefix, why=str(e))
+                log.error(
+                    "{backend}: warmup of {prefix} refused by the backend: {why}",
+                    prefix=prefix,
+                    why=str(e),
+                    backend=self.llama.base,
+                )
             elif not isinstance(e, defer.CancelledError):
                 self.metrics.warmupFailures.labels(prefix=head.label, kind="error").inc()
-                log.warn("warmup of {prefix} failed: {why}; retrying", prefix=prefix, why=str(e))
+                log.warn(
+                    "{backend}: warmup of {prefix} failed: {why}; retrying",
+                    prefix=prefix,
+                    why=str(e),
+                    backend=self.llama.base,
+                )
                 self._retryLater(prefix)
             return
         state.error = None
@@ -403,11 +431,12 @@ class Warmer(Service):
         self.metrics.warmups.labels(prefix=head.label, how=how).inc()
         self.metrics.warmupDuration.labels(how=how).observe(self.clock.seconds() - started)
         log.info(
-            "warmed {prefix} by {how} in {s:.3f} s ({tokens} tokens)",
+            "{backend}: warmed {prefix} by {how} in {s:.3f} s ({tokens} tokens)",
             prefix=prefix,
             how=how,
             s=self.clock.seconds() - started,
             tokens=state.tokens,
+            backend=self.llama.base,
         )
 
     async def _warm(self, lease: Lease, head: Head, state: WarmState) -> Warmed | None:
@@ -512,14 +541,23 @@ class Warmer(Service):
             timings, ran = await self._complete(head, state, slot)
             slot = ran if ran is not None else slot
             if timings.get("cache_n", 0) < (state.reusable or 0) // 2:
-                log.info("{name}: llama-server no longer held it; computed it again", name=head.name)
+                log.info(
+                    "{backend}: {name}: llama-server no longer held it; computed it again",
+                    name=head.name,
+                    backend=self.llama.base,
+                )
         if slot is not None and await self.cache.save(slot, head, None):
             return "saved"
         self._notKept(head, "no slot held it to save")
         return None
 
     def _notKept(self, head: Head, why: str) -> None:
-        log.info("conversation {name} not saved: {why}", name=head.name, why=why)
+        log.info(
+            "{backend}: conversation {name} not saved: {why}",
+            name=head.name,
+            why=why,
+            backend=self.llama.base,
+        )
 
     async def _complete(
         self, head: Head, state: WarmState, slot: int | None, check: bool = False

@@ -150,7 +150,10 @@ class Backend:
             for forget in self.onNewProcess:
                 forget()
         if not props:
-            log.warn("the backend has no /props, so it is not llama-server: no warmups or cache files")
+            log.warn(
+                "{backend}: the backend has no /props, so it is not llama-server: no warmups or cache files",
+                backend=self.llama.base,
+            )
             self.fingerprint, self.ready = None, False
             return
         if self.mode is SlotMode.UNKNOWN:
@@ -176,10 +179,11 @@ class Backend:
     def noPersistence(self, why: str) -> None:
         if self.persistence is not Persistence.NONE:
             log.warn(
-                "llama-server cannot save or restore slots ({why}): templates are warmed by prefill "
+                "{backend}: llama-server cannot save or restore slots ({why}): templates are warmed by prefill "
                 "and kept only in its slots and RAM cache; start it with --slot-save-path DIR "
                 "to keep them across restarts",
                 why=why,
+                backend=self.llama.base,
             )
         self.persistence = Persistence.NONE
 
@@ -243,7 +247,11 @@ class Backend:
             delay = 0.0
             if not result.check(_Preempted):
                 delay = 1.0
-                log.warn("probing the backend failed: {why}; retrying", why=result.getErrorMessage())
+                log.warn(
+                    "{backend}: probing the backend failed: {why}; retrying",
+                    why=result.getErrorMessage(),
+                    backend=self.llama.base,
+                )
             clock: Any = self.scheduler.clock
             self._retry = clock.callLater(delay, self._startProbe)
             return
@@ -253,7 +261,7 @@ class Backend:
         self.ready = True
         self._wake()
         log.info(
-            "backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "
+            "{backend}: backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "
             "slot persistence {files}, RAM cache {ram}; a restored file reuses {reuse}",
             count=self.slotCount,
             fp=self.fingerprint,
@@ -262,6 +270,7 @@ class Backend:
             files=self.persistence.value,
             ram=self.ramCache,
             reuse=self.reuse.value,
+            backend=self.llama.base,
         )
         why = self.reuseWhy()
         if why is not None:
@@ -301,7 +310,12 @@ class Backend:
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - on another machine, say: the probe alone decides
-            log.info("cannot read the model's metadata from {path} ({why})", path=path, why=str(e))
+            log.info(
+                "{backend}: cannot read the model's metadata from {path} ({why})",
+                path=path,
+                why=str(e),
+                backend=self.llama.base,
+            )
             return None
 
     async def _measure(self, slots: int) -> tuple[SlotMode, bool]:
@@ -312,7 +326,11 @@ class Backend:
             try:
                 self.reuse = await self._probeReuse()
             except BackendError as e:  # a save it refuses (a directory it cannot write, say)
-                log.warn("the restore probe failed ({why}): restores are tried as before", why=str(e))
+                log.warn(
+                    "{backend}: the restore probe failed ({why}): restores are tried as before",
+                    why=str(e),
+                    backend=self.llama.base,
+                )
                 self.reuse = self.model.expected() if self.model is not None else Reuse.UNKNOWN
         elif self.model is not None:
             self.reuse = self.model.expected()

@@ -180,3 +180,31 @@ class TextLineTests(SynchronousTestCase):
         self.assertFalse(twistdLogsToStdout({"nodaemon": False, "logfile": None, "syslog": False}))
         self.assertFalse(twistdLogsToStdout({"nodaemon": True, "logfile": None, "syslog": True}))
         self.assertFalse(twistdLogsToStdout(None))
+
+
+class BackendNamedTests(SynchronousTestCase):
+    def test_everyLineAboutABackendNamesIt(self) -> None:
+        """Issue 27: with several backends, a line about one says which; here a probe, warmups and a restart."""
+        from pathlib import Path
+
+        from twisted.logger import capturedLogs, formatEvent
+
+        from .memory import Memory
+
+        with capturedLogs() as events:
+            m = Memory(Path(self.mktemp()), url="http://second:8081")
+            m.template("@code", "You are a careful reviewer. " * 40 + "{message}")
+            m.found()
+            m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
+            m.monitor._record(False, "refused")
+            m.restarted()
+        about = [
+            formatEvent(e)
+            for e in events
+            if e.get("log_namespace", "").startswith(
+                ("bioproxy.monitor", "bioproxy.backend.process", "bioproxy.warmup", "bioproxy.kvcache")
+            )
+        ]
+        self.assertGreater(len(about), 3, about)
+        for line in about:
+            self.assertTrue(line.startswith("http://second:8081: "), line)
