@@ -7,6 +7,8 @@ recomputes every agent's prompt; with it, their files are restored as
 templates' are.
 
 The file is JSON, readable by bioproxy's user alone (it holds prompt text),
+with each backend's files under its URL (format 2; format 1 kept the first
+backend's apart, and still loads),
 written whole to a temporary file and renamed over the old one: at most once per `interval`, when a head or a file came or went
 (uses alone wait), and once more on stop, uses and all. A file that cannot
 be read is reported and set aside: bioproxy then starts with nothing
@@ -31,7 +33,7 @@ from .heads import HeadBook
 
 log = Logger()
 
-FORMAT = 1
+FORMAT = 2  # 1: "files" of the first backend, "other_backends_files" by URL; 2: "backends" by URL
 
 
 class StateFile(Service):
@@ -39,30 +41,29 @@ class StateFile(Service):
         self,
         path: Path,
         book: HeadBook,
-        backend: Backend,
+        backends: Sequence[tuple[str, Backend]],
         clock: IReactorTime,
         interval: float = 10.0,
-        others: Sequence[tuple[str, Backend]] = (),
     ) -> None:
-        """backend: the first backend, whose files are "files"; others: the rest, by URL."""
+        """backends: every backend, by URL, in the configuration's order."""
         self.path = path
         self.book = book
-        self.backend = backend
-        self.others = list(others)
+        self.backends = list(backends)
         self.clock = clock
         self.interval = interval
         self._written: tuple[int, frozenset[tuple[str, str]]] | None = None
         self._loop: LoopingCall | None = None
 
     def read(self) -> None:
-        """Add what the file holds to the book and the backend's known files; nothing if there is no file."""
+        """Add what the file holds to the book and the backends' known files; nothing if there is no file."""
         try:
             data: Any = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise ValueError(f"not a bioproxy state file of format {FORMAT}")
-            heads, files = data.get("heads", []), data.get("files", [])
-            if not isinstance(heads, list) or not isinstance(files, list):
-                raise ValueError("its heads and files must be lists")
+            if not isinstance(data, dict) or data.get("format") not in (1, FORMAT):
+                raise ValueError(f"not a bioproxy state file of format 1 or {FORMAT}")
+            heads = data.get("heads", [])
+            files = _filesByURL(data, [url for url, _ in self.backends])
+            if not isinstance(heads, list):
+                raise ValueError("its heads must be a list")
         except FileNotFoundError:
             return
         except Exception as e:  # noqa: BLE001 - whatever it holds (1e999, nesting past Python's limit), never a crash
@@ -70,12 +71,8 @@ class StateFile(Service):
             return
         self.book.addEntries(heads)
         # Files this bioproxy saved before; a restore finds out whether they are still there.
-        self.backend.saved.update(f for f in files if isinstance(f, str))
-        others = data.get("other_backends_files")
-        for url, backend in self.others:
-            listed = others.get(url) if isinstance(others, dict) else None
-            if isinstance(listed, list):
-                backend.saved.update(f for f in listed if isinstance(f, str))
+        for url, backend in self.backends:
+            backend.saved.update(f for f in files.get(url, []) if isinstance(f, str))
         self._written = self._version()
         log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
 
@@ -104,10 +101,8 @@ class StateFile(Service):
         data: dict[str, Any] = {
             "format": FORMAT,
             "heads": self.book.entriesData(),
-            "files": sorted(self.backend.saved),
+            "backends": {url: sorted(b.saved) for url, b in self.backends},
         }
-        if self.others:
-            data["other_backends_files"] = {url: sorted(b.saved) for url, b in self.others}
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +118,7 @@ class StateFile(Service):
         self._written = version
 
     def _version(self) -> tuple[int, frozenset[tuple[str, str]]]:
-        known = {("", f) for f in self.backend.saved}
-        known.update((url, f) for url, b in self.others for f in b.saved)
+        known = {(url, f) for url, b in self.backends for f in b.saved}
         return self.book.changes, frozenset(known)
 
     def startService(self) -> None:
@@ -138,3 +132,17 @@ class StateFile(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self.write(force=True)
+
+
+def _filesByURL(data: dict[str, Any], urls: list[str]) -> dict[str, list[Any]]:
+    """Each backend's files, by URL, from either format (1: the first backend's were "files")."""
+    if data["format"] == 1:
+        files = data.get("files", [])
+        others = data.get("other_backends_files") or {}
+        if not isinstance(files, list) or not isinstance(others, dict):
+            raise ValueError("its files must be a list, and other_backends_files an object")
+        return {**others, **({urls[0]: files} if urls else {})}
+    backends = data.get("backends", {})
+    if not isinstance(backends, dict) or not all(isinstance(v, list) for v in backends.values()):
+        raise ValueError("its backends must be an object of lists")
+    return backends

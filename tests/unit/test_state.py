@@ -22,7 +22,7 @@ class StateFileTests(SynchronousTestCase):
         m = Memory(directory, unified=True)
         m.book.maxConversations = 0  # learned heads alone (test_conversations keeps conversations)
         m.template("@t", TEMPLATE)
-        state = StateFile(path, m.book, m.backend, m.clock)
+        state = StateFile(path, m.book, [("http://llama", m.backend)], m.clock)
         state.read()
         state.startService()
         m.found()
@@ -116,28 +116,53 @@ class StateFileTests(SynchronousTestCase):
 
 class SeveralBackendsTests(SynchronousTestCase):
     def test_eachBackendsFilesAreKept(self) -> None:
-        """Issue 16: with several backends, each one's saved files come back to it."""
+        """Issues 16 and 27: with several backends, each one's saved files come back to it, by URL."""
         directory = Path(self.mktemp())
         path = directory / "state.json"
         first, second = Memory(directory / "a"), Memory(directory / "b")
         first.backend.saved.update({"x.bin"})
         second.backend.saved.update({"y.bin", "z.bin"})
         state = StateFile(
-            path, first.book, first.backend, first.clock, others=[("http://b:1", second.backend)]
+            path, first.book, [("http://a:1", first.backend), ("http://b:1", second.backend)], first.clock
         )
         state.write()
         written = json.loads(path.read_text())
         self.assertEqual(
-            (written["files"], written["other_backends_files"]),
-            (["x.bin"], {"http://b:1": ["y.bin", "z.bin"]}),
+            (written["format"], written["backends"]),
+            (2, {"http://a:1": ["x.bin"], "http://b:1": ["y.bin", "z.bin"]}),
         )
+        # Another order in the configuration: the files follow their URLs.
         again, other = Memory(directory / "c"), Memory(directory / "d")
-        StateFile(path, again.book, again.backend, again.clock, others=[("http://b:1", other.backend)]).read()
+        StateFile(
+            path, again.book, [("http://b:1", other.backend), ("http://a:1", again.backend)], again.clock
+        ).read()
         self.assertEqual((again.backend.saved, other.backend.saved), ({"x.bin"}, {"y.bin", "z.bin"}))
         second.backend.saved.add("w.bin")  # a change of the second's alone is written
         path.unlink()
         state.write()
-        self.assertIn("w.bin", json.loads(path.read_text())["other_backends_files"]["http://b:1"])
+        self.assertIn("w.bin", json.loads(path.read_text())["backends"]["http://b:1"])
+
+    def test_formatOneStillLoads(self) -> None:
+        """The file of an earlier bioproxy: "files" were the first backend's, the rest by URL."""
+        directory = Path(self.mktemp())
+        path = directory / "state.json"
+        directory.mkdir()
+        path.write_text(
+            json.dumps(
+                {
+                    "format": 1,
+                    "heads": [],
+                    "files": ["x.bin"],
+                    "other_backends_files": {"http://b:1": ["y.bin"]},
+                }
+            )
+        )
+        first, second = Memory(directory / "a"), Memory(directory / "b")
+        StateFile(
+            path, first.book, [("http://a:1", first.backend), ("http://b:1", second.backend)], first.clock
+        ).read()
+        self.assertEqual((first.backend.saved, second.backend.saved), ({"x.bin"}, {"y.bin"}))
+        self.assertTrue(path.exists(), "not set aside")
 
 
 class PrivacyAndBudgetTests(SynchronousTestCase):
@@ -146,7 +171,7 @@ class PrivacyAndBudgetTests(SynchronousTestCase):
         directory = Path(self.mktemp())
         path = directory / "state.json"
         m = Memory(directory, unified=True)
-        state = StateFile(path, m.book, m.backend, m.clock)
+        state = StateFile(path, m.book, [("http://llama", m.backend)], m.clock)
         path.with_name("state.json.tmp").parent.mkdir(parents=True, exist_ok=True)
         path.with_name("state.json.tmp").write_text("{}")  # left over, world-readable
         path.with_name("state.json.tmp").chmod(0o644)
