@@ -87,7 +87,7 @@ class TemplatesResource(JSONResource):
     def __init__(self, snapshot: Snapshot) -> None:
         super().__init__()
         self.snapshot = snapshot
-        self.warmer = snapshot.warmer
+        self.warmers = snapshot.warmers
 
     def render_GET(self, request: Request) -> bytes | int:
         if request.postpath and request.postpath != [b""]:
@@ -97,14 +97,16 @@ class TemplatesResource(JSONResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         path = request.postpath or []
-        if len(path) != 2 or path[1] != b"warmup" or self.warmer is None:
+        if len(path) != 2 or path[1] != b"warmup" or not self.warmers:
             writeError(request, 404, "POST /templates/<prefix>/warmup is the only action here.")
             return NOT_DONE_YET
         prefix = path[0].decode("utf-8", "replace")  # Twisted has decoded the path's segments
-        if not self.warmer.request(prefix, force=True):
+        # On every backend that keeps it warm.
+        if not all([warmer.request(prefix, force=True) for warmer in self.warmers]):
             writeError(request, 404, f"No template has the prefix {prefix!r}.")
             return NOT_DONE_YET
-        return jsonBody(request, {"queued": prefix, "backend_ready": self.warmer.ready}, status=202)
+        ready = any(warmer.ready for warmer in self.warmers)
+        return jsonBody(request, {"queued": prefix, "backend_ready": ready}, status=202)
 
 
 class TokenGuard(Resource):
@@ -173,7 +175,7 @@ def adminRoot(
         "GET: templates, their heads and warm state; POST /templates/<prefix>/warmup: warm one now",
         TemplatesResource(snapshot),
     )
-    if snapshot.scheduler is not None:
+    if snapshot.slotted:
         root.add(
             "slots", "GET: each slot, what it holds and who holds it; the queues", JSONView(snapshot.slots)
         )

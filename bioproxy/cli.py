@@ -100,14 +100,26 @@ def status(args: list[str]) -> int:
     except (OSError, ValueError) as e:
         sys.stderr.write(f"bioproxy: cannot read {admin}: {e}\n")
         return 2
+    several = len(templates.get("backends") or []) > 1
     rows: list[tuple[str, ...]] = [
-        ("TEMPLATE", "WARM STATE", "HITS", "MISSES", "TOKENS", "SAVED", "MODE", "ERROR")
+        (
+            "TEMPLATE",
+            "WARM STATE",
+            *(("WHERE",) if several else ()),
+            "HITS",
+            "MISSES",
+            "TOKENS",
+            "SAVED",
+            "MODE",
+            "ERROR",
+        )
     ]
     for t in templates.get("templates", []):
         rows.append(
             (
                 t["prefix"],
                 t.get("warm_state") or ("warm" if t.get("warm") else "cold"),
+                *((t.get("warmest_backend") or "",) if several else ()),
                 str(t.get("hits", 0)),
                 str(t.get("misses", 0)),
                 str(t.get("tokens") or ""),
@@ -117,25 +129,27 @@ def status(args: list[str]) -> int:
             )
         )
     print(_table(rows))
-    backend = templates.get("backend") or {}
-    if backend:
+    for backend in templates.get("backends") or []:
         model = (backend.get("model") or {}).get("name") or "unknown"
-        print(f"\nmodel {model}: a restored cache file reuses {backend.get('restore_reuses')}")
+        where = f" at {backend.get('url')}" if several else ""
+        print(f"\nmodel {model}{where}: a restored cache file reuses {backend.get('restore_reuses')}")
         if backend.get("restore_reuses_why"):
             print(f"  {backend['restore_reuses_why']}")
     print()
-    rows = [("SLOT", "STATE", "HOLDS", "BUSY", "IDLE S")]
-    for s in slots.get("slots", []):
-        idle = s.get("idle_seconds")
-        rows.append(
-            (
-                str(s["id"]),
-                s.get("state") or "",
-                s.get("template") or "",
-                s.get("holder") or "",
-                "" if idle is None else f"{idle:.0f}",
+    rows = [(*(("BACKEND",) if several else ()), "SLOT", "STATE", "HOLDS", "BUSY", "IDLE S")]
+    for backend in slots.get("backends") or [slots]:
+        for s in backend.get("slots", []):
+            idle = s.get("idle_seconds")
+            rows.append(
+                (
+                    *((backend.get("url") or "",) if several else ()),
+                    str(s["id"]),
+                    s.get("state") or "",
+                    s.get("template") or "",
+                    s.get("holder") or "",
+                    "" if idle is None else f"{idle:.0f}",
+                )
             )
-        )
     print(_table(rows))
     waiting = slots.get("waiting", {})
     print(f"\nwaiting: {', '.join(f'{k} {v}' for k, v in sorted(waiting.items())) or 'none'}")

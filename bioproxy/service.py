@@ -188,19 +188,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.access_log,
         timeout=config.client_timeout,
     )
-    first = members[0]
-    snapshot = Snapshot(
-        first.monitor,
-        reactor,
-        first.name,
-        watcher,
-        first.cache,
-        first.warmer,
-        book,
-        first.scheduler,
-        proxySite.recent,
-        members,
-    )
+    snapshot = Snapshot(reactor, watcher, members, book, proxySite.recent)
     adminSite = JSONSite(
         adminRoot(metrics, snapshot, config.admin_token, config.admin_open_health),
         timeout=config.client_timeout,

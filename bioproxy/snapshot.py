@@ -7,13 +7,14 @@ which the status page polls), so that each fact is written once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from . import __version__
-from .backend import Persistence, Reuse
+from .backend import Backend, Persistence, Reuse
 from .heads import Head, HeadBook, Kind, templateHead
 from .kvcache import KVCache, isoTime
 from .monitor import BackendMonitor
@@ -22,39 +23,59 @@ from .templates import describe
 from .warmup import Warmer
 from .watcher import TemplateWatcher
 
-if TYPE_CHECKING:
-    from .backend.member import Member
-
 LISTED_PER_TURN = 100  # templates listed between two turns of the reactor
 
 
+class Viewed(Protocol):
+    """What the snapshot reads of a backend (a Member; in tests, parts of one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def monitor(self) -> BackendMonitor: ...
+    @property
+    def cache(self) -> KVCache | None: ...
+    @property
+    def warmer(self) -> Warmer | None: ...
+    @property
+    def scheduler(self) -> SlotScheduler | None: ...
+
+
+@dataclass
+class Parts:
+    """A backend as a test builds it, without every piece of a Member."""
+
+    name: str
+    monitor: BackendMonitor
+    cache: KVCache | None = None
+    warmer: Warmer | None = None
+    scheduler: SlotScheduler | None = None
+
+
 class Snapshot:
+    """
+    Every backend alike: each view lists them all, and where one number
+    stands for a head (its warm state), it is that of the backend where the
+    head is warmest, with the counts summed over all.
+    """
+
     def __init__(
         self,
-        monitor: BackendMonitor,
         clock: IReactorTime,
-        backendURL: str,
         watcher: TemplateWatcher,
-        cache: KVCache | None = None,
-        warmer: Warmer | None = None,
+        backends: Sequence[Viewed],
         book: HeadBook | None = None,
-        scheduler: SlotScheduler | None = None,
         recent: Iterable[dict[str, Any]] = (),
-        members: Sequence[Member] = (),
     ) -> None:
-        self.monitor = monitor
         self.clock = clock
         self.startedAt = clock.seconds()
-        self.backendURL = backendURL
         self.watcher = watcher
-        self.cache = cache
-        self.warmer = warmer
+        self.backends = list(backends)
         self.book = book
-        self.scheduler = scheduler
         self.recent = recent  # the proxy site's last requests, newest last
-        # Every backend, when there are several; the one-backend fields
-        # above are the first's.
-        self.members = members
+        self.warmers = [b.warmer for b in self.backends if b.warmer is not None]
+        self.caching = [(b, b.cache) for b in self.backends if b.cache is not None]
+        self.slotted = [(b, b.scheduler) for b in self.backends if b.scheduler is not None]
 
     def whole(self) -> dict[str, Any]:
         return self._whole(self.templates())
@@ -68,21 +89,20 @@ class Snapshot:
             "health": self.health(),
             "ready": self.ready(),
             "templates": templates,
-            "slots": self.slots() if self.scheduler is not None else None,
+            "slots": self.slots() if self.slotted else None,
             "requests": list(self.recent),
         }
 
     def health(self) -> dict[str, Any]:
-        monitors = [(m.name, m.monitor) for m in self.members] or [(self.backendURL, self.monitor)]
-        backends = [self._backendHealth(url, monitor) for url, monitor in monitors]
+        backends = [self._backendHealth(b.name, b.monitor) for b in self.backends]
         return {
             # The proxy itself is up whenever it answers; the backends'
             # state is reported beside it rather than failing the check.
             "status": "ok" if all(b["reachable"] for b in backends) else "degraded",
             "uptime_seconds": round(self.clock.seconds() - self.startedAt, 3),
             "version": __version__,
-            "backend": backends[0],
             "backends": backends,
+            **({"backend": backends[0]} if len(backends) == 1 else {}),  # as before there were several
         }
 
     def _backendHealth(self, url: str, monitor: BackendMonitor) -> dict[str, Any]:
@@ -98,8 +118,7 @@ class Snapshot:
 
     def ready(self) -> dict[str, Any]:
         """Ready once a backend is probed and every template's warmup has run to an end on every ready one."""
-        warmers = [m.warmer for m in self.members] or ([self.warmer] if self.warmer is not None else [])
-        up = [w for w in warmers if w.ready]
+        up = [w for w in self.warmers if w.ready]
         templates = self.watcher.library.templates
         untried = sorted({p for w in up for p in w.untried(templates)})
         backend = bool(up)
@@ -132,9 +151,9 @@ class Snapshot:
             entry["last_change"] = status.lastChange
             entry["last_change_at"] = isoTime(status.lastChange)
             entry["last_error"] = status.lastError
-            if template is not None and self.cache is not None:
+            if template is not None and self.caching:
                 entry.update(self._head(templateHead(template), uses))
-                entry["tokens_saved"] = self.cache.tokensSaved.get(prefix, 0)
+                entry["tokens_saved"] = sum(cache.tokensSaved.get(prefix, 0) for _, cache in self.caching)
                 if self.book is not None:
                     entry["variants"] = [
                         {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}
@@ -144,34 +163,35 @@ class Snapshot:
 
     def _templates(self, entries: list[dict[str, Any]], uses: dict[str, Any]) -> dict[str, Any]:
         learned = []
-        if self.book is not None and self.cache is not None:
+        if self.book is not None and self.caching:
             learned = [
                 {"name": h.name, "kind": h.kind.value, **self._head(h, uses)}
                 for h in self.book.learnedHeads()
                 if h.kind is Kind.LEARNED  # variants are listed under their templates
             ]
-        backend = self.cache.backend.view() if self.cache is not None else None
+        backends = [{"url": b.name, **cache.backend.view()} for b, cache in self.caching]
         return {
             "templates": entries,
             "learned": learned,
             "conversations": self._conversations(),
-            "backend": backend,
+            "backends": backends,
+            # As before there were several (the status page and scripts of then read it).
+            **({"backend": self.caching[0][1].backend.view()} if len(self.caching) == 1 else {}),
         }
 
     def _conversations(self) -> dict[str, Any] | None:
         """The conversations kept for a llama-server restart (no text: their sizes and state)."""
-        if self.book is None or self.cache is None:
+        if self.book is None or not self.caching:
             return None
-        backend = self.cache.backend
-        why = None
-        if backend.persistence is Persistence.NONE:
-            why = "llama-server runs without --slot-save-path: no cache files"
-        elif backend.reuse is Reuse.NOTHING:
-            why = backend.reuseWhy()
+        reasons = [_noFiles(cache.backend) for _, cache in self.caching]
         kept = []
         for entry in reversed(self.book.conversations()):
             head = entry.shell.head(self.book.library)
             assert head is not None and entry.shell.view is not None
+            where = [
+                {"url": b.name, "cache_file": cache.filename(head), "warm_state": _phase(b.warmer, head)}
+                for b, cache in self.caching
+            ]
             kept.append(
                 {
                     "name": head.name,
@@ -180,39 +200,52 @@ class Snapshot:
                     "turns": entry.uses,
                     "last_turn_at": isoTime(entry.lastUsed),
                     "file_bytes": entry.bytes,
-                    "cache_file": self.cache.filename(head),
-                    "warm_state": self.warmer.phase(head).value if self.warmer is not None else None,
+                    **{k: v for k, v in where[self._warmest(head)].items() if k != "url"},
+                    "backends": where,
                 }
             )
         return {
             "kept": len(kept),
             "saved": sum(1 for c in kept if c["file_bytes"]),
             "file_bytes": sum(c["file_bytes"] for c in kept),
-            "not_saved_because": why,
+            # Why no backend can serve them from a file, if none can.
+            "not_saved_because": "; ".join(sorted({r for r in reasons if r})) if all(reasons) else None,
             "conversations": kept,
         }
 
+    def _warmest(self, head: Head) -> int:
+        """The index, among self.caching, of the backend where head is warmest (the first of equals)."""
+        warmth = [b.warmer.warmth(head) if b.warmer is not None else 0 for b, _ in self.caching]
+        return warmth.index(max(warmth))
+
     def _head(self, head: Head, uses: dict[str, Any]) -> dict[str, Any]:
-        """A head's cache facts, its warm state, and its uses from the book."""
-        assert self.cache is not None
-        entry = self.cache.state(head).view(self.cache.backend)
-        if self.warmer is not None:
-            entry["warm_state"] = self.warmer.phase(head).value
-        if len(self.members) > 1:  # the facts above are the first backend's
-            entry["backends"] = [
-                {"url": m.name, "warm_state": m.warmer.phase(head).value} for m in self.members
-            ]
-        entry["cache_file"] = self.cache.filename(head)
+        """
+        A head's cache facts and warm state where it is warmest, its hits
+        and misses over every backend, each backend's own, and its uses
+        from the book.
+        """
+        views = []
+        for b, cache in self.caching:
+            view = cache.state(head).view(cache.backend)
+            view["warm_state"] = _phase(b.warmer, head)
+            view["cache_file"] = cache.filename(head)
+            views.append({"url": b.name, **view})
+        warmest = views[self._warmest(head)]
+        entry = {k: v for k, v in warmest.items() if k != "url"}
+        entry["warmest_backend"] = warmest["url"]
+        entry["hits"], entry["misses"] = sum(v["hits"] for v in views), sum(v["misses"] for v in views)
+        checked = entry["hits"] + entry["misses"]
+        entry["hit_ratio"] = round(entry["hits"] / checked, 4) if checked else None
+        entry["backends"] = views
         if head.kind is not Kind.TEMPLATE:
             entry.update(uses.get(head.name, {}))
         return entry
 
     def slots(self) -> dict[str, Any]:
-        """bioproxy's view of each backend slot, which is what placement decides on."""
-        assert self.scheduler is not None
-        view = self._slotsOf(self.scheduler)
-        view["backends"] = [{"url": m.name, **self._slotsOf(m.scheduler)} for m in self.members]
-        return view
+        """bioproxy's view of each backend's slots, which is what placement decides on."""
+        backends = [{"url": b.name, **self._slotsOf(scheduler)} for b, scheduler in self.slotted]
+        # One backend: also at the top, as before there were several.
+        return {"backends": backends, **(self._slotsOf(self.slotted[0][1]) if len(backends) == 1 else {})}
 
     def _slotsOf(self, scheduler: SlotScheduler) -> dict[str, Any]:
         now = self.clock.seconds()
@@ -236,3 +269,16 @@ class Snapshot:
             "retained": scheduler.retains,
             "waiting": {priority: len(queue) for priority, queue in scheduler.queues.items()},
         }
+
+
+def _phase(warmer: Warmer | None, head: Head) -> str | None:
+    return warmer.phase(head).value if warmer is not None else None
+
+
+def _noFiles(backend: Backend) -> str | None:
+    """Why a backend keeps no cache files that help, or None."""
+    if backend.persistence is Persistence.NONE:
+        return "llama-server runs without --slot-save-path: no cache files"
+    if backend.reuse is Reuse.NOTHING:
+        return backend.reuseWhy()
+    return None

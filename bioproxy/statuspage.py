@@ -55,21 +55,23 @@ function cell(row, text, cls) {
   if (cls) td.className = cls;
   return td;
 }
-function badge(row, state) {
+function badge(row, state, where) {
   const span = document.createElement("span");
   span.textContent = state || "";
   span.className = "state " + (good.includes(state) ? "ok" : waiting.includes(state) ? "wait" : "bad");
-  row.insertCell().appendChild(span);
+  const place = row.insertCell();
+  place.appendChild(span);
+  if (where) place.appendChild(document.createTextNode(" at " + where));
 }
 function fill(id, items, render) {
   const body = document.querySelector("#" + id + " tbody");
   body.replaceChildren();
   for (const item of items) render(body.insertRow(), item);
 }
-function head(row, t, name, sub) {
+function head(row, t, name, sub, several) {
   if (sub) row.className = "sub";
   cell(row, name);
-  badge(row, t.warm_state);
+  badge(row, t.warm_state, several ? t.warmest_backend : "");
   cell(row, t.tokens, "num"); cell(row, t.hits, "num"); cell(row, t.misses, "num");
   cell(row, t.hit_ratio === null || t.hit_ratio === undefined ? "" : (100 * t.hit_ratio).toFixed(0) + "%", "num");
   cell(row, t.tokens_saved, "num");
@@ -83,9 +85,10 @@ function render(s) {
   const backends = h.backends || [h.backend];
   document.getElementById("backend").textContent = (backends.length > 1 ? "backends " : "backend ") +
     backends.map(b => b.url + ": " + (b.reachable ? "up" : "down" + (b.last_error ? " (" + b.last_error + ")" : ""))).join("; ");
-  const b = s.templates.backend;
-  document.getElementById("model").textContent = b ? "model " + (b.model ? b.model.name : "unknown") +
-    ": a restored cache file reuses " + b.restore_reuses + (b.restore_reuses_why ? " \u2014 " + b.restore_reuses_why : "") : "";
+  const several = backends.length > 1;
+  document.getElementById("model").textContent = (s.templates.backends || []).map(b =>
+    "model " + (b.model ? b.model.name : "unknown") + (several ? " at " + b.url : "") +
+    ": a restored cache file reuses " + b.restore_reuses + (b.restore_reuses_why ? " \u2014 " + b.restore_reuses_why : "")).join("; ");
   document.getElementById("ready").textContent = s.ready.ready ? "ready" : "not ready: " +
     (s.ready.backend_ready ? "warming " + s.ready.templates_untried.join(", ") : "backend not probed");
   const each = (s.slots && s.slots.backends && s.slots.backends.length) ? s.slots.backends : (s.slots ? [s.slots] : []);
@@ -97,8 +100,8 @@ function render(s) {
     for (const v of t.variants || []) rows.push([v, v.kind + " " + v.name, true]);
   }
   for (const l of s.templates.learned) rows.push([l, "learned " + l.name, false]);
-  fill("templates", rows, (row, r) => head(row, r[0], r[1], r[2]));
-  const slots = each.flatMap((b, i) => b.slots.map(slot => [each.length > 1 ? (i + 1) + "/" + slot.id : slot.id, slot]));
+  fill("templates", rows, (row, r) => head(row, r[0], r[1], r[2], several));
+  const slots = each.flatMap(b => b.slots.map(slot => [each.length > 1 ? b.url + " " + slot.id : slot.id, slot]));
   fill("slots", slots, (row, [id, slot]) => {
     cell(row, id, "num"); cell(row, slot.template || ""); cell(row, slot.state);
     cell(row, slot.busy ? "by a " + slot.holder : ""); cell(row, slot.idle_seconds === null ? "" : slot.idle_seconds.toFixed(0), "num");

@@ -70,6 +70,7 @@ class Held(enum.Enum):
     NOWHERE = "nowhere"
 
 
+_WARMTH = {Held.IN_SLOT: 2, Held.IN_RAM: 2, Held.ON_DISK: 1, Held.NOWHERE: 0}
 _PHASE_OF = {
     Held.IN_SLOT: Phase.IN_SLOT,
     Held.IN_RAM: Phase.IN_RAM,
@@ -135,6 +136,13 @@ class Warmer(Service):
         if head.name in self.wanted:
             return Phase.QUEUED
         return _PHASE_OF[self.held(head)]
+
+    def warmth(self, head: Head) -> int:
+        """
+        What head costs a request here: 2 where held in a slot or the RAM
+        cache, 1 where its file is saved, else 0 (placement's measure).
+        """
+        return _WARMTH[self.held(head)] if self.ready else 0
 
     def held(self, head: Head) -> Held:
         """
@@ -273,7 +281,11 @@ class Warmer(Service):
             self.request(head.name)
 
     def request(self, prefix: str, force: bool = False) -> bool:
-        """Queue a warmup of prefix; force also writes its file again."""
+        """
+        Queue a warmup of prefix (one not this backend's to warm is let go
+        when its turn comes); force also writes its file again. False: no
+        such head.
+        """
         head = self.book.get(prefix)
         if head is None:
             return False

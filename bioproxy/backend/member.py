@@ -27,15 +27,11 @@ from ..llamacpp import LlamaClient
 from ..metrics import Metrics
 from ..monitor import BackendMonitor
 from ..scheduler import USER, SlotScheduler
-from ..warmup import Held, Warmer
+from ..warmup import Warmer
 from .model import ModelFacts
 from .process import Backend
 
 log = Logger()
-
-# What a head costs a request on a member: little where held in a slot or
-# llama-server's RAM cache, a restore where its file is saved.
-_WARMTH = {Held.IN_SLOT: 2, Held.IN_RAM: 2, Held.ON_DISK: 1, Held.NOWHERE: 0}
 
 
 @dataclass(eq=False)
@@ -65,14 +61,8 @@ class Member:
         return busy + len(self.scheduler.queues[USER])
 
     def warmth(self, head: Head) -> int:
-        """
-        2 where head is in a slot or the RAM cache, 1 where its file is on
-        disk, else 0; from the backend's facts, so that a head being warmed
-        again or saved stays as warm as it is.
-        """
-        if not self.backend.ready:
-            return 0
-        return _WARMTH[self.warmer.held(head)]
+        """2 where head is in a slot or the RAM cache, 1 where its file is on disk, else 0 (Warmer.warmth)."""
+        return self.warmer.warmth(head)
 
 
 def build(

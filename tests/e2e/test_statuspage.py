@@ -18,8 +18,9 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 
-from ..helpers import asyncTest, listen
+from ..helpers import asyncTest, listen, membersSettled, until
 from ..stack import Bioproxy, templateText
+from .test_cli import bioproxy
 
 R: Any = reactor
 TOKEN = "s3cret"
@@ -113,6 +114,56 @@ class StatusPageTests(TestCase):
         [chat] = [row for row in page["requests"] if row[0] == "POST /v1/chat/completions"]
         self.assertEqual((chat[1], chat[2]), ("200", "@code"))
         self.assertGreater(int(chat[4]), 0, "cached tokens shown")
+
+    @asyncTest
+    async def test_twoBackendsEightTemplates(self) -> None:
+        """
+        Issue 27: every backend's templates and slots, not the first's.
+        Each template is warm on one backend (warm_on 1) and used once
+        there; the page, /templates and `bioproxy status` say where, and
+        count its hit, whichever backend it is on.
+        """
+        browser().quit()
+        directory = Path(self.mktemp()).absolute()
+        urls = []
+        for name in ("a", "b"):
+            (directory / name).mkdir(parents=True)
+            llama = FakeLlama(R, slots=2, unified=False, saveDir=directory / name)
+            urls.append(listen(R, FakeLlamaResource(llama), self))
+        prefixes = {f"@t{i}": templateText(i) for i in range(8)}
+        stack = Bioproxy(self, directory, urls[0], prefixes, admin_token=TOKEN, backends=urls)
+        stack.headers = {"Authorization": f"Bearer {TOKEN}"}
+        router = stack.service.getServiceNamed("proxy").factory.resource.dispatcher
+        await until(R, lambda: membersSettled(router.members), timeout=60, what="warmups on both backends")
+        for prefix in prefixes:
+            await stack.chat(f"{prefix} what does this do?")
+        listing = await (await stack.http.get(stack.admin + "/templates", headers=stack.headers)).json()
+        home = {t["prefix"]: t["warmest_backend"] for t in listing["templates"]}
+        self.assertEqual(set(home.values()), set(urls), "the templates are spread over both")
+        stack.headers = {}
+        page = await threads.deferToThread(rendered, f"{stack.admin}/?token={TOKEN}", None)
+        self.assertEqual(page["error"], "")
+        for url in urls:
+            self.assertIn(f"{url}: up", page["backend"])
+            self.assertIn(f"at {url}:", page["model"])
+        rows = {row[0]: row for row in page["templates"]}
+        self.assertEqual(set(rows), set(prefixes))
+        for prefix, row in rows.items():
+            state, where = row[1].split(" at ")
+            # Two slots each, four templates each: two in slots, two a restore away.
+            self.assertIn(state, ("warm in a slot", "on disk"), row)
+            self.assertEqual(where, home[prefix])
+            self.assertEqual(row[3], "1", f"its one hit, on {where}: {row}")
+        slots = [row[0] for row in page["slots"]]
+        self.assertEqual(slots, [f"{url} {i}" for url in urls for i in (0, 1)])
+        for row in page["slots"]:
+            self.assertNotEqual(row[2], "unknown", row)
+        out, err, code = await bioproxy("status", "--admin", stack.admin, "--token", TOKEN, cwd=directory)
+        self.assertEqual(code, 0, err)
+        for prefix in prefixes:
+            self.assertRegex(out, rf"{prefix}\s+(warm in a slot|on disk)\s+{home[prefix]}\s+1\s")
+        for url in urls:
+            self.assertEqual(sum(1 for line in out.splitlines() if line.startswith(url)), 2, out)
 
     @asyncTest
     async def test_refusedWithoutTheToken(self) -> None:

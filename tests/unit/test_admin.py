@@ -14,7 +14,7 @@ from bioproxy import __version__
 from bioproxy.admin import adminRoot
 from bioproxy.metrics import Metrics
 from bioproxy.monitor import BackendMonitor
-from bioproxy.snapshot import LISTED_PER_TURN, Snapshot
+from bioproxy.snapshot import LISTED_PER_TURN, Parts, Snapshot
 from bioproxy.templates import Sources, TemplateLibrary
 from bioproxy.watcher import TemplateWatcher
 
@@ -159,7 +159,7 @@ class AdminTests(TestCase):
         return StubTreq(
             adminRoot(
                 self.metrics,
-                Snapshot(self.monitor, self.clock, "http://b:1", self.watcher),
+                Snapshot(self.clock, self.watcher, [Parts("http://b:1", self.monitor)]),
                 token,
                 openHealth=openHealth,
             )
@@ -189,7 +189,7 @@ class AdminTests(TestCase):
         )
         watcher.startService()
         self.addCleanup(watcher.stopService)
-        snapshot = Snapshot(self.monitor, self.clock, "http://b:1", watcher)
+        snapshot = Snapshot(self.clock, watcher, [Parts("http://b:1", self.monitor)])
         self.assertEqual(len(snapshot.templates()["templates"]), count)
         for view, whole in (
             (snapshot.templatesInTurns, snapshot.templates),

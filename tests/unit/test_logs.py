@@ -78,7 +78,7 @@ class ReadyTests(SynchronousTestCase):
         class Watched:
             library = m.library
 
-        snapshot = Snapshot(m.monitor, m.clock, "http://llama", Watched(), m.cache, m.warmer)  # type: ignore[arg-type]
+        snapshot = Snapshot(m.clock, Watched(), [m.member])  # type: ignore[arg-type]
         http = StubTreq(ReadyResource(snapshot))
         answers: list[Any] = []
         http.get("http://admin/").addCallback(
