@@ -19,8 +19,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .backend import Backend
+from .body import Body
 from .errors import writeError
-from .expand import Body, promptText
+from .expand import promptText
 from .forward import Forwarder, Outcome
 from .heads import Head, HeadBook, Kind
 from .kvcache import KVCache, Prepared

@@ -10,7 +10,7 @@ a request to answer (errorResponse).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,10 +19,26 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-if TYPE_CHECKING:
-    from .serve import ProxyRequest
-
 log = Logger()
+
+
+class Answered(Protocol):
+    """
+    What the error writers use of a request: twisted.web's Request, or the
+    proxy port's own (serve.ProxyRequest), which this module need not know.
+    """
+
+    method: bytes
+    path: bytes
+    finished: Any
+    startedWriting: Any
+    channel: Any
+
+    @property
+    def responseHeaders(self) -> Any: ...
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
 
 # status -> (type, code) as OpenAI-compatible clients expect them
 _KINDS = {
@@ -50,7 +66,7 @@ def errorBody(status: int, message: str, code: str | None = None) -> bytes:
 
 
 def writeError(
-    request: Request | ProxyRequest,
+    request: Request | Answered,
     status: int,
     message: str,
     code: str | None = None,
@@ -67,7 +83,7 @@ def writeError(
     request.finish()
 
 
-def failRequest(request: Request | ProxyRequest, reason: Failure) -> None:
+def failRequest(request: Request | Answered, reason: Failure) -> None:
     """
     Something raised while request was handled: the client gets a JSON 500
     or, once its response has begun, a closed connection; never silence.

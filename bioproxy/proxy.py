@@ -13,10 +13,10 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .body import Body
 from .errors import failRequest, writeError
 from .expand import (
     BadRequest,
-    Body,
     chatView,
     expand,
     firstTemplate,

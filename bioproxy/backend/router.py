@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 
 from twisted.logger import Logger
 
+from ..body import Body
 from ..errors import failRequest, writeError
-from ..expand import Body
 from ..forward import Outcome
 from ..heads import Head
 from ..scheduler import BackendGone

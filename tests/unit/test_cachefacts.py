@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from bioproxy.expand import Body, withSlot
+from bioproxy.body import Body, withSlot
 from bioproxy.kvcache import sanitise
 from bioproxy.timings import TimingsReader
 

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from bioproxy.expand import Body, chatView, expand, marksBreakpoint, normaliseBillingHeader
+from bioproxy.body import Body
+from bioproxy.expand import chatView, expand, marksBreakpoint, normaliseBillingHeader
 from bioproxy.heads import MARK, MIN_LEARNED_TOKENS, HeadBook, Kind, estimatedTokens, locate, shellOf
 from bioproxy.routes import ROUTES, Shape, route
 from bioproxy.templates import Sources, Template, TemplateLibrary, load
