@@ -185,7 +185,9 @@ def main() -> None:
     parser.add_argument(
         "--grace", type=float, default=63.0, help="seconds of slowloris (client_timeout is 60)"
     )
-    parser.add_argument("--baseline", type=Path, default=None, help="another checkout, listed beside this one")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another checkout, listed beside this one"
+    )
     args = parser.parse_args()
     if args.templates:
         print(f"{args.templates} templates: {listing(args.templates)}")

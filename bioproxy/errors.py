@@ -40,6 +40,7 @@ class Answered(Protocol):
     def write(self, data: bytes) -> None: ...
     def finish(self) -> None: ...
 
+
 # status -> (type, code) as OpenAI-compatible clients expect them
 _KINDS = {
     400: ("invalid_request_error", "invalid_request"),

@@ -19,12 +19,12 @@ from . import __version__
 from .admin import adminRoot
 from .backend.member import build
 from .backend.model import readFacts
-from .backend.router import Router
 from .config import Config, withBacklog
 from .connect import backendClients
 from .heads import HeadBook
 from .metrics import Metrics
 from .proxy import ProxyResource
+from .router import Router
 from .serve import ProxySite
 from .site import JSONSite
 from .snapshot import Snapshot

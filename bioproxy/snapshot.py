@@ -15,12 +15,12 @@ from twisted.internet.interfaces import IReactorTime
 
 from . import __version__
 from .backend import Backend, Persistence, Reuse
+from .backend.kvcache import KVCache, isoTime
+from .backend.monitor import BackendMonitor
+from .backend.scheduler import SlotScheduler
+from .backend.warmup import Warmer
 from .heads import Head, HeadBook, Kind, templateHead
-from .kvcache import KVCache, isoTime
-from .monitor import BackendMonitor
-from .scheduler import SlotScheduler
 from .templates import describe
-from .warmup import Warmer
 from .watcher import TemplateWatcher
 
 LISTED_PER_TURN = 100  # templates listed between two turns of the reactor

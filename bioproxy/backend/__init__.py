@@ -1,7 +1,14 @@
 """
-The backends behind bioproxy: each llama-server, what bioproxy knows of its
-process (process.py) and of its model (model.py), the pieces that serve it alone (member.py), and the
-router that chooses among them (router.py).
+One llama-server, as bioproxy serves it: built once per backend by
+member.build, and importing nothing above it (tests/unit/test_layers.py).
+
+- llamacpp.py: its API client; monitor.py: its health checks;
+- process.py: what bioproxy knows of its process (slots, persistence, restarts), model.py: of its model;
+- scheduler.py: its slots and their queues; kvcache.py: its cache's facts and slot files;
+- warmup.py: its warmups; dispatch.py: requests run on its slots;
+- member.py: the pieces together (Member), and build.
+
+The router, which chooses among backends, stands above them (bioproxy/router.py).
 """
 
 from .model import Reuse

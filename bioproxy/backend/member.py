@@ -19,17 +19,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..config import BackendSpec, Config
-from ..dispatch import Dispatcher
 from ..forward import Forwarder
 from ..heads import Head, HeadBook
-from ..kvcache import KVCache
-from ..llamacpp import LlamaClient
 from ..metrics import Metrics
-from ..monitor import BackendMonitor
-from ..scheduler import USER, SlotScheduler
-from ..warmup import Warmer
+from .dispatch import Dispatcher
+from .kvcache import KVCache
+from .llamacpp import LlamaClient
 from .model import ModelFacts
+from .monitor import BackendMonitor
 from .process import Backend
+from .scheduler import USER, SlotScheduler
+from .warmup import Warmer
 
 log = Logger()
 

@@ -23,9 +23,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..llamacpp import BackendError, LlamaClient, NoPersistence, fingerprint
-from ..scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
+from .llamacpp import BackendError, LlamaClient, NoPersistence, fingerprint
 from .model import ModelFacts, Reuse
+from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
 
 log = Logger()
 

@@ -101,8 +101,8 @@ class Scaled(Bioproxy):
         return backend, body.get("timings", {})
 
     def byHash(self, prefix: str) -> str:
-        from bioproxy.backend.router import rendezvous
         from bioproxy.heads import templateHead
+        from bioproxy.router import rendezvous
 
         template = self.service.getServiceNamed("templates").library.templates[prefix]
         return rendezvous(templateHead(template).key, self.members())[0].name

@@ -17,8 +17,8 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from bioproxy.backend.router import rendezvous
 from bioproxy.heads import templateHead
+from bioproxy.router import rendezvous
 
 from ..helpers import asyncTest, membersSettled, until
 from ..stack import Bioproxy

@@ -12,8 +12,8 @@ from twisted.trial.unittest import TestCase
 
 from bioproxy import __version__
 from bioproxy.admin import adminRoot
+from bioproxy.backend.monitor import BackendMonitor
 from bioproxy.metrics import Metrics
-from bioproxy.monitor import BackendMonitor
 from bioproxy.snapshot import LISTED_PER_TURN, Parts, Snapshot
 from bioproxy.templates import Sources, TemplateLibrary
 from bioproxy.watcher import TemplateWatcher

@@ -17,9 +17,9 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend import Reuse
+from bioproxy.backend.kvcache import FOLLOWERS, KVCache
 from bioproxy.backend.model import ModelFacts, factsOf, readFacts
 from bioproxy.heads import MARK, templateHead
-from bioproxy.kvcache import FOLLOWERS, KVCache
 from bioproxy.metrics import Metrics
 from bioproxy.testing import tinymodel
 from bioproxy.testing.fakellama import chatPrompt

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from bioproxy.backend.kvcache import sanitise
 from bioproxy.body import Body, withSlot
-from bioproxy.kvcache import sanitise
 from bioproxy.timings import TimingsReader
 
 jsonValues = st.recursive(

@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from bioproxy.backend.llamacpp import LlamaClient, TimedOut
 from bioproxy.heads import templateHead
-from bioproxy.llamacpp import LlamaClient, TimedOut
 from bioproxy.proxy import ProxyResource
 
 from .memory import Memory
@@ -301,8 +301,8 @@ class DeadlineTests(SynchronousTestCase):
 
     def test_aStalledHealthCheckIsAFailedOne(self) -> None:
         """Issue 26, item 3: headers, then nothing: the backend is taken out, and the loop goes on."""
+        from bioproxy.backend.monitor import BackendMonitor
         from bioproxy.metrics import Metrics
-        from bioproxy.monitor import BackendMonitor
 
         clock = Clock()
         llama = LlamaClient(StubTreq(_Stalls(True)), "http://llama", clock, timeout=5)  # type: ignore[arg-type]

@@ -109,8 +109,8 @@ class PhaseTests(SynchronousTestCase):
     """Issue 15, items 4 and 5: is a head warm, where, and why not."""
 
     def test_phases(self) -> None:
+        from bioproxy.backend.warmup import Phase
         from bioproxy.heads import templateHead
-        from bioproxy.warmup import Phase
 
         m = Memory(Path(self.mktemp()), unified=False, slots=1, cacheRam=False)
         t = templateHead(m.template("@t", "Review this:\n<{message}>"))
@@ -129,8 +129,8 @@ class PhaseTests(SynchronousTestCase):
         self.assertEqual(m.warmer.phase(t), Phase.REFUSED)
 
     def test_clearedModeIsTheRamCache(self) -> None:
+        from bioproxy.backend.warmup import Phase
         from bioproxy.heads import templateHead
-        from bioproxy.warmup import Phase
 
         m = Memory(Path(self.mktemp()), unified=True)
         t = templateHead(m.template("@t", "Review this:\n<{message}>"))
@@ -202,7 +202,12 @@ class BackendNamedTests(SynchronousTestCase):
             formatEvent(e)
             for e in events
             if e.get("log_namespace", "").startswith(
-                ("bioproxy.monitor", "bioproxy.backend.process", "bioproxy.warmup", "bioproxy.kvcache")
+                (
+                    "bioproxy.backend.monitor",
+                    "bioproxy.backend.process",
+                    "bioproxy.backend.warmup",
+                    "bioproxy.backend.kvcache",
+                )
             )
         ]
         self.assertGreater(len(about), 3, about)

@@ -12,9 +12,9 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend import Persistence, SlotMode
+from bioproxy.backend.kvcache import RAM_MISS_LIMIT, RESTORE_MISS_LIMIT
+from bioproxy.backend.llamacpp import Unauthorized
 from bioproxy.heads import templateHead
-from bioproxy.kvcache import RAM_MISS_LIMIT, RESTORE_MISS_LIMIT
-from bioproxy.llamacpp import Unauthorized
 
 from .memory import Alone, Memory
 

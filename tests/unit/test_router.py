@@ -1,6 +1,6 @@
 """
 Issue 16, item 2: which backend a request and a warmup go to
-(bioproxy/backend/router.py), in memory, on stand-in members.
+(bioproxy/router.py), in memory, on stand-in members.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from bioproxy.backend.router import BALANCE_ABS, Router, imbalanced, rendezvous
+from bioproxy.backend.scheduler import BackendGone
 from bioproxy.config import BackendSpec
 from bioproxy.forward import Outcome
 from bioproxy.heads import Head, Kind
-from bioproxy.scheduler import BackendGone
+from bioproxy.router import BALANCE_ABS, Router, imbalanced, rendezvous
 
 
 @dataclass
@@ -390,9 +390,9 @@ class RealMembersTests(SynchronousTestCase):
         """
         from pathlib import Path
 
-        from bioproxy.backend.router import Router
+        from bioproxy.backend.warmup import Phase
         from bioproxy.heads import templateHead
-        from bioproxy.warmup import Phase
+        from bioproxy.router import Router
 
         from .memory import Memory
 

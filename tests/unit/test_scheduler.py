@@ -11,8 +11,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bioproxy.metrics import Metrics
-from bioproxy.scheduler import (
+from bioproxy.backend.scheduler import (
     EMPTY,
     MIN_SHARED,
     UNKNOWN,
@@ -27,6 +26,7 @@ from bioproxy.scheduler import (
     commonLength,
     holding,
 )
+from bioproxy.metrics import Metrics
 
 OTHER = holding(None, "some other prompt")
 

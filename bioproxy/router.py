@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 
 from twisted.logger import Logger
 
-from ..body import Body
-from ..errors import failRequest, writeError
-from ..forward import Outcome
-from ..heads import Head
-from ..scheduler import BackendGone
-from ..serve import ProxyRequest
-from .member import Member
+from .backend.member import Member
+from .backend.scheduler import BackendGone
+from .body import Body
+from .errors import failRequest, writeError
+from .forward import Outcome
+from .heads import Head
+from .serve import ProxyRequest
 
 log = Logger()
 

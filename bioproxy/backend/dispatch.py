@@ -18,12 +18,14 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backend import Backend
-from .body import Body
-from .errors import writeError
-from .expand import promptText
-from .forward import Forwarder, Outcome
-from .heads import Head, HeadBook, Kind
+from ..body import Body
+from ..errors import writeError
+from ..expand import promptText
+from ..forward import Forwarder, Outcome
+from ..heads import Head, HeadBook, Kind
+from ..serve import ProxyRequest
+from ..timings import TimingsReader
+from . import Backend
 from .kvcache import KVCache, Prepared
 from .monitor import BackendMonitor
 from .scheduler import (
@@ -38,8 +40,6 @@ from .scheduler import (
     SlotScheduler,
     holding,
 )
-from .serve import ProxyRequest
-from .timings import TimingsReader
 from .warmup import Warmer
 
 log = Logger()

@@ -17,8 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..metrics import Metrics
 from .llamacpp import BackendError, LlamaClient, Unauthorized, fingerprint
-from .metrics import Metrics
 
 log = Logger()
 

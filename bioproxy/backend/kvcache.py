@@ -22,10 +22,10 @@ from typing import Any, Literal
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .backend import Backend, Persistence, Reuse, SlotMode
-from .heads import MARK, Head
+from ..heads import MARK, Head
+from ..metrics import Metrics
+from . import Backend, Persistence, Reuse, SlotMode
 from .llamacpp import BackendError, NoPersistence
-from .metrics import Metrics
 from .scheduler import Contents, commonLength, holding
 
 log = Logger()

@@ -30,13 +30,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backend import Backend, Reuse
-from .heads import Head, HeadBook, Kind
+from ..heads import Head, HeadBook, Kind
+from ..metrics import Metrics
+from ..templates import Template
+from . import Backend, Reuse
 from .kvcache import KVCache, WarmState
 from .llamacpp import Refused, Unauthorized, Unreachable
-from .metrics import Metrics
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
-from .templates import Template
 
 log = Logger()
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from .metrics import Metrics
+from ..metrics import Metrics
 
 _T = TypeVar("_T")
 

@@ -1,0 +1,111 @@
+"""
+The plan of the code, checked (issue 27): bioproxy's modules in layers,
+each importing only from its own layer or those below, and no import
+circle, TYPE_CHECKING imports included.
+
+- foundation: what every part uses (HTTP on both sides, templates, heads,
+  bodies, metrics, errors, config);
+- backend: `bioproxy/backend/`, built once per llama-server
+  (backend.member.build);
+- over the backends: the router, the proxy's resource, the operator's
+  views, the state file;
+- the program: the service that wires it all, the command, the plugin.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+PACKAGE = Path(__file__).resolve().parents[2] / "bioproxy"
+
+LAYERS = {
+    "over": {"router", "proxy", "snapshot", "state", "admin", "site"},
+    "program": {"service", "reload", "tap", "cli", "__main__"},
+}
+ORDER = ["foundation", "backend", "over", "program"]
+
+
+def layerOf(module: str) -> str:
+    """module: a dotted name under bioproxy ("backend.kvcache", "serve", "" for the package)."""
+    if module == "backend" or module.startswith("backend."):
+        return "backend"
+    for layer, names in LAYERS.items():
+        if module in names:
+            return layer
+    return "foundation"
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def imports(known: dict[str, Path]) -> dict[str, set[str]]:
+    """Each module's imports of other bioproxy modules, by dotted name under bioproxy."""
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1] if node.level > 1 else package
+                    module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                elif node.module and node.module.startswith("bioproxy"):
+                    module = node.module.removeprefix("bioproxy").lstrip(".")
+                else:
+                    continue
+                targets = [module, *(f"{module}.{a.name}".lstrip(".") for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [
+                    a.name.removeprefix("bioproxy").lstrip(".")
+                    for a in node.names
+                    if a.name.startswith("bioproxy")
+                ]
+            found.update(t for t in targets if t in known and t != name)
+        graph[name] = found
+    return graph
+
+
+class LayerTests(SynchronousTestCase):
+    def test_noUpwardImport(self) -> None:
+        known = modules()
+        upward = [
+            f"{name} ({layerOf(name)}) imports {target} ({layerOf(target)})"
+            for name, targets in imports(known).items()
+            for target in targets
+            if ORDER.index(layerOf(target)) > ORDER.index(layerOf(name))
+        ]
+        self.assertEqual(upward, [])
+
+    def test_noCircle(self) -> None:
+        graph = imports(modules())
+        circles = []
+        for start in graph:
+            stack, seen = [(start, [start])], set()
+            while stack:
+                node, path = stack.pop()
+                for target in graph[node]:
+                    if target == start:
+                        circles.append(" -> ".join([*path, start]))
+                    elif target not in seen:
+                        seen.add(target)
+                        stack.append((target, [*path, target]))
+        self.assertEqual(circles, [])
+
+    def test_theCheckSeesImports(self) -> None:
+        """The graph is not empty by mistake: known edges of each kind are in it."""
+        graph = imports(modules())
+        self.assertIn("backend.process", graph["backend.kvcache"] | graph["backend"])
+        self.assertIn("backend.member", graph["router"])
+        self.assertIn("heads", graph["body"])
+        self.assertIn("serve", graph["errors"] | graph["forward"])
