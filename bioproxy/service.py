@@ -174,7 +174,7 @@ def makeService(config: Config, reactor: Any) -> MultiService:
 
     # The learned heads, and the names of the files each backend saved.
     statePath = config.statePath()
-    state = StateFile(statePath, book, [(m.name, m.backend) for m in members], reactor) if statePath else None
+    state = StateFile(statePath, book, [(m.name, m.cache) for m in members], reactor) if statePath else None
     if state is not None:
         state.read()
 

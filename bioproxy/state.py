@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .backend import Backend
+from .backend.kvcache import KVCache
 from .heads import HeadBook
 
 log = Logger()
@@ -41,7 +41,7 @@ class StateFile(Service):
         self,
         path: Path,
         book: HeadBook,
-        backends: Sequence[tuple[str, Backend]],
+        backends: Sequence[tuple[str, KVCache]],
         clock: IReactorTime,
         interval: float = 10.0,
     ) -> None:
@@ -71,8 +71,8 @@ class StateFile(Service):
             return
         self.book.addEntries(heads)
         # Files this bioproxy saved before; a restore finds out whether they are still there.
-        for url, backend in self.backends:
-            backend.saved.update(f for f in files.get(url, []) if isinstance(f, str))
+        for url, cache in self.backends:
+            cache.noteFilesSaved(f for f in files.get(url, []) if isinstance(f, str))
         self._written = self._version()
         log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
 
@@ -101,7 +101,7 @@ class StateFile(Service):
         data: dict[str, Any] = {
             "format": FORMAT,
             "heads": self.book.entriesData(),
-            "backends": {url: sorted(b.saved) for url, b in self.backends},
+            "backends": {url: sorted(cache.files) for url, cache in self.backends},
         }
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -118,7 +118,7 @@ class StateFile(Service):
         self._written = version
 
     def _version(self) -> tuple[int, frozenset[tuple[str, str]]]:
-        known = {(url, f) for url, b in self.backends for f in b.saved}
+        known = {(url, f) for url, cache in self.backends for f in cache.files}
         return self.book.changes, frozenset(known)
 
     def startService(self) -> None:

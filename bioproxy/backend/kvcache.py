@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -188,6 +188,9 @@ class KVCache:
         self.llama = backend.llama
         self.metrics = metrics
         self.states: dict[str, WarmState] = {}
+        # Cache files known to be on the backend's disk (those this bioproxy
+        # saved, and those the state file says it saved before).
+        self.files: set[str] = set()
         self.tokensSaved: dict[str, int] = {}  # by template prefix: prompt tokens its requests reused
         self.claimed: set[int] = set()  # slots a restore or warmup of ours is using (CLEARED mode)
         self._follower: list[int] | None = None
@@ -223,7 +226,7 @@ class KVCache:
 
     def forgetFile(self, head: Head) -> None:
         """Its file must be written again: forced, or found to give no reuse."""
-        self.backend.saved.discard(self.filename(head) or "")
+        self.files.discard(self.filename(head) or "")
 
     def forget(self, name: str) -> None:
         """
@@ -232,9 +235,9 @@ class KVCache:
         """
         self.states.pop(name, None)
         stem = sanitise(name) + "-"
-        files = [f for f in self.backend.saved if f.startswith(stem) and _isVersion(f[len(stem) :])]
+        files = [f for f in self.files if f.startswith(stem) and _isVersion(f[len(stem) :])]
         for file in files:
-            self.backend.saved.discard(file)
+            self.files.discard(file)
             if self.slotDir is None:
                 continue
             try:
@@ -285,7 +288,7 @@ class KVCache:
             self.persists(head)
             and name not in self.backend.missing
             # A learned head has a file only if this process saved one.
-            and (not head.learned or name in self.backend.saved)
+            and (not head.learned or name in self.files)
         )
 
     def inRam(self, head: Head) -> bool:
@@ -422,7 +425,7 @@ class KVCache:
         except BackendError as e:
             # llama-server says 400 for a file that is missing or unusable.
             status = "missing" if e.status == 400 else "error"
-            if name in self.backend.saved:
+            if name in self.files:
                 log.warn(
                     "{backend}: the cache file of {prefix} is unusable ({why}); computing it again",
                     prefix=prefix,
@@ -436,7 +439,7 @@ class KVCache:
                     backend=self.backend.llama.base,
                 )
             self.metrics.kvRestores.labels(prefix=label, status=status).inc()
-            self.backend.saved.discard(name)
+            self.files.discard(name)
             self.backend.missing.add(name)
             return False
         except defer.CancelledError:
@@ -455,7 +458,7 @@ class KVCache:
             self.metrics.kvRestores.labels(prefix=label, status="empty").inc()
             return False
         self.metrics.kvRestores.labels(prefix=label, status="ok").inc()
-        self.backend.saved.add(name)
+        self.files.add(name)
         return True
 
     def noteServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
@@ -472,12 +475,41 @@ class KVCache:
         generated = timings.get("predicted_n") if timings else None
         state.served = (slot, prompt, generated if isinstance(generated, int) else None)
 
+    # -- what the warmer reports (this class is the one writer of WarmState)
+
+    def noteWarmupTokens(self, head: Head, tokens: int) -> None:
+        """A warmup's request counted tokens prompt tokens in all (0: it did not say)."""
+        state = self.state(head)
+        state.tokens = tokens or state.tokens
+
+    def noteWarmed(self, head: Head, how: str, at: float, inRam: bool) -> None:
+        """
+        A warmup made head warm, by how (prefill, restore, resident, saved);
+        inRam: it ran on an unpinned slot, which llama-server moves into its
+        RAM cache when the next task starts.
+        """
+        state = self.state(head)
+        state.warm = True
+        if how != "resident":
+            state.atBoundary = state.boundary is not None
+        state.lastWarmup, state.lastHow = at, how
+        if inRam:
+            state.inRam = True
+
+    def noteRefused(self, head: Head, why: str | None) -> None:
+        """llama-server refused head's warmup, and why (None: its last warmup was not refused)."""
+        self.state(head).error = why
+
+    def noteFilesSaved(self, files: Iterable[str]) -> None:
+        """Files a bioproxy saved on this backend before (the state file): a restore finds out whether they are there."""
+        self.files.update(files)
+
     def lostFromRam(self, head: Head) -> None:
         """A task of ours took head out of llama-server's RAM cache, and cut it: its file serves it next."""
         self.state(head).inRam = False
 
     def saved(self, head: Head) -> bool:
-        return self.filename(head) in self.backend.saved
+        return self.filename(head) in self.files
 
     def holding(self, head: Head, text: str) -> Contents:
         """What a slot holds after computing text, which starts with head: as much as its file backs."""
@@ -492,8 +524,8 @@ class KVCache:
         """
         name = self.filename(head)
         backend = self.backend
-        if name is None or name in backend.saved or not backend.restoresHelp:
-            return name in backend.saved
+        if name is None or name in self.files or not backend.restoresHelp:
+            return name in self.files
         state = self.state(head)
         try:
             with self._quietWhile():
@@ -527,7 +559,7 @@ class KVCache:
                 backend=self.backend.llama.base,
             )
             return False
-        backend.saved.add(name)
+        self.files.add(name)
         backend.missing.discard(name)
         size = result.get("n_written") if isinstance(result, dict) else None
         self.state(head).fileBytes = size if isinstance(size, int) else 0

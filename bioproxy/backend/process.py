@@ -93,7 +93,6 @@ class Backend:
         self.reuse = Reuse.UNKNOWN
         self.model: ModelFacts | None = None
         self.ready = False  # probed, and warmups may run
-        self.saved: set[str] = set()  # cache files known to be on the backend's disk
         self.missing: set[str] = set()  # and known not to be
         self.listeners: list[BackendListener] = []
         self.onNewProcess: list[Callable[[], None]] = []  # nothing it held is there any more

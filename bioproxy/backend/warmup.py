@@ -399,7 +399,7 @@ class Warmer(Service):
                 self.wanted.add(prefix)
             elif isinstance(e, Unauthorized):
                 self.metrics.warmupFailures.labels(prefix=head.label, kind="unauthorized").inc()
-                state.error = str(e)
+                self.cache.noteRefused(head, str(e))
                 log.error(
                     "{backend}: llama-server refused bioproxy's warmup of {prefix} ({why}): {fix}",
                     prefix=prefix,
@@ -411,7 +411,7 @@ class Warmer(Service):
                 # The backend refuses this head (too long for a slot, say):
                 # retrying cannot help until the head or the backend changes.
                 self.metrics.warmupFailures.labels(prefix=head.label, kind="refused").inc()
-                state.error = str(e)
+                self.cache.noteRefused(head, str(e))
                 log.error(
                     "{backend}: warmup of {prefix} refused by the backend: {why}",
                     prefix=prefix,
@@ -428,7 +428,7 @@ class Warmer(Service):
                 )
                 self._retryLater(prefix)
             return
-        state.error = None
+        self.cache.noteRefused(head, None)
         if state.saveError is not None and self.running:
             # Warm, but with no file: saved again later, backing off, from
             # what llama-server holds (never computed again for it). It is
@@ -467,11 +467,9 @@ class Warmer(Service):
                 how = await self._warmUnpinned(slot, head, state)
             finally:
                 self.cache.unclaim(slot)
-        state.warm = True
-        if how != "resident":
-            state.atBoundary = state.boundary is not None
-        state.lastWarmup = self.clock.seconds()
-        state.lastHow = how
+        # Unpinned, the slot's prompt is in llama-server's RAM cache once the next task starts.
+        inRam = not self.backend.pins and head.kind is not Kind.CONVERSATION
+        self.cache.noteWarmed(head, how, self.clock.seconds(), inRam)
         return how
 
     async def _warmPinned(self, lease: Lease, head: Head, state: WarmState) -> Warmed:
@@ -515,14 +513,12 @@ class Warmer(Service):
             return "resident"
         if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
             if self._verified(head, None, (await self._complete(head, state, None, check=True))[0]):
-                state.inRam = True
                 return "restore"
         timings, ran = await self._complete(head, state, None if state.boundary is not None else slot)
         slot = ran if ran is not None else slot
         if not await self.cache.save(slot, head, state.tokens) and self.cache.persists(head):
             if state.saveError is None:
                 self._retryLater(head.name)  # another task cleared the slot first
-        state.inRam = True
         return "prefill"
 
     async def _keep(self, lease: Lease, head: Head, state: WarmState) -> Warmed | None:
@@ -601,7 +597,7 @@ class Warmer(Service):
             result = await self.llama.chat(head.warmBody(slot), self.timeout)
         timings: dict[str, Any] = (result or {}).get("timings") or {}
         if not check:
-            state.tokens = (timings.get("cache_n", 0) + timings.get("prompt_n", 0)) or state.tokens
+            self.cache.noteWarmupTokens(head, timings.get("cache_n", 0) + timings.get("prompt_n", 0))
         ran = (result or {}).get("id_slot")
         return timings, ran if isinstance(ran, int) and not isinstance(ran, bool) and ran >= 0 else None
 

@@ -109,3 +109,50 @@ class LayerTests(SynchronousTestCase):
         self.assertIn("backend.member", graph["router"])
         self.assertIn("heads", graph["body"])
         self.assertIn("serve", graph["errors"] | graph["forward"])
+
+    def test_oneWriterOfCacheFacts(self) -> None:
+        """
+        A head's cache facts (WarmState) and the backend's known files are
+        written by the KVCache alone; the warmer, the dispatcher and the
+        state file report to it (issue 27: inRam was written from 8 places
+        in two classes).
+        """
+        import dataclasses
+
+        from bioproxy.backend.kvcache import WarmState
+
+        fields = {f.name for f in dataclasses.fields(WarmState)}
+        writes = []
+        for name, path in modules().items():
+            if name == "backend.kvcache":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                    targets = [node.target]
+                for target in targets:
+                    for t in ast.walk(target):
+                        if isinstance(t, ast.Attribute) and t.attr in fields and _aWarmState(t.value):
+                            writes.append(f"{name}:{node.lineno} {ast.unparse(target)}")
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    owner = node.func.value
+                    if (
+                        node.func.attr in ("add", "update", "discard", "clear")
+                        and isinstance(owner, ast.Attribute)
+                        and owner.attr == "files"
+                    ):
+                        writes.append(f"{name}:{node.lineno} {ast.unparse(node.func)}")
+        self.assertEqual(writes, [])
+
+
+def _aWarmState(value: ast.expr) -> bool:
+    """How the code names a head's WarmState: `state`, `...state(head)`, `...states[key]`."""
+    if isinstance(value, ast.Name):
+        return value.id == "state"
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
+        return value.func.attr == "state"
+    return (
+        isinstance(value, ast.Subscript)
+        and isinstance(value.value, ast.Attribute)
+        and value.value.attr == "states"
+    )

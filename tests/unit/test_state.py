@@ -22,7 +22,7 @@ class StateFileTests(SynchronousTestCase):
         m = Memory(directory, unified=True)
         m.book.maxConversations = 0  # learned heads alone (test_conversations keeps conversations)
         m.template("@t", TEMPLATE)
-        state = StateFile(path, m.book, [("http://llama", m.backend)], m.clock)
+        state = StateFile(path, m.book, [("http://llama", m.cache)], m.clock)
         state.read()
         state.startService()
         m.found()
@@ -120,10 +120,10 @@ class SeveralBackendsTests(SynchronousTestCase):
         directory = Path(self.mktemp())
         path = directory / "state.json"
         first, second = Memory(directory / "a"), Memory(directory / "b")
-        first.backend.saved.update({"x.bin"})
-        second.backend.saved.update({"y.bin", "z.bin"})
+        first.cache.files.update({"x.bin"})
+        second.cache.files.update({"y.bin", "z.bin"})
         state = StateFile(
-            path, first.book, [("http://a:1", first.backend), ("http://b:1", second.backend)], first.clock
+            path, first.book, [("http://a:1", first.cache), ("http://b:1", second.cache)], first.clock
         )
         state.write()
         written = json.loads(path.read_text())
@@ -134,10 +134,10 @@ class SeveralBackendsTests(SynchronousTestCase):
         # Another order in the configuration: the files follow their URLs.
         again, other = Memory(directory / "c"), Memory(directory / "d")
         StateFile(
-            path, again.book, [("http://b:1", other.backend), ("http://a:1", again.backend)], again.clock
+            path, again.book, [("http://b:1", other.cache), ("http://a:1", again.cache)], again.clock
         ).read()
-        self.assertEqual((again.backend.saved, other.backend.saved), ({"x.bin"}, {"y.bin", "z.bin"}))
-        second.backend.saved.add("w.bin")  # a change of the second's alone is written
+        self.assertEqual((again.cache.files, other.cache.files), ({"x.bin"}, {"y.bin", "z.bin"}))
+        second.cache.files.add("w.bin")  # a change of the second's alone is written
         path.unlink()
         state.write()
         self.assertIn("w.bin", json.loads(path.read_text())["backends"]["http://b:1"])
@@ -159,9 +159,9 @@ class SeveralBackendsTests(SynchronousTestCase):
         )
         first, second = Memory(directory / "a"), Memory(directory / "b")
         StateFile(
-            path, first.book, [("http://a:1", first.backend), ("http://b:1", second.backend)], first.clock
+            path, first.book, [("http://a:1", first.cache), ("http://b:1", second.cache)], first.clock
         ).read()
-        self.assertEqual((first.backend.saved, second.backend.saved), ({"x.bin"}, {"y.bin"}))
+        self.assertEqual((first.cache.files, second.cache.files), ({"x.bin"}, {"y.bin"}))
         self.assertTrue(path.exists(), "not set aside")
 
 
@@ -171,7 +171,7 @@ class PrivacyAndBudgetTests(SynchronousTestCase):
         directory = Path(self.mktemp())
         path = directory / "state.json"
         m = Memory(directory, unified=True)
-        state = StateFile(path, m.book, [("http://llama", m.backend)], m.clock)
+        state = StateFile(path, m.book, [("http://llama", m.cache)], m.clock)
         path.with_name("state.json.tmp").parent.mkdir(parents=True, exist_ok=True)
         path.with_name("state.json.tmp").write_text("{}")  # left over, world-readable
         path.with_name("state.json.tmp").chmod(0o644)
