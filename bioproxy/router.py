@@ -25,10 +25,12 @@ import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from .backend.member import Member
+from .backend.process import BackendListener
 from .backend.scheduler import BackendGone
 from .body import Body
 from .errors import failRequest, writeError
@@ -44,13 +46,40 @@ REMEMBERED = 1024  # heads whose last backend is remembered, most recent kept
 HEADER = b"x-bioproxy-backend"
 
 
-def rendezvous(key: str, members: Sequence[Member]) -> list[Member]:
+class Placed(Protocol):
+    """
+    What the router sees of a backend (a backend.member.Member): its
+    health, load and warmth of a head to place by, and what it may ask of
+    it. It sets nothing inside one.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def weight(self) -> float: ...
+    @property
+    def healthy(self) -> bool: ...
+    def load(self) -> int: ...
+    def warmth(self, head: Head) -> int: ...
+    def join(
+        self, assigned: Callable[[Head], bool], several: bool, listener: BackendListener | None
+    ) -> None: ...
+    async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None: ...
+    def forward(
+        self, request: ProxyRequest, body: bytes | None = None, replaceable: bool = False
+    ) -> defer.Deferred[Outcome]: ...
+    def refused(self) -> None: ...
+    def rewarm(self) -> None: ...
+    def handBack(self) -> None: ...
+
+
+def rendezvous(key: str, members: Sequence[Placed]) -> list[Placed]:
     """members in key's order: highest random weight first (weighted: -w / ln(u))."""
 
-    def score(member: Member) -> float:
+    def score(member: Placed) -> float:
         digest = hashlib.blake2b(f"{member.name}\0{key}".encode(), digest_size=8).digest()
         unit = (int.from_bytes(digest, "big") + 0.5) / 2**64  # in (0, 1)
-        return -member.spec.weight / math.log(unit)
+        return -member.weight / math.log(unit)
 
     return sorted(members, key=score, reverse=True)
 
@@ -63,7 +92,7 @@ def imbalanced(loads: Sequence[int], threshold: int = BALANCE_ABS, ratio: float 
 class Router:
     def __init__(
         self,
-        members: Sequence[Member],
+        members: Sequence[Placed],
         warmOn: int | None = 1,
         threshold: int = BALANCE_ABS,
         ratio: float = BALANCE_REL,
@@ -74,19 +103,17 @@ class Router:
         # Where each head last went. Among equally warm backends it stays
         # there: with a shared cache directory a head is on disk at each,
         # and it must not move back to a backend that returns.
-        self.last: OrderedDict[str, Member] = OrderedDict()
+        self.last: OrderedDict[str, Placed] = OrderedDict()
         for member in self.members:
-            member.warmer.assigned = self._assigner(member)
-            member.dispatcher.replaceable = len(self.members) > 1
-            if len(self.members) > 1:
-                member.backend.listeners.append(_Watch(self, member))
+            several = len(self.members) > 1
+            member.join(self._assigner(member), several, _Watch(self, member) if several else None)
 
     # -- placing requests
 
-    def healthy(self) -> list[Member]:
+    def healthy(self) -> list[Placed]:
         return [m for m in self.members if m.healthy] or self.members
 
-    def choose(self, head: Head | None, affinity: str) -> Member:
+    def choose(self, head: Head | None, affinity: str) -> Placed:
         """
         The member for a request starting with head (None: no known head;
         affinity, the request's own key, orders the members then).
@@ -121,14 +148,14 @@ class Router:
             member = self.choose(body.head, affinity)
             self._mark(request, member)
             try:
-                await member.dispatcher.send(request, body, pinnable)
+                await member.send(request, body, pinnable)
                 return
             except BackendGone as e:
                 log.info("{backend} went away; placing a waiting request again", backend=e)
         writeError(request, 502, "Every backend went away while this request waited for a slot.")
 
     def forward(
-        self, request: ProxyRequest, body: bytes | None = None, tried: tuple[Member, ...] = ()
+        self, request: ProxyRequest, body: bytes | None = None, tried: tuple[Placed, ...] = ()
     ) -> None:
         """
         Any other request: to the least busy healthy member. One that
@@ -139,20 +166,20 @@ class Router:
         if len(self.members) == 1:
             member = self.members[0]
             self._mark(request, member)
-            member.forwarder.forward(request, body)
+            member.forward(request, body)
             return
         left = [m for m in self.members if m not in tried]
         member = min([m for m in left if m.healthy] or left, key=lambda m: m.load())
         self._mark(request, member)
         if len(left) == 1:  # the last (or only) one answers as it can, its own 502 included
-            member.forwarder.forward(request, body)
+            member.forward(request, body)
             return
-        d = member.forwarder.forward(request, body, replaceable=True)
+        d = member.forward(request, body, replaceable=True)
         d.addCallback(self._forwarded, request, body, (*tried, member))
         d.addErrback(lambda reason: failRequest(request, reason))
 
     def _forwarded(
-        self, outcome: Outcome, request: ProxyRequest, body: bytes | None, tried: tuple[Member, ...]
+        self, outcome: Outcome, request: ProxyRequest, body: bytes | None, tried: tuple[Placed, ...]
     ) -> None:
         if outcome.error != "connect" or outcome.status is not None:
             return  # answered, by the backend or with the forwarder's own error
@@ -161,10 +188,10 @@ class Router:
             return
         member = tried[-1]
         log.info("{backend} refused a connection; placing the request again", backend=member.name)
-        member.monitor.noteUnreachable("a request could not connect")
+        member.refused()
         self.forward(request, body, tried)
 
-    def _mark(self, request: ProxyRequest, member: Member) -> None:
+    def _mark(self, request: ProxyRequest, member: Placed) -> None:
         """The response says which backend answered; with several, the access line does too."""
         request.setHeader(HEADER, member.name.encode())
         if len(self.members) > 1:
@@ -172,7 +199,7 @@ class Router:
 
     # -- placing warmups
 
-    def warmTargets(self, head: Head) -> list[Member]:
+    def warmTargets(self, head: Head) -> list[Placed]:
         """The members head is kept warm on: where it is warm already, then the next by its hash."""
         # Not only those ready now: at start-up the first to be probed would
         # otherwise take every head.
@@ -187,7 +214,7 @@ class Router:
         rest = [m for m in ordered if m.warmth(head) == 0]
         return (warm + rest)[: self.warmOn]
 
-    def _assigner(self, member: Member) -> Callable[[Head], bool]:
+    def _assigner(self, member: Placed) -> Callable[[Head], bool]:
         def assigned(head: Head) -> bool:
             return len(self.members) == 1 or member in self.warmTargets(head)
 
@@ -196,19 +223,19 @@ class Router:
     def membersChanged(self) -> None:
         """A backend came or went: each member warms what is now its own."""
         for member in self.members:
-            member.warmer.warmAll()
+            member.rewarm()
 
-    def lost(self, member: Member) -> None:
+    def lost(self, member: Placed) -> None:
         """A backend stopped answering: requests waiting for its slots go elsewhere, its heads too."""
         if len(self.members) > 1:
-            member.scheduler.failWaiting(member.name)
+            member.handBack()
         self.membersChanged()
 
 
 class _Watch:
     """Tells the router that one of its several backends came or went."""
 
-    def __init__(self, router: Router, member: Member) -> None:
+    def __init__(self, router: Router, member: Placed) -> None:
         self.router = router
         self.member = member
 

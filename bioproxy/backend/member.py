@@ -18,16 +18,18 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..body import Body
 from ..config import BackendSpec, Config
-from ..forward import Forwarder
+from ..forward import Forwarder, Outcome
 from ..heads import Head, HeadBook
 from ..metrics import Metrics
+from ..serve import ProxyRequest
 from .dispatch import Dispatcher
 from .kvcache import KVCache
 from .llamacpp import LlamaClient
 from .model import ModelFacts
 from .monitor import BackendMonitor
-from .process import Backend
+from .process import Backend, BackendListener
 from .scheduler import USER, SlotScheduler
 from .warmup import Warmer
 
@@ -63,6 +65,46 @@ class Member:
     def warmth(self, head: Head) -> int:
         """2 where head is in a slot or the RAM cache, 1 where its file is on disk, else 0 (Warmer.warmth)."""
         return self.warmer.warmth(head)
+
+    # -- its face to the router, which sets nothing inside it
+
+    @property
+    def weight(self) -> float:
+        return self.spec.weight
+
+    def join(self, assigned: Callable[[Head], bool], several: bool, listener: BackendListener | None) -> None:
+        """
+        Placed among others: it warms the heads assigned says are its own;
+        with several backends, a request that could not start here is
+        handed back (BackendGone) rather than answered 502; listener hears
+        when it comes or goes.
+        """
+        self.warmer.assigned = assigned
+        self.dispatcher.replaceable = several
+        if listener is not None:
+            self.backend.listeners.append(listener)
+
+    async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
+        """A request that runs on a slot (BackendGone: it had not started when the backend went away)."""
+        await self.dispatcher.send(request, body, pinnable)
+
+    def forward(
+        self, request: ProxyRequest, body: bytes | None = None, replaceable: bool = False
+    ) -> defer.Deferred[Outcome]:
+        """Any other request, relayed as it is."""
+        return self.forwarder.forward(request, body, replaceable=replaceable)
+
+    def refused(self) -> None:
+        """A request could not connect: out of placement until its health check finds it."""
+        self.monitor.noteUnreachable("a request could not connect")
+
+    def rewarm(self) -> None:
+        """Backends came or went: warm what is now its own."""
+        self.warmer.warmAll()
+
+    def handBack(self) -> None:
+        """It went away: requests waiting for its slots are placed elsewhere."""
+        self.scheduler.failWaiting(self.name)
 
 
 def build(

@@ -106,7 +106,7 @@ class LayerTests(SynchronousTestCase):
         """The graph is not empty by mistake: known edges of each kind are in it."""
         graph = imports(modules())
         self.assertIn("backend.process", graph["backend.kvcache"] | graph["backend"])
-        self.assertIn("backend.member", graph["router"])
+        self.assertIn("backend.scheduler", graph["router"])
         self.assertIn("heads", graph["body"])
         self.assertIn("serve", graph["errors"] | graph["forward"])
 

@@ -98,9 +98,33 @@ class Stand:
     dispatcher: _Dispatcher = field(default_factory=_Dispatcher)
     forwarder: _Forwarder = field(default_factory=_Forwarder)
     monitor: _Monitor = field(default_factory=_Monitor)
+    replaceable: bool = False
+    handedBack: int = 0
 
     def __post_init__(self) -> None:
         self.dispatcher.member = self.monitor.member = self
+
+    # The face a Member shows the router (router.Placed), over the stand-in parts.
+
+    def join(self, assigned: Any, several: bool, listener: Any) -> None:
+        self.warmer.assigned, self.replaceable = assigned, several
+        if listener is not None:
+            self.backend.listeners.append(listener)
+
+    async def send(self, request: Any, body: Any, pinnable: bool = True) -> None:
+        await self.dispatcher.send(request, body, pinnable)
+
+    def forward(self, request: Any, body: Any = None, replaceable: bool = False) -> defer.Deferred[Outcome]:
+        return self.forwarder.forward(request, body, replaceable)
+
+    def refused(self) -> None:
+        self.monitor.noteUnreachable("a request could not connect")
+
+    def rewarm(self) -> None:
+        self.warmer.warmAll()
+
+    def handBack(self) -> None:
+        self.handedBack += 1
 
     @property
     def spec(self) -> BackendSpec:
