@@ -19,6 +19,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from automat import TypeMachineBuilder
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,6 +59,17 @@ class Persistence(enum.Enum):
     NONE = "none"  # slot actions answer 501: warm by prefill only
 
 
+class Phase(enum.Enum):
+    """Where bioproxy stands with a backend's process (Backend.phase)."""
+
+    UNKNOWN = "unknown"  # never found
+    PROBING = "probing"  # found; its probe runs, or waits to run again
+    READY = "ready"  # probed: warmups run, requests are placed by what it is
+    LOST = "lost"  # it stopped answering
+    FOREIGN = "not llama-server"  # it answers, with no /props: requests pass through, nothing is warmed
+    STOPPED = "stopped"  # bioproxy is stopping
+
+
 class BackendListener(Protocol):
     def backendReady(self) -> None: ...
 
@@ -92,14 +104,24 @@ class Backend:
         # metadata (when bioproxy can read the file) and the restore probe.
         self.reuse = Reuse.UNKNOWN
         self.model: ModelFacts | None = None
-        self.ready = False  # probed, and warmups may run
         self.missing: set[str] = set()  # and known not to be
         self.listeners: list[BackendListener] = []
         self.onNewProcess: list[Callable[[], None]] = []  # nothing it held is there any more
         self._probe: defer.Deferred[None] | None = None
         self._probing: list[defer.Deferred[None]] = []  # waiting for the probe to end (probed)
         self._retry: Any = None
-        self._stopped = False
+        self._phase = Phase.UNKNOWN
+        self._machine = _processMachine(self)
+
+    @property
+    def phase(self) -> Phase:
+        """Where it stands; written by its machine's outputs alone."""
+        return self._phase
+
+    @property
+    def ready(self) -> bool:
+        """Probed: warmups may run, and requests are placed by what it is."""
+        return self._phase is Phase.READY
 
     @property
     def pins(self) -> bool:
@@ -135,43 +157,60 @@ class Backend:
     # -- what the monitor says
 
     def backendReady(self, props: dict[str, Any], restarted: bool) -> None:
-        """The backend was found, or came back: a new process, to be probed again."""
-        first = self.props is None
+        """The monitor found the backend, a new process or the same one back."""
+        new = restarted or self.props is None
         self.props = props
-        if restarted or first:
-            self._cancelProbe()
-            self.ready = False
-            self.mode, self.ramCache = SlotMode.UNKNOWN, None
-            self.persistence = Persistence.UNKNOWN  # it may have been started with other flags
-            self.reuse, self.model = Reuse.UNKNOWN, None  # or with another model
-            self.fingerprint = None  # named once its model file is read (the probe): no file till then
-            self.scheduler.reset(int(self.configuredSlots or props.get("total_slots") or 1))
-            for forget in self.onNewProcess:
-                forget()
         if not props:
-            log.warn(
-                "{backend}: the backend has no /props, so it is not llama-server: no warmups or cache files",
-                backend=self.llama.base,
-            )
-            self.fingerprint, self.ready = None, False
-            return
-        if self.mode is SlotMode.UNKNOWN:
-            if self._probe is None:
-                self._startProbe()
-        elif not self.ready:
-            self._becomeReady()  # the same process, back after a blip: what it is like is known
+            (self._machine.newForeign if new else self._machine.foreign)()
+        elif new:
+            self._machine.newProcess()
+        elif self.mode is SlotMode.UNKNOWN:
+            self._machine.unprobed()
+        else:
+            self._machine.sameProcess()
 
     def backendLost(self) -> None:
         """It stopped answering: drop every call of bioproxy's own at once, so a shutdown never waits on one."""
-        self.ready = False
+        self._machine.lost()
+
+    def stop(self) -> None:
+        self._machine.stop()
+
+    # -- the machine's outputs (_buildProcessMachine)
+
+    def _resetFacts(self) -> None:
+        """A new process: nothing known of it, nothing it held is there."""
+        self.mode, self.ramCache = SlotMode.UNKNOWN, None
+        self.persistence = Persistence.UNKNOWN  # it may have been started with other flags
+        self.reuse, self.model = Reuse.UNKNOWN, None  # or with another model
+        self.fingerprint = None  # named once its model file is read (the probe): no file till then
+        self.scheduler.reset(int(self.configuredSlots or (self.props or {}).get("total_slots") or 1))
+        for forget in self.onNewProcess:
+            forget()
+
+    def _probeAfresh(self) -> None:
+        self._cancelProbe()
+        self._resetFacts()
+        self._startProbe()
+
+    def _isForeignAfresh(self) -> None:
+        self._cancelProbe()
+        self._resetFacts()
+        self._isForeign()
+
+    def _isForeign(self) -> None:
+        self._cancelProbe()
+        log.warn(
+            "{backend}: the backend has no /props, so it is not llama-server: no warmups or cache files",
+            backend=self.llama.base,
+        )
+        self.fingerprint = None
+
+    def _wentAway(self) -> None:
         self._cancelProbe()
         self._wake()  # nothing to wait for: the request meets the outage
         for listener in self.listeners:
             listener.backendLost()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._cancelProbe()
 
     # -- what the cache learns
 
@@ -210,6 +249,7 @@ class Backend:
 
     def view(self) -> dict[str, Any]:
         return {
+            "phase": self.phase.value,
             "slots": self.slotCount,
             "slot_mode": self.mode.value,
             "pinned": self.pins,
@@ -224,8 +264,6 @@ class Backend:
     # -- the probe
 
     def _startProbe(self) -> None:
-        if self._stopped:
-            return
         self._probe = defer.ensureDeferred(self._probeProcess())
         self._probe.addBoth(self._probeEnded)
 
@@ -241,8 +279,6 @@ class Backend:
         if isinstance(result, Failure):
             if result.check(defer.CancelledError):
                 return  # the process went away; a new one is probed when it is found
-            if self._stopped:
-                return
             delay = 0.0
             if not result.check(_Preempted):
                 delay = 1.0
@@ -251,13 +287,15 @@ class Backend:
                     why=result.getErrorMessage(),
                     backend=self.llama.base,
                 )
-            clock: Any = self.scheduler.clock
-            self._retry = clock.callLater(delay, self._startProbe)
+            self._machine.probeFailed(delay)
             return
-        self._becomeReady()
+        self._machine.probed()
+
+    def _probeLater(self, delay: float) -> None:
+        clock: Any = self.scheduler.clock
+        self._retry = clock.callLater(delay, self._startProbe)
 
     def _becomeReady(self) -> None:
-        self.ready = True
         self._wake()
         log.info(
             "{backend}: backend has {count} slot(s), fingerprint {fp}; slots {mode}, requests {pinned}, "
@@ -392,3 +430,95 @@ class Backend:
 
 class _Preempted(Exception):
     """A user took a slot the probe held; it runs again once the slot is free."""
+
+
+class _Process(Protocol):
+    """What happens to a backend's process: the inputs of its machine."""
+
+    def newProcess(self) -> None:
+        "Found, and a process bioproxy has not probed: first seen, or restarted."
+
+    def unprobed(self) -> None:
+        "Found again, the same process, not probed yet (it went away during its probe)."
+
+    def sameProcess(self) -> None:
+        "Found again after a blip, the same process: what it is like is known."
+
+    def foreign(self) -> None:
+        "It answers, with no /props: not llama-server."
+
+    def newForeign(self) -> None:
+        "First seen, or restarted, and with no /props."
+
+    def probed(self) -> None:
+        "The probe ended: its facts are known."
+
+    def probeFailed(self, delay: float) -> None:
+        "The probe failed; it runs again in delay seconds."
+
+    def lost(self) -> None:
+        "It stopped answering."
+
+    def stop(self) -> None:
+        "bioproxy stops."
+
+
+_Output = Callable[..., None]
+
+
+def _entering(phase: Phase, action: Callable[[Backend], None]) -> _Output:
+    """An output that records the phase entered (Backend.phase reads it), then acts."""
+
+    def output(machine: _Process, core: Backend, *args: Any) -> None:
+        core._phase = phase
+        action(core)
+
+    return output
+
+
+def _buildProcessMachine() -> Callable[[Backend], _Process]:
+    """
+    unknown -> probing -> ready; lost from any of them, and back by way of
+    a probe (a new process) or not (the same one, after a blip); foreign
+    while it answers as something other than llama-server. The Backend is
+    the machine's core, and its outputs are the Backend's methods; the
+    phase they record is for reading only (a machine cannot be asked its
+    state while an output runs, and outputs tell listeners, who ask).
+    """
+    builder = TypeMachineBuilder(_Process, Backend)
+    unknown, probing, ready = builder.state("unknown"), builder.state("probing"), builder.state("ready")
+    lost, foreign, stopped = builder.state("lost"), builder.state("foreign"), builder.state("stopped")
+    for state in (unknown, probing, ready, lost, foreign):
+        state.upon(_Process.stop).to(stopped)(_entering(Phase.STOPPED, Backend._cancelProbe))
+        state.upon(_Process.newProcess).to(probing)(_entering(Phase.PROBING, Backend._probeAfresh))
+        state.upon(_Process.foreign).to(foreign)(_entering(Phase.FOREIGN, Backend._isForeign))
+        state.upon(_Process.newForeign).to(foreign)(_entering(Phase.FOREIGN, Backend._isForeignAfresh))
+    for state in (unknown, probing, ready, foreign):
+        state.upon(_Process.lost).to(lost)(_entering(Phase.LOST, Backend._wentAway))
+    lost.upon(_Process.lost).loop().returns(None)
+    for state in (unknown, lost, foreign):
+        state.upon(_Process.unprobed).to(probing)(_entering(Phase.PROBING, Backend._startProbe))
+    for state in (unknown, foreign):
+        state.upon(_Process.sameProcess).to(probing)(_entering(Phase.PROBING, Backend._startProbe))
+    lost.upon(_Process.sameProcess).to(ready)(_entering(Phase.READY, Backend._becomeReady))
+    for state in (probing, ready):  # a probe runs or waits to run again; or there is nothing to learn
+        state.upon(_Process.unprobed).loop().returns(None)
+        state.upon(_Process.sameProcess).loop().returns(None)
+    probing.upon(_Process.probed).to(ready)(_entering(Phase.READY, Backend._becomeReady))
+    probing.upon(_Process.probeFailed).loop()(lambda machine, core, delay: core._probeLater(delay))
+    for ignored in (
+        _Process.newProcess,
+        _Process.newForeign,
+        _Process.unprobed,
+        _Process.sameProcess,
+        _Process.foreign,
+        _Process.probed,
+        _Process.lost,
+        _Process.stop,
+    ):
+        stopped.upon(ignored).loop().returns(None)
+    stopped.upon(_Process.probeFailed).loop()(lambda machine, core, delay: None)
+    return builder.build()
+
+
+_processMachine = _buildProcessMachine()
