@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_admin -*-
 """
 The admin site: health and metrics for operators, kept off the proxy port so
 clients of the model never see it.

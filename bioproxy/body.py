@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_shapes,tests.unit.test_cachefacts -*-
 """
 A request's body: the client's bytes, parsed, expanded where a template
 was named, and what bioproxy worked out of it for placement (the head it

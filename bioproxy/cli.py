@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_cli -*-
 """
 The `bioproxy` command, beside `twistd -n bioproxy` (which keeps working).
 

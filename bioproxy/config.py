@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_config -*-
 """
 Configuration: code defaults, then the config file, then command-line flags.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_wire -*-
 """
 bioproxy's HTTP client for the backend, made cheap to connect.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_deadline -*-
 """
 A deadline that moves: one DelayedCall for a connection's or a stream's
 whole life, instead of one cancelled and made anew per request or per event.

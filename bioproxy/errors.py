@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_serve,tests.unit.test_admin -*-
 """
 OpenAI-style error bodies, so every client library shows our errors the way it
 shows the backend's. Every error bioproxy answers is written here: by a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_expand,tests.unit.test_shapes -*-
 """
 Template expansion inside request bodies, in each API's own shape, and the
 chat view of a body: the messages llama-server will render once it has

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_forward -*-
 """
 One client request sent to the backend, its answer streamed back.
 

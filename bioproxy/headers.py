@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_headers -*-
 """
 Header rules for a forwarding proxy (RFC 9110 §7.6.1): hop-by-hop headers stay
 on their own hop, everything else crosses, multi-valued headers intact.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_shapes,tests.unit.test_conversations -*-
 """
 Heads: the starts of prompts that bioproxy keeps warm. A template as a
 chat's first message is one; so is a template behind a system prompt or a

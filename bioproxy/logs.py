@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_logs -*-
 """
 Log formats for twistd. "text" is twistd's own line; "json" is one JSON
 object a line, which journald and log shippers read without a parser of

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_admin -*-
 """
 Every metric bioproxy exports, on one CollectorRegistry per service so that
 two services in one process (or two tests) never share counters.

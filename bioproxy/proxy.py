@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_hardening,tests.unit.test_forward -*-
 """
 The proxy's resource: every method and path goes to the backend as it came,
 except requests that use a slot. Those are parsed, have their templates

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_systemd,tests.e2e.test_twistd -*-
 """
 SIGHUP: re-read the config file and take what can change without a restart
 (the templates: `prefixes` and `template_roots`); say which other keys

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_router -*-
 """
 Which backend a request goes to, and on which backends a head is warmed.
 

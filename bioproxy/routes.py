@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_shapes -*-
 """
 llama-server's routes, written once: which ones run on a slot (and so are
 queued and counted against one), which body shape each takes (where

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_serve,tests.unit.test_framing -*-
 """
 The proxy port's HTTP/1.1 server.
 

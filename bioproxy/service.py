@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_proxy -*-
 """
 makeService wires every piece together; it is the embedding API, and the
 twistd plugin only parses options and calls it.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_admin -*-
 """
 The admin site's HTTP layer, on twisted.web (the proxy port has its own
 server, serve.py). Its connections give a request's headers and body a

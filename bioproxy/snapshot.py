@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_admin -*-
 """
 What bioproxy is doing, as one JSON-able snapshot. Every admin view is a
 part of it (/health, /ready, /templates, /slots) or all of it (/status,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_state -*-
 """
 What bioproxy learns while it runs and must not lose when it restarts: the
 learned heads (templates behind system prompts, agents' system prompts and

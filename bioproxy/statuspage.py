@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_statuspage -*-
 """
 The status page at the admin root, for a browser: one self-contained HTML
 document (no CDN, no build step) that polls /status, the admin snapshot,

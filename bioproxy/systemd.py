@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_systemd -*-
 """
 systemd readiness, stop and watchdog notifications, with no libsystemd: each
 is one datagram to the AF_UNIX socket named by $NOTIFY_SOCKET, where a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_config -*-
 """twistd glue: command-line options on top of the config file."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_templates -*-
 """
 Prompt templates: pure rendering, include resolution with confinement, and
 the library that maps a message's prefix to its template.

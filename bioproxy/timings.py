@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_shapes -*-
 """
 Reads llama-server's `timings` out of a response as it streams past.
 

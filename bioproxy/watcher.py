@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_watcher -*-
 """
 Template change polling: a cheap stat of every template and include each
 interval; a file is re-read and hashed (off the reactor thread) only when its

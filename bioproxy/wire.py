@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_wire -*-
 """
 A lean HTTP/1.1 client for forwarding, behind Twisted's IAgent interface.
 

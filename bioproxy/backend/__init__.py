@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_process -*-
 """
 One llama-server, as bioproxy serves it: built once per backend by
 member.build, and importing nothing above it (tests/unit/test_layers.py).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_policy,tests.unit.test_conversations -*-
 """
 A request that uses a slot: it waits for a lease, so that the backend never
 runs more than one request per slot and users go before warmups; its

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_cachefacts,tests.unit.test_architectures -*-
 """
 What bioproxy knows about each head's KV cache (a template's, or one of
 heads.py's learned ones): its boundary tokens (where the user's text

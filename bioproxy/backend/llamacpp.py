@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_hardening -*-
 """
 A small client for llama-server's own API, on the service's shared Agent.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_router -*-
 """
 One backend behind the router, with every piece that serves it alone: its
 API client and monitor, the facts of its process (Backend), its slots

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_architectures -*-
 """
 What a model's memory lets llama-server reuse, and so what a saved slot is
 worth: from the model file's own metadata (its GGUF header), confirmed on

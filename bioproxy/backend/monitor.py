@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_admin,tests.unit.test_hardening -*-
 """
 Backend health polling: what /health reports, and the signal that
 llama-server was found, or restarted and lost every slot.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_process -*-
 """
 One llama-server and what bioproxy knows of its process: the client for its
 API, its fingerprint and slot count, whether its slots keep their contents

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_scheduler -*-
 """
 Who runs on which llama-server slot, and in what order.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_policy,tests.unit.test_logs -*-
 """
 Warmups: every head is put into a slot and onto the backend's disk
 before a user needs it, at warmup priority so that users never wait for one.

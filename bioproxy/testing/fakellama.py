@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_architectures -*-
 """
 A stand-in for llama-server, for fast tests, benchmarks and the demo.
 

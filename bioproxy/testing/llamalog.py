@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_llamalog -*-
 """
 What llama-server's own log says it did, for tests and benchmarks that
 compare bioproxy with llama-server alone.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_architectures -*-
 """
 Tiny random-weight models, written as GGUF at test time, so that a
 real llama-server can run with nothing downloaded and no model committed.

@@ -156,3 +156,20 @@ def _aWarmState(value: ast.expr) -> bool:
         and isinstance(value.value, ast.Attribute)
         and value.value.attr == "states"
     )
+
+
+class TestCaseNameTests(SynchronousTestCase):
+    def test_eachSourceNamesItsTests(self) -> None:
+        """Twisted's convention: each module's first line names the tests that cover it, and they exist."""
+        root = PACKAGE.parent
+        sources = [*PACKAGE.rglob("*.py"), *(root / "twisted").rglob("*.py")]
+        wrong = []
+        for path in sources:
+            first = path.read_text().split("\n", 1)[0]
+            if not (first.startswith("# -*- test-case-name: ") and first.endswith(" -*-")):
+                wrong.append(f"{path.relative_to(root)}: no test-case-name line")
+                continue
+            for name in first.removeprefix("# -*- test-case-name: ").removesuffix(" -*-").split(","):
+                if not (root / (name.strip().replace(".", "/") + ".py")).exists():
+                    wrong.append(f"{path.relative_to(root)}: {name} does not exist")
+        self.assertEqual(wrong, [])

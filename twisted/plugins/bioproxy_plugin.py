@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_twistd -*-
 from twisted.application.service import ServiceMaker
 
 bioproxy = ServiceMaker(
