@@ -103,7 +103,7 @@ class TemplatesResource(JSONResource):
             return NOT_DONE_YET
         prefix = path[0].decode("utf-8", "replace")  # Twisted has decoded the path's segments
         # On every backend that keeps it warm.
-        if not all([warmer.request(prefix, force=True) for warmer in self.warmers]):
+        if not all([warmer.queueWarmup(prefix, force=True) for warmer in self.warmers]):
             writeError(request, 404, f"No template has the prefix {prefix!r}.")
             return NOT_DONE_YET
         ready = any(warmer.ready for warmer in self.warmers)

@@ -129,7 +129,7 @@ class Dispatcher:
         # one would get another, and evict what that one holds. Now it
         # finds the head where this request left it.
         for missed in rewarm:
-            self.warmer.request(missed.name)
+            self.warmer.queueWarmup(missed.name)
 
     async def _run(
         self,
@@ -203,7 +203,7 @@ class Dispatcher:
         assert lease.slot is not None
         held = lease.slot.contents.key
         if head is None:
-            self.cache.displaced(held)
+            self.cache.noteDisplaced(held)
             return "warm"
         if lease.warm or self.cache.holds(lease.slot.contents, head):
             return "warm"

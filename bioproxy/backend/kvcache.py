@@ -299,7 +299,7 @@ class KVCache:
         """
         return bool(self.backend.ramCache) and self.state(head).inRam
 
-    async def preserve(self, slot: int, held: str | None) -> None:
+    async def moveToRamBeforeRestore(self, slot: int, held: str | None) -> None:
         """
         A restore overwrites a slot, and what it held is lost; a completion
         moves it into llama-server's RAM cache instead. So when that cache
@@ -308,16 +308,16 @@ class KVCache:
         state = self._version(held)
         if not self.backend.ramCache or state is None or state.inRam:
             return
-        await self.displace(slot)
+        await self.completeOneToken(slot)
         state.inRam = True
 
-    async def displace(self, slot: int) -> None:
+    async def completeOneToken(self, slot: int) -> None:
         """A one-token completion on slot: llama-server moves what the slot held into its RAM cache."""
         await self.llama.chat(
             {"messages": [{"role": "user", "content": "."}], "max_tokens": 1, "id_slot": slot}, 30
         )
 
-    def displaced(self, key: str | None) -> None:
+    def noteDisplaced(self, key: str | None) -> None:
         """
         A slot holding key is given a completion for another prompt: that is
         when llama-server moves the slot's prompt into its RAM cache. (A
@@ -345,7 +345,7 @@ class KVCache:
             return "cold" if self.backend.persistence is Persistence.NONE else "failed"
         else:
             how = "cold"
-        self.displaced(held)  # the completion to come moves it into the RAM cache
+        self.noteDisplaced(held)  # the completion to come moves it into the RAM cache
         return how
 
     async def claimSlot(self, leased: int) -> int:
@@ -418,7 +418,7 @@ class KVCache:
         prefix, label = head.name, head.label
         try:
             if self.backend.pins:
-                await self.preserve(slot, held)
+                await self.moveToRamBeforeRestore(slot, held)
             result = await self.llama.restore(slot, name, self.backend.timeout)
         except NoPersistence as e:
             self.backend.noPersistence(str(e))

@@ -179,9 +179,9 @@ class Warmer(Service):
 
     def templateChanged(self, template: Template) -> None:
         """A template's new version: warm it, and every head built on it."""
-        self.request(template.prefix)
+        self.queueWarmup(template.prefix)
         for head in self.book.variantsOf(template.prefix):
-            self.request(head.name)
+            self.queueWarmup(head.name)
 
     def saveServed(self, head: Head, slot: int | None, prompt: int | None, generated: int | None) -> None:
         """
@@ -220,7 +220,7 @@ class Warmer(Service):
         if not self.running:
             return
         if grown and self.cache.persists(head):
-            self.request(head.name)
+            self.queueWarmup(head.name)
             return
         self._cancelIdle(head.name)
         self._idle[head.name] = self.clock.callLater(self.conversationIdle, self._wentIdle, head.name)
@@ -237,7 +237,7 @@ class Warmer(Service):
         self._after[conversation.name] = opening.name
         self._cancelIdle(conversation.name)
         if self.cache.persists(conversation) and not self.cache.saved(conversation):
-            self.request(conversation.name)
+            self.queueWarmup(conversation.name)
         else:
             self._afterConversation(conversation.name)
 
@@ -245,7 +245,7 @@ class Warmer(Service):
         del self._idle[name]
         head = self.book.get(name)
         if head is not None and self.cache.persists(head) and not self.cache.saved(head):
-            self.request(name)
+            self.queueWarmup(name)
         else:
             self._afterConversation(name)
 
@@ -262,7 +262,7 @@ class Warmer(Service):
             return
         if head is not None and not self.backend.pins:
             self.cache.lostFromRam(head)
-        self.request(opening)
+        self.queueWarmup(opening)
 
     def _cancelIdle(self, name: str) -> None:
         call = self._idle.pop(name, None)
@@ -279,9 +279,9 @@ class Warmer(Service):
 
     def warmAll(self) -> None:
         for head in self.book.wanted():
-            self.request(head.name)
+            self.queueWarmup(head.name)
 
-    def request(self, prefix: str, force: bool = False) -> bool:
+    def queueWarmup(self, prefix: str, force: bool = False) -> bool:
         """
         Queue a warmup of prefix (one not this backend's to warm is let go
         when its turn comes); force also writes its file again. False: no
@@ -436,7 +436,7 @@ class Warmer(Service):
             # warm meanwhile, not "retrying".
             delay = min(self.retryDelay * 2**state.saveFailures, SAVE_RETRY_LIMIT)
             self._retries = [c for c in self._retries if c.active()]
-            self._retries.append(self.clock.callLater(delay, self.request, prefix))
+            self._retries.append(self.clock.callLater(delay, self.queueWarmup, prefix))
         if how is None:
             lease.release(None)  # as it was: a conversation that was not there to save
             return
@@ -618,4 +618,4 @@ class Warmer(Service):
 
     def _retry(self, prefix: str) -> None:
         self.retrying.discard(prefix)
-        self.request(prefix)
+        self.queueWarmup(prefix)

@@ -336,7 +336,7 @@ class UnwritableSaveTests(SynchronousTestCase):
             head = templateHead(m.library.templates["@t"])
             m.fake.saveDir = m.dir / "slots" / "missing"  # the disk goes read-only: saves fail with 500
             m.cache.forgetFile(head)
-            m.warmer.request("@t", force=True)
+            m.warmer.queueWarmup("@t", force=True)
             m.advanceUntil(lambda m=m: not m.warmer.jobs and not m.warmer.wanted)
             state = m.cache.state(head)
             view = state.view(m.backend)

@@ -100,7 +100,7 @@ class ReadyTests(SynchronousTestCase):
         m.template("@u", "Translate:\n<{message}>")  # loaded, not yet warmed
         code, answer = self.ready(m)
         self.assertEqual((code, answer["templates_untried"]), (503, ["@u"]))
-        m.warmer.request("@u")
+        m.warmer.queueWarmup("@u")
         m.advanceUntil(lambda: not m.warmer.jobs and not m.warmer.wanted)
         self.assertEqual(self.ready(m)[0], 200)
 
