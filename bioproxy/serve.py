@@ -240,6 +240,7 @@ class ProxyChannel(Protocol):
         self.paused = False  # reading is paused: READ_AHEAD bytes wait
         self.pumping = False
         self.lingering = False  # answered and closing: what still comes is read and dropped
+        self.feeding = 0  # of the feed under way, counted as the head's if it is still being read
         self._head()
 
     def _head(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .memory import Memory
+from bioproxy.testing.memory import Memory
 
 TEMPLATE = "You are a careful reviewer. " * 30 + "\n<{message}>"
 SYSTEM = "You answer as a lighthouse keeper would. " * 10

@@ -23,9 +23,9 @@ from bioproxy.heads import MARK, templateHead
 from bioproxy.metrics import Metrics
 from bioproxy.testing import tinymodel
 from bioproxy.testing.fakellama import chatPrompt
+from bioproxy.testing.memory import Alone, Memory
 
 from ..helpers import cacheFiles
-from .memory import Alone, Memory
 
 TEMPLATE = "You are a careful reviewer. Follow every rule. " * 30 + "\nHere is the input: <{message}>"
 KINDS = {"dense": Reuse.PREFIX, "hybrid": Reuse.EXTENSION, "swa": Reuse.NOTHING}

@@ -25,9 +25,9 @@ from bioproxy.routes import Shape
 from bioproxy.templates import TemplateLibrary
 from bioproxy.testing import tinymodel
 from bioproxy.testing.fakellama import chatPrompt
+from bioproxy.testing.memory import Memory
 
 from ..helpers import cacheFiles
-from .memory import Memory
 
 SYSTEM = "You are a patient assistant who answers every question in full. " * 40
 KINDS = {"dense": Reuse.PREFIX, "hybrid": Reuse.EXTENSION, "swa": Reuse.NOTHING}

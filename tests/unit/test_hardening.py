@@ -16,8 +16,7 @@ from twisted.web.server import NOT_DONE_YET
 from bioproxy.backend.llamacpp import LlamaClient, TimedOut
 from bioproxy.heads import templateHead
 from bioproxy.proxy import ProxyResource
-
-from .memory import Memory
+from bioproxy.testing.memory import Memory
 
 
 class IdSlotTests(SynchronousTestCase):

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "bioproxy"
 
 LAYERS = {
     "over": {"router", "proxy", "snapshot", "state", "admin", "site"},
-    "program": {"service", "reload", "tap", "cli", "__main__"},
+    "program": {"service", "reload", "tap", "cli", "__main__", "testing.memory"},
 }
 ORDER = ["foundation", "backend", "over", "program"]
 

@@ -13,9 +13,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.logs import jsonLine, textLine, twistdLogsToStdout
+from bioproxy.testing.memory import Memory
 
 from ..helpers import logEvents
-from .memory import Memory
 
 
 class AccessLineTests(SynchronousTestCase):
@@ -189,7 +189,7 @@ class BackendNamedTests(SynchronousTestCase):
 
         from twisted.logger import capturedLogs, formatEvent
 
-        from .memory import Memory
+        from bioproxy.testing.memory import Memory
 
         with capturedLogs() as events:
             m = Memory(Path(self.mktemp()), url="http://second:8081")

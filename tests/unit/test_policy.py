@@ -15,8 +15,7 @@ from bioproxy.backend import Persistence, SlotMode
 from bioproxy.backend.kvcache import RAM_MISS_LIMIT, RESTORE_MISS_LIMIT
 from bioproxy.backend.llamacpp import Unauthorized
 from bioproxy.heads import templateHead
-
-from .memory import Alone, Memory
+from bioproxy.testing.memory import Alone, Memory
 
 TEMPLATE = "You are a careful reviewer. " * 30 + "\n<{message}>"
 

@@ -15,8 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend.process import Phase
 from bioproxy.backend.scheduler import UNKNOWN, USER
-
-from .memory import Memory
+from bioproxy.testing.memory import Memory
 
 
 class Listener:

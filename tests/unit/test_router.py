@@ -417,8 +417,7 @@ class RealMembersTests(SynchronousTestCase):
         from bioproxy.backend.warmup import Phase
         from bioproxy.heads import templateHead
         from bioproxy.router import Router
-
-        from .memory import Memory
+        from bioproxy.testing.memory import Memory
 
         text = "You are a careful reviewer. " * 40 + "{message}"
         for n in range(20):  # backends whose hash prefers the one without the head

@@ -9,8 +9,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.state import StateFile
-
-from .memory import Memory
+from bioproxy.testing.memory import Memory
 
 TEMPLATE = "You are a careful reviewer. " * 30 + "\n<{message}>"
 SYSTEM = "You speak as a pirate and never break character. " * 10

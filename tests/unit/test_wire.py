@@ -19,9 +19,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI
 
+from bioproxy.testing.memory import Memory
 from bioproxy.wire import BadChunk, LeanAgent, _Chunks, _Connection, sendNow
-
-from .memory import Memory
 
 
 def chunked(pieces: list[bytes], trailer: bytes = b"") -> bytes:

@@ -1,5 +1,7 @@
+# -*- test-case-name: tests.unit.test_policy,tests.unit.test_conversations -*-
 """
-bioproxy's policy objects over fakellama, all in memory: a LlamaClient on
+The test harness: bioproxy's objects over fakellama, all in memory (one
+backend built as makeService builds each, by backend.member.build): a LlamaClient on
 treq's StubTreq wrapping fakellama's resource, a Clock for time, no ports.
 (A plain treq HTTPClient hangs here: its body producer runs on the global
 reactor. StubTreq's is synchronous.)
@@ -33,8 +35,6 @@ from bioproxy.serve import ProxySite
 from bioproxy.templates import Sources, Template, TemplateLibrary, load
 from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
 from bioproxy.wire import LeanAgent
-
-from ..helpers import metricSum
 
 T = TypeVar("T")
 
@@ -222,7 +222,7 @@ class Alone:
         """One request; the fake's record of it (slot, cache_n, prompt_n, prompt)."""
         before = len(self.fake.log)
         done: list[Any] = []
-        self.stub.post("http://llama" + path, json=body).addCallback(done.append)
+        self.stub.post("http://llama" + path, json=body).addCallback(done.append)  # type: ignore[attr-defined]
         for _ in range(50):
             self.stub.flush()
             self.memory.clock.advance(0)
@@ -230,3 +230,15 @@ class Alone:
         assert done[0].code == 200, done[0].code
         record: dict[str, Any] = self.fake.log[-1]
         return record
+
+
+def metricSum(registry: Any, name: str, **labels: str) -> float:
+    """The samples of name whose labels include these, summed (over backends, say)."""
+    return float(
+        sum(
+            sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+    )
