@@ -1,6 +1,6 @@
 """
 Warmups and restores on each kind of model memory, in memory over fakellama
-(tests/unit/memory.py), which reuses slots as llama-server 11434 does for a
+(bioproxy/testing/memory.py), which reuses slots as llama-server 11434 does for a
 dense, a hybrid and a sliding-window model: what the restore probe
 concludes, where a head's warmup ends, that no file is restored where it
 cannot serve, and that reuse stopping at a checkpoint never warms a head again.

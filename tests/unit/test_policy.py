@@ -1,6 +1,6 @@
 """
 Placement, warmup and verification rules in each of llama-server's modes,
-in memory (tests/unit/memory.py): what the probe concludes, where warmups
+in memory (bioproxy/testing/memory.py): what the probe concludes, where warmups
 put templates, what gets pinned, and which misses count against restores.
 """
 
