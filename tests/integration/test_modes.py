@@ -278,6 +278,14 @@ class QuickRestartTests(TestCase):
         warmer = stack.service.getServiceNamed("warmup")
         await until(R, lambda: warmer.jobs, what="the warmup to be sent")
         await sleep(R, 0.3)
-        took = await llama.stop()
-        self.assertLess(took, 8.0, "llama-server waited for bioproxy's warmup")
+        # Measured against llama-server's own work, not a wall-clock figure:
+        # on loaded cores its current task (the bypass) can outlast any bound.
+        started = R.seconds()
+        ended: list[float] = []
+        bypass.addBoth(lambda result: ended.append(R.seconds() - started))
+        stopping = defer.ensureDeferred(llama.stop())
+        await until(R, lambda: not warmer.jobs, timeout=8, what="bioproxy to drop its warmup")
+        took = await stopping
         await bypass
+        if ended and ended[0] < 9.0:  # its task ended before the kill: it then waited for nothing of ours
+            self.assertLess(took, ended[0] + 3.0, "llama-server waited for bioproxy's warmup")
