@@ -133,13 +133,13 @@ class LlamaServer:
             await sleep(self.reactor, 0.05)
         raise AssertionError("llama-server did not start:\n" + self.logPath.read_text()[-3000:])
 
-    async def stop(self) -> float:
-        """SIGTERM, and SIGKILL 10 s later; returns the seconds it took to exit."""
+    async def stop(self, grace: float = 10.0) -> float:
+        """SIGTERM, and SIGKILL grace seconds later; returns the seconds it took to exit."""
         if self.process is None or self.process.ended.called:
             return 0.0
         started = self.reactor.seconds()
         self.transport.signalProcess("TERM")
-        timer = self.reactor.callLater(10, self._kill)
+        timer = self.reactor.callLater(grace, self._kill)
         await self.process.ended
         if timer.active():
             timer.cancel()

@@ -283,9 +283,9 @@ class QuickRestartTests(TestCase):
         started = R.seconds()
         ended: list[float] = []
         bypass.addBoth(lambda result: ended.append(R.seconds() - started))
-        stopping = defer.ensureDeferred(llama.stop())
-        await until(R, lambda: not warmer.jobs, timeout=8, what="bioproxy to drop its warmup")
-        took = await stopping
+        took = await llama.stop(grace=60)
         await bypass
-        if ended and ended[0] < 9.0:  # its task ended before the kill: it then waited for nothing of ours
-            self.assertLess(took, ended[0] + 3.0, "llama-server waited for bioproxy's warmup")
+        # Its task ends, its listener closes, and bioproxy drops the warmup it had
+        # queued: the process exits then, not at the warmup's timeout (or the kill).
+        [done] = ended
+        self.assertLess(took, done + 5.0, f"llama-server waited for bioproxy's warmup ({took:.1f} s)")
