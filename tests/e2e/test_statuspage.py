@@ -42,6 +42,15 @@ def browser() -> Any:
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+_READ_PAGE = """
+const rows = id => Array.from(document.querySelectorAll("#" + id + " tbody tr")).map(
+  tr => Array.from(tr.querySelectorAll("td")).map(td => td.innerText.trim()));
+const text = id => document.getElementById(id).innerText.trim();
+return {templates: rows("templates"), slots: rows("slots"), requests: rows("requests"),
+        backend: text("backend"), ready: text("ready"), model: text("model"), error: text("error")};
+"""
+
+
 def rendered(url: str, screenshot: str | None) -> dict[str, Any]:
     """In a thread (selenium blocks): open the page and read what it rendered once it has data."""
     from selenium.webdriver.common.by import By
@@ -57,23 +66,12 @@ def rendered(url: str, screenshot: str | None) -> dict[str, Any]:
 
         WebDriverWait(driver, 20).until(loaded)
 
-        def rows(table: str) -> list[list[str]]:
-            return [
-                [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-                for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
-            ]
-
         if screenshot:
             driver.save_screenshot(screenshot)
-        return {
-            "templates": rows("templates"),
-            "slots": rows("slots"),
-            "requests": rows("requests"),
-            "backend": driver.find_element(By.ID, "backend").text,
-            "ready": driver.find_element(By.ID, "ready").text,
-            "model": driver.find_element(By.ID, "model").text,
-            "error": driver.find_element(By.ID, "error").text,
-        }
+        # Read in one script: the page renders again every 2 s, and elements
+        # read one by one (slowly, on loaded cores) can be replaced midway.
+        page: dict[str, Any] = driver.execute_script(_READ_PAGE)
+        return page
     finally:
         driver.quit()
 
