@@ -164,13 +164,10 @@ class Router:
         and the refusal takes that backend out of placement until its
         health check finds it again.
         """
-        if len(self.members) == 1:
-            member = self.members[0]
-            self._mark(request, member)
-            member.forward(request, body)
-            return
-        left = [m for m in self.members if m not in tried]
-        member = min([m for m in left if m.healthy] or left, key=lambda m: m.load())
+        left = [m for m in self.members if m not in tried] if tried else self.members
+        member = (
+            left[0] if len(left) == 1 else min([m for m in left if m.healthy] or left, key=lambda m: m.load())
+        )
         self._mark(request, member)
         if len(left) == 1:  # the last (or only) one answers as it can, its own 502 included
             member.forward(request, body)
