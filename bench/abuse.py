@@ -10,6 +10,9 @@ with raw sockets:
   bioproxy's resident memory before and after.
 - slowloris: N connections send one byte of a request's headers a second.
   Reported: how many are still open after 20 s, and after client_timeout.
+- streams (--streams N): N streamed chats opened at once, each connect not
+  waiting for the last, R times (--runs). Reported per run: how many got
+  200 and [DONE], and what the others got (issue 26, item 13).
 - listing (--templates N): bioproxy with N templates; GET /templates and
   GET /status on the admin port, each with a proxied GET /v1/models sent
   while it runs. Reported: medians of 5 of the listing's seconds and of
@@ -22,9 +25,11 @@ held slot shows as a wait rather than a 503.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
+import selectors
 import socket
 import statistics
 import subprocess
@@ -135,6 +140,45 @@ def slowloris(count: int, grace: float) -> dict[str, int]:
         return openAt
 
 
+def streams(count: int, runs: int) -> list[dict[str, int]]:
+    results = []
+    with stack(Path(tempfile.mkdtemp(prefix="bioproxy-abuse-"))) as (port, _, _):
+        for _ in range(runs):
+            selector = selectors.DefaultSelector()
+            got: dict[socket.socket, bytes] = {}
+            for _ in range(count):
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                got[s] = b""
+                selector.register(s, selectors.EVENT_WRITE)
+            outcome: collections.Counter[str] = collections.Counter()
+            deadline = time.monotonic() + 120
+            while selector.get_map() and time.monotonic() < deadline:
+                for key, events in selector.select(timeout=1):
+                    s = key.fileobj  # type: ignore[assignment]
+                    if events & selectors.EVENT_WRITE:
+                        s.sendall(chat(port, 30, True))
+                        selector.modify(s, selectors.EVENT_READ)
+                        continue
+                    try:
+                        piece = s.recv(1 << 16)
+                    except OSError as e:
+                        piece, got[s] = b"", got[s] + f" {type(e).__name__}".encode()
+                    got[s] += piece
+                    if not piece or b"data: [DONE]" in got[s]:
+                        selector.unregister(s)
+                        s.close()
+                        whole = got[s]
+                        status = (
+                            whole.split(b" ", 2)[1].decode() if whole.startswith(b"HTTP/1.1 ") else "none"
+                        )
+                        outcome[status + (" [DONE]" if b"data: [DONE]" in whole else " cut")] += 1
+            outcome["never ended"] += len(selector.get_map())
+            results.append(dict(outcome))
+    return results
+
+
 def listing(count: int, checkout: Path = ROOT) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bioproxy-abuse-"))
     prefixes = {}
@@ -188,7 +232,13 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="another checkout, listed beside this one"
     )
+    parser.add_argument("--streams", type=int, default=0, help="the streams scenario alone, N at once")
+    parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
+    if args.streams:
+        for i, outcome in enumerate(streams(args.streams, args.runs)):
+            print(f"run {i + 1}: {args.streams} streams at once: {outcome}", flush=True)
+        return
     if args.templates:
         print(f"{args.templates} templates: {listing(args.templates)}")
         if args.baseline:
