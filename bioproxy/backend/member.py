@@ -17,7 +17,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from ..body import Body
 from ..config import BackendSpec, Config
@@ -33,8 +32,6 @@ from .monitor import BackendMonitor
 from .process import Backend, BackendListener
 from .scheduler import USER, SlotScheduler
 from .warmup import Warmer
-
-log = Logger()
 
 
 @dataclass(eq=False)
