@@ -15,7 +15,6 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from . import __version__
-from .backend import Backend, Persistence, Reuse
 from .backend.kvcache import KVCache, isoTime
 from .backend.monitor import BackendMonitor
 from .backend.scheduler import SlotScheduler
@@ -184,7 +183,7 @@ class Snapshot:
         """The conversations kept for a llama-server restart (no text: their sizes and state)."""
         if self.book is None or not self.caching:
             return None
-        reasons = [_noFiles(cache.backend) for _, cache in self.caching]
+        reasons = [cache.backend.noFilesWhy() for _, cache in self.caching]
         kept = []
         for entry in reversed(self.book.conversations()):
             head = entry.shell.head(self.book.library)
@@ -274,12 +273,3 @@ class Snapshot:
 
 def _phase(warmer: Warmer | None, head: Head) -> str | None:
     return warmer.phase(head).value if warmer is not None else None
-
-
-def _noFiles(backend: Backend) -> str | None:
-    """Why a backend keeps no cache files that help, or None."""
-    if backend.persistence is Persistence.NONE:
-        return "llama-server runs without --slot-save-path: no cache files"
-    if backend.reuse is Reuse.NOTHING:
-        return backend.reuseWhy()
-    return None

@@ -158,11 +158,7 @@ class WarmState:
     def view(self, backend: Backend) -> dict[str, Any]:
         checked = self.hits + self.misses
         prefill = self.prefill or not backend.restoresHelp
-        why = self.prefillWhy
-        if backend.persistence is Persistence.NONE:
-            why = "llama-server runs without --slot-save-path: no cache files"
-        elif backend.reuse is Reuse.NOTHING:
-            why = backend.reuseWhy()
+        why = backend.noFilesWhy() or self.prefillWhy
         return {
             "warm": self.warm,
             "tokens": self.tokens,

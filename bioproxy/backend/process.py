@@ -231,6 +231,14 @@ class Backend:
         """A restored file can give a request a cache hit here (or nothing says it cannot yet)."""
         return self.persistence is not Persistence.NONE and self.reuse is not Reuse.NOTHING
 
+    def noFilesWhy(self) -> str | None:
+        """Why no cache file can serve a request on this process (None: one can)."""
+        if self.persistence is Persistence.NONE:
+            return "llama-server runs without --slot-save-path: no cache files"
+        if self.reuse is Reuse.NOTHING:
+            return self.reuseWhy()
+        return None
+
     def reuseWhy(self) -> str | None:
         """Why restores are limited or useless on this process, and what would change it; None when they are not."""
         model = self.model.describe() if self.model is not None else "this model"
