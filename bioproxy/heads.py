@@ -8,7 +8,7 @@ tools (learned).
 
 A head is a chat view (or a prompt) with a mark where the part that varies
 begins. llama-server renders it, and its warmup sends the tokens before the
-mark (KVCache.boundary): what every request that uses the head begins with. Variants and learned
+mark (CacheIO.boundary): what every request that uses the head begins with. Variants and learned
 heads are kept in a book, least recently used first out, within a count
 and a disk budget; they are learned from requests as they arrive, warmed
 after `learn_after` uses, and saved like templates, so that a llama-server
@@ -97,7 +97,7 @@ class Head:
         """
         The head with the mark emptied, one token, pinned unless slot is
         None: the warmup only where llama-server cannot say where the mark's
-        tokens begin (KVCache.boundary), since it ends past the boundary.
+        tokens begin (CacheIO.boundary), since it ends past the boundary.
         """
         body: dict[str, Any]
         if self.prompt is not None:

@@ -27,6 +27,7 @@ from ..heads import Head, HeadBook, Kind
 from ..serve import ProxyRequest
 from ..timings import TimingsReader
 from . import Backend
+from .cacheio import CacheIO
 from .kvcache import KVCache, Prepared
 from .monitor import BackendMonitor
 from .scheduler import (
@@ -58,6 +59,7 @@ class Dispatcher:
         self,
         scheduler: SlotScheduler,
         cache: KVCache,
+        cacheIO: CacheIO,
         forwarder: Forwarder,
         warmer: Warmer,
         monitor: BackendMonitor,
@@ -67,6 +69,7 @@ class Dispatcher:
         self.book = book  # told of each conversation answered
         self.scheduler = scheduler
         self.cache = cache
+        self.cacheIO = cacheIO
         self.forwarder = forwarder
         self.warmer = warmer
         self.monitor = monitor
@@ -151,7 +154,7 @@ class Dispatcher:
         )
         # Where its head is restored into an empty slot for it, no warmup's
         # task may take that slot before this request has run on it.
-        with self.cache.restoredForUser() if restoring else contextlib.nullcontext():
+        with self.cacheIO.restoredForUser() if restoring else contextlib.nullcontext():
             assert lease.slot is not None
             pins = self.backend.pins
             slot = lease.slot.id
@@ -174,7 +177,7 @@ class Dispatcher:
             pinned = pins and pinnable
             if pinned:
                 request.slot = slot  # for the access line
-            await self.cache.quiet()
+            await self.cacheIO.quiet()
             outcome = await self.forwarder.forward(
                 request, body.pinned(slot if pinned else None), reader.feed, self.replaceable
             )
@@ -207,7 +210,7 @@ class Dispatcher:
             return "warm"
         if lease.warm or self.cache.holds(lease.slot.contents, head):
             return "warm"
-        return await self.cache.prepare(lease.slot.id, head, held, ram=True)
+        return await self.cacheIO.prepare(lease.slot.id, head, held, ram=True)
 
     async def _prepareUnpinned(self, slot: int, head: Head) -> Prepared:
         """
@@ -219,7 +222,7 @@ class Dispatcher:
             return "ram"
         if not self.cache.mayRestore(head):
             return "cold"
-        if await self.cache.restoreIntoEmptySlot(slot, head):
+        if await self.cacheIO.restoreIntoEmptySlot(slot, head):
             return "restored"
         return "failed"
 

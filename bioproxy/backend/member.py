@@ -2,7 +2,8 @@
 """
 One backend behind the router, with every piece that serves it alone: its
 API client and monitor, the facts of its process (Backend), its slots
-(SlotScheduler), its cache's facts (KVCache), its warmups (Warmer), the
+(SlotScheduler), its cache's facts (KVCache) and what asks llama-server
+about them (CacheIO), its warmups (Warmer), the
 forwarder to its URL and the dispatcher that runs requests on its slots.
 The template library, the head book, the metrics and the proxy site are
 shared by all members; nothing of one member is written by another.
@@ -24,6 +25,7 @@ from ..forward import Forwarder, Outcome
 from ..heads import Head, HeadBook
 from ..metrics import Metrics
 from ..serve import ProxyRequest
+from .cacheio import CacheIO
 from .dispatch import Dispatcher
 from .kvcache import KVCache
 from .llamacpp import LlamaClient
@@ -42,6 +44,7 @@ class Member:
     scheduler: SlotScheduler
     backend: Backend
     cache: KVCache
+    cacheIO: CacheIO
     warmer: Warmer
     forwarder: Forwarder
     dispatcher: Dispatcher
@@ -144,12 +147,15 @@ def build(
         clock, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.url
     )
     backend = Backend(llama, scheduler, spec.slots, config.backend_timeout, readModel=readModel)
-    cache = KVCache(backend, metrics, Path(spec.slot_save_path) if spec.slot_save_path else None)
+    cache = KVCache(backend, metrics)
+    cacheIO = CacheIO(cache, metrics, Path(spec.slot_save_path) if spec.slot_save_path else None)
     backend.onNewProcess.append(cache.forgetProcess)
+    backend.onNewProcess.append(cacheIO.forgetProcess)
     warmer = Warmer(
         book,
         scheduler,
         cache,
+        cacheIO,
         backend,
         clock,
         metrics,
@@ -159,8 +165,8 @@ def build(
     warmer.setName("warmup" + name)
     monitor.listeners.append(backend)
     backend.listeners.append(warmer)
-    book.dropped.append(cache.forget)
+    book.dropped.append(cacheIO.forget)
     book.dropped.append(warmer.forget)
     cache.onSaved.append(book.savedBytes)
-    dispatcher = Dispatcher(scheduler, cache, forwarder, warmer, monitor, backend, book)
-    return Member(spec, llama, monitor, scheduler, backend, cache, warmer, forwarder, dispatcher)
+    dispatcher = Dispatcher(scheduler, cache, cacheIO, forwarder, warmer, monitor, backend, book)
+    return Member(spec, llama, monitor, scheduler, backend, cache, cacheIO, warmer, forwarder, dispatcher)

@@ -115,6 +115,11 @@ class Backend:
         self._machine = _processMachine(self)
 
     @property
+    def name(self) -> str:
+        """Its URL, as log lines and views name it."""
+        return self.llama.base
+
+    @property
     def phase(self) -> Phase:
         """Where it stands; written by its machine's outputs alone."""
         return self._phase

@@ -5,7 +5,7 @@ before a user needs it, at warmup priority so that users never wait for one.
 
 A warmup restores the head's file when there is one and prefills it when
 there is not: it sends the head's boundary tokens (everything before the
-user's text, KVCache.boundary) and one token to generate, so that what a
+user's text, CacheIO.boundary) and one token to generate, so that what a
 slot, the RAM cache and the file hold is a prefix of every request that
 uses the head, which is all a hybrid model's file can serve. After a
 restore it sends one token more than the head: cheap, and its `cache_n`
@@ -35,6 +35,7 @@ from ..heads import Head, HeadBook, Kind
 from ..metrics import Metrics
 from ..templates import Template
 from . import Backend, Reuse
+from .cacheio import CacheIO
 from .kvcache import KVCache, WarmState
 from .llamacpp import Refused, Unauthorized, Unreachable
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
@@ -86,6 +87,7 @@ class Warmer(Service):
         book: HeadBook,
         scheduler: SlotScheduler,
         cache: KVCache,
+        cacheIO: CacheIO,
         backend: Backend,
         clock: IReactorTime,
         metrics: Metrics,
@@ -96,6 +98,7 @@ class Warmer(Service):
         self.book = book
         self.scheduler = scheduler
         self.cache = cache
+        self.cacheIO = cacheIO
         self.backend = backend
         self.llama = backend.llama
         self.clock = clock
@@ -186,7 +189,7 @@ class Warmer(Service):
     def saveServed(self, head: Head, slot: int | None, prompt: int | None, generated: int | None) -> None:
         """
         A request computed head, which has no file yet: its slot is saved
-        as the file (KVCache.saveServed), as a job of ours, so that a lost
+        as the file (CacheIO.saveServed), as a job of ours, so that a lost
         backend or a stop cancels it; where that cannot be done, head is
         warmed instead.
         """
@@ -200,7 +203,7 @@ class Warmer(Service):
         self, head: Head, slot: int | None, prompt: int | None, generated: int | None
     ) -> None:
         try:
-            saved = await self.cache.saveServed(head, slot, prompt, generated)
+            saved = await self.cacheIO.saveServed(head, slot, prompt, generated)
         except Unreachable:
             raise  # warmed later (_ended), or when llama-server is back
         except Exception:
@@ -379,7 +382,7 @@ class Warmer(Service):
         conversation = head.kind is Kind.CONVERSATION
         if conversation and (self.cache.saved(head) or not self.cache.persists(head)):
             return  # saved already, or no file can serve it (its next turn computes it, as alone)
-        await self.cache.boundary(head)
+        await self.cacheIO.boundary(head)
         if conversation and state.boundary is None:
             return  # llama-server cannot say where its next answer begins: no file
         lease = await self.scheduler.lease(head.key, WARMUP, text=self.cache.warmText(head))
@@ -463,11 +466,11 @@ class Warmer(Service):
         elif self.backend.pins:
             how = await self._warmPinned(lease, head, state)
         else:
-            slot = await self.cache.claimSlot(lease.slot.id)
+            slot = await self.cacheIO.claimSlot(lease.slot.id)
             try:
                 how = await self._warmUnpinned(slot, head, state)
             finally:
-                self.cache.unclaim(slot)
+                self.cacheIO.unclaim(slot)
         # Unpinned, the slot's prompt is in llama-server's RAM cache once the next task starts.
         inRam = not self.backend.pins and head.kind is not Kind.CONVERSATION
         self.cache.noteWarmed(head, how, self.clock.seconds(), inRam)
@@ -480,13 +483,13 @@ class Warmer(Service):
         if lease.warm and self.cache.saved(head):
             return "resident"
         restored = not lease.warm and (
-            await self.cache.prepare(slot, head, lease.slot.contents.key, ram=False) == "restored"
+            await self.cacheIO.prepare(slot, head, lease.slot.contents.key, ram=False) == "restored"
         )
         timings, _ = await self._complete(head, state, slot, check=restored)
         trusted = restored and self._verified(head, slot, timings)
         if restored and not trusted:
             await self._complete(head, state, slot)  # the check went one token past the head
-        await self.cache.save(slot, head, state.tokens)
+        await self.cacheIO.save(slot, head, state.tokens)
         if lease.warm:
             return "resident"
         return "restore" if trusted else "prefill"
@@ -512,12 +515,12 @@ class Warmer(Service):
             and (self.cache.saved(head) or not self.cache.persists(head))
         ):
             return "resident"
-        if self.cache.mayRestore(head) and await self.cache.restore(slot, head):
+        if self.cache.mayRestore(head) and await self.cacheIO.restore(slot, head):
             if self._verified(head, None, (await self._complete(head, state, None, check=True))[0]):
                 return "restore"
         timings, ran = await self._complete(head, state, None if state.boundary is not None else slot)
         slot = ran if ran is not None else slot
-        if not await self.cache.save(slot, head, state.tokens) and self.cache.persists(head):
+        if not await self.cacheIO.save(slot, head, state.tokens) and self.cache.persists(head):
             if state.saveError is None:
                 self._retryLater(head.name)  # another task cleared the slot first
         return "prefill"
@@ -545,7 +548,7 @@ class Warmer(Service):
             slot = lease.slot.id
         elif dense and prompt and generated is not None:
             # (Without the answer's length, any longer prompt in another slot would match.)
-            slot = await self.cache.slotHolding(prompt, generated)
+            slot = await self.cacheIO.slotHolding(prompt, generated)
         if not dense or slot is None:
             timings, ran = await self._complete(head, state, slot)
             slot = ran if ran is not None else slot
@@ -555,7 +558,7 @@ class Warmer(Service):
                     name=head.name,
                     backend=self.llama.base,
                 )
-        if slot is not None and await self.cache.save(slot, head, None):
+        if slot is not None and await self.cacheIO.save(slot, head, None):
             return "saved"
         self._notKept(head, "no slot held it to save")
         return None
@@ -583,11 +586,11 @@ class Warmer(Service):
         head as a chat, as before. Returns the answer's timings, and the slot
         it ran on where llama-server says (its /completion answers do).
         """
-        await self.cache.quiet()
+        await self.cacheIO.quiet()
         if slot is None:
-            await self.cache.clearForWarmups()
+            await self.cacheIO.clearForWarmups()
         if state.boundary is not None:
-            prompt = state.boundary + (await self.cache.follower() if check else [])
+            prompt = state.boundary + (await self.cacheIO.follower() if check else [])
             body: dict[str, Any] = {"prompt": prompt, "n_predict": 1, "cache_prompt": True}
             if slot is not None:
                 body["id_slot"] = slot

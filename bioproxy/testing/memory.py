@@ -71,6 +71,7 @@ class Memory:
         member = self.member
         self.llama, self.monitor, self.scheduler = member.llama, member.monitor, member.scheduler
         self.backend, self.cache, self.warmer = member.backend, member.cache, member.warmer
+        self.cacheIO = member.cacheIO
         self.warmer.startService()
         forwarder, dispatcher = member.forwarder, member.dispatcher
         self.site = ProxySite(

@@ -17,7 +17,8 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend import Reuse
-from bioproxy.backend.kvcache import FOLLOWERS, KVCache
+from bioproxy.backend.cacheio import FOLLOWERS, CacheIO
+from bioproxy.backend.kvcache import KVCache
 from bioproxy.backend.model import ModelFacts, factsOf, readFacts
 from bioproxy.heads import MARK, templateHead
 from bioproxy.metrics import Metrics
@@ -106,9 +107,10 @@ class BoundaryTests(SynchronousTestCase):
     def test_cutBackPastTokensThatMerge(self) -> None:
         """Where the text before the message ends in a token that merges with what follows, it is left out."""
         cache = KVCache(_MergingBackend(), Metrics())  # type: ignore[arg-type]
+        cacheIO = CacheIO(cache, Metrics())
         m = Memory(Path(self.mktemp()))
         head = templateHead(m.template("@t", "Question:<{message}>"))
-        tokens = _run(cache.boundary(head))
+        tokens = _run(cacheIO.boundary(head))
         self.assertEqual(
             tokens, _merging("<|im_start|>user\nQuestion")
         )  # the ":" merges with a letter after it
@@ -119,9 +121,10 @@ class BoundaryTests(SynchronousTestCase):
     def test_boundaryIsAPrefixOfEveryRequest(self, before: str, message: str) -> None:
         """Whatever the text and the message's start, the request's tokens begin with the head's."""
         cache = KVCache(_MergingBackend(), Metrics())  # type: ignore[arg-type]
+        cacheIO = CacheIO(cache, Metrics())
         m = Memory(Path(self.mktemp()))
         head = templateHead(m.template("@t", before.replace("<", "(") + "<{message}>"))
-        tokens = _run(cache.boundary(head))
+        tokens = _run(cacheIO.boundary(head))
         assert tokens is not None
         prompt = chatPrompt([{"role": "user", "content": before.replace("<", "(") + message + " rest"}])
         self.assertEqual(_merging(prompt)[: len(tokens)], tokens)

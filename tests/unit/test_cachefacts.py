@@ -1,9 +1,10 @@
-"""Pure pieces of the cache policy: file names, timings in streams, slot pins."""
+"""Pure pieces of the cache policy: file names, timings in streams, slot pins, the cache's facts."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend.kvcache import sanitise
 from bioproxy.body import Body, withSlot
+from bioproxy.heads import templateHead
+from bioproxy.testing.memory import Memory
 from bioproxy.timings import TimingsReader
 
 jsonValues = st.recursive(
@@ -89,3 +92,51 @@ class PinTests(SynchronousTestCase):
         self.assertEqual(Body(raw, json.loads(raw)).pinned(0), raw)
         expanded = Body(raw, {"id_slot": 1, "prompt": "expanded"}, expanded=True)
         self.assertEqual(json.loads(expanded.pinned(0)), {"id_slot": 1, "prompt": "expanded"})
+
+
+class FactsTests(SynchronousTestCase):
+    """KVCache as the one writer of a head's facts: what each reported outcome does to them."""
+
+    def setUp(self) -> None:
+        self.m = Memory(Path(self.mktemp()), unified=False)
+        self.m.found()
+        self.cache = self.m.cache
+        self.head = templateHead(self.m.template("@t", "Review this:\n<{message}>"))
+
+    def test_aMissingFileIsNotRestored(self) -> None:
+        """A file llama-server does not have is not asked for again until a save writes it."""
+        cache, head = self.cache, self.head
+        name = cache.filename(head)
+        assert name is not None
+        told: list[tuple[str, int]] = []
+        cache.onSaved.append(lambda prefix, size: told.append((prefix, size)))
+        cache.noteNoFile(name)
+        self.assertFalse(cache.mayRestore(head))
+        self.assertFalse(cache.saved(head))
+        cache.noteSaved(head, 1234)
+        self.assertTrue(cache.mayRestore(head))
+        self.assertTrue(cache.saved(head))
+        self.assertEqual(told, [("@t", 1234)])
+        self.assertEqual(cache.state(head).fileBytes, 1234)
+
+    def test_saveFailuresAreNewsOnce(self) -> None:
+        """The same failure again is counted, not news (one log line); a save that works clears it."""
+        cache, head = self.cache, self.head
+        self.assertEqual(
+            [cache.noteSaveFailed(head, why) for why in ("full", "full", "read-only")], [True, False, True]
+        )
+        self.assertEqual((cache.state(head).saveError, cache.state(head).saveFailures), ("read-only", 3))
+        cache.noteSaved(head, 1)
+        self.assertEqual((cache.state(head).saveError, cache.state(head).saveFailures), (None, 0))
+
+    def test_forgetGivesBackItsFilesOnly(self) -> None:
+        """A head given up loses its facts and files; another head whose name it begins is untouched."""
+        cache = self.cache
+        other = templateHead(self.m.template("@t-2", "Translate:\n<{message}>"))
+        cache.noteSaved(self.head, 1)
+        cache.noteSaved(other, 1)
+        cache.noteBoundary(self.head, [1, 2, 3])
+        self.assertEqual(cache.forget("@t"), [cache.filename(self.head)])
+        self.assertEqual(cache.state(self.head).boundary, None)
+        self.assertFalse(cache.saved(self.head))
+        self.assertTrue(cache.saved(other))

@@ -154,7 +154,7 @@ class StageFailureTests(SynchronousTestCase):
             "parse": (bioproxy.proxy, "parseBody"),
             "expand": (bioproxy.proxy, "expand"),
             "lease": (m.scheduler, "lease"),
-            "restore": (m.cache, "prepare"),
+            "restore": (m.cacheIO, "prepare"),
             "forward": (dispatcher.forwarder, "forward"),
             "learn": (m.cache, "learn"),
         }
@@ -200,12 +200,12 @@ class StageFailureTests(SynchronousTestCase):
         m = Memory(Path(self.mktemp()), unified=False)
         m.template("@t", "Review this:\n<{message}>")
         m.found()
-        quiet = m.cache.quiet
+        quiet = m.cacheIO.quiet
 
         def broken() -> Any:
             raise RuntimeError("injected")
 
-        m.cache.quiet = broken  # type: ignore[method-assign]
+        m.cacheIO.quiet = broken  # type: ignore[method-assign]
         status, answer = m.postRaw(
             "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t one"}]}
         )
@@ -213,7 +213,7 @@ class StageFailureTests(SynchronousTestCase):
         self.assertIn("injected", json.loads(answer)["error"]["message"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual([s.id for s in m.scheduler.slots if s.lease is not None], [])
-        m.cache.quiet = quiet  # type: ignore[method-assign]
+        m.cacheIO.quiet = quiet  # type: ignore[method-assign]
         status, answer = m.postRaw(
             "/v1/chat/completions", {"messages": [{"role": "user", "content": "@t two"}]}
         )

@@ -139,10 +139,28 @@ class LayerTests(SynchronousTestCase):
                     if (
                         node.func.attr in ("add", "update", "discard", "clear")
                         and isinstance(owner, ast.Attribute)
-                        and owner.attr == "files"
+                        and owner.attr in ("files", "missing")
                     ):
                         writes.append(f"{name}:{node.lineno} {ast.unparse(node.func)}")
         self.assertEqual(writes, [])
+
+    def test_cacheFactsAskNothing(self) -> None:
+        """
+        kvcache.py holds facts only: no coroutine, no Deferred, no call to
+        llama-server's client and no file touched; what asks is cacheio.py.
+        """
+        tree = ast.parse(modules()["backend.kvcache"].read_text())
+        found = [
+            f"{type(node).__name__}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.AsyncFunctionDef, ast.Await))
+            or (isinstance(node, ast.Attribute) and node.attr in ("llama", "unlink", "Deferred", "open"))
+            or (isinstance(node, ast.ImportFrom) and node.module in ("twisted.internet", "pathlib", "os"))
+            or (isinstance(node, ast.alias) and node.name in ("os", "pathlib", "twisted.internet"))
+        ]
+        self.assertEqual(found, [])
+        io = ast.parse(modules()["backend.cacheio"].read_text())
+        self.assertTrue(any(isinstance(node, ast.Await) for node in ast.walk(io)), "the check sees awaits")
 
 
 def _aWarmState(value: ast.expr) -> bool:

@@ -177,13 +177,13 @@ class QuietTests(SynchronousTestCase):
         """A task that starts during a save would clear the slot being saved (CLEARED mode): it waits."""
         m = Memory(Path(self.mktemp()), unified=True)
         waited = []
-        with m.cache._quietWhile():
-            m.cache.quiet().addCallback(waited.append)
-            with m.cache._quietWhile():
+        with m.cacheIO._quietWhile():
+            m.cacheIO.quiet().addCallback(waited.append)
+            with m.cacheIO._quietWhile():
                 pass
             self.assertEqual(waited, [], "still saving")
         self.assertEqual(waited, [None])
-        self.assertTrue(m.cache.quiet().called, "nothing saving: at once")
+        self.assertTrue(m.cacheIO.quiet().called, "nothing saving: at once")
 
 
 class VerificationTests(SynchronousTestCase):

@@ -261,7 +261,7 @@ class UsageTests(TestCase):
         self.assertEqual(reader.timings, {"cache_n": 70, "prompt_n": 30})
 
     def test_generatedFromAWholeAnswer(self) -> None:
-        """What an answer generated finds the slot that holds it (KVCache.slotHolding)."""
+        """What an answer generated finds the slot that holds it (CacheIO.slotHolding)."""
         reader = TimingsReader()
         reader.feed(b'{"usage":{"cache_read_input_tokens":90,"input_tokens":10,"output_tokens":24}}')
         self.assertEqual(reader.timings, {"cache_n": 90, "prompt_n": 10, "predicted_n": 24})
