@@ -39,6 +39,16 @@ class BackendSpec:
     # Its --slot-save-path, where bioproxy can reach it (the same machine):
     # the files of heads it gives up are deleted there. None: they stay.
     slot_save_path: str | None = None
+    # One model of llama-server's router (--models-dir) at url, and the
+    # aliases it answers to: bioproxy makes these specs itself, one per model
+    # the router lists (models.py); a configured backend has none.
+    model: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """What views, logs and metrics call it: the URL, and the model behind a router."""
+        return f"{self.url}#{self.model}" if self.model else self.url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +123,11 @@ class Config:
     # more than balance_ratio times as many, affinity gives way to load.
     balance_threshold: int = 64
     balance_ratio: float = 1.5
+    # Behind llama-server's router (several models): the models every
+    # template is warmed for, and per template prefix, its own list instead.
+    # A template is also warmed for each model its requests name.
+    models: tuple[str, ...] = ()
+    template_models: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # Where the config was read from; not a key, but includes resolve against it.
     source: str | None = None
 
@@ -421,6 +436,22 @@ def _backends(key: str, value: Any) -> tuple[BackendSpec, ...]:
     return tuple(specs)
 
 
+def _models(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"config key {key!r}: expected a list of model names, got {value!r}")
+    return tuple(value)
+
+
+def _templateModels(key: str, value: Any) -> dict[str, tuple[str, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"config key {key!r}: expected a mapping of template prefix to a list of models")
+    return {prefix: _models(f"{key}.{prefix}", models) for prefix, models in value.items()}
+
+
 def _ratio(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
         raise ConfigError(f"config key {key!r}: expected a number of at least 1, got {value!r}")
@@ -507,6 +538,8 @@ _CHECKS = {
     "warm_on": _warmOn,
     "balance_threshold": _count,
     "balance_ratio": _ratio,
+    "models": _models,
+    "template_models": _templateModels,
 }
 assert set(_CHECKS) == KEYS, "every config key needs a check"
 

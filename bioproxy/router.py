@@ -18,6 +18,14 @@ those where it is warmest first (of equals, where it last went), then the
 next by its hash. A backend that comes back
 therefore takes no head that is warm elsewhere, and one that goes away
 hands its heads to the next in each head's order.
+
+Several models (llama-server's router, where each model is a backend of
+its own, added as models.py finds them; or llama-servers of different
+models): a request goes only to the backends that serve the model it
+names, and where none does, to the others, whose own answer it gets. The
+rule above then holds among the backends of each model. A head is warmed
+for the models configured for it (`models`, `template_models`) and for
+each model its requests have named.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from twisted.internet import defer
@@ -60,10 +68,15 @@ class Placed(Protocol):
     def weight(self) -> float: ...
     @property
     def healthy(self) -> bool: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def relays(self) -> bool: ...
+    def serves(self, model: str) -> bool: ...
     def load(self) -> int: ...
     def warmth(self, head: Head) -> int: ...
     def join(
-        self, assigned: Callable[[Head], bool], several: bool, listener: BackendListener | None
+        self, assigned: Callable[[Head], bool], several: Callable[[], bool], listener: BackendListener
     ) -> None: ...
     async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None: ...
     def forward(
@@ -97,31 +110,51 @@ class Router:
         warmOn: int | None = 1,
         threshold: int = BALANCE_ABS,
         ratio: float = BALANCE_REL,
+        models: Sequence[str] = (),
+        templateModels: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        self.members = list(members)
+        self.members: list[Placed] = []
         self.warmOn = warmOn  # None: every backend
         self.threshold, self.ratio = threshold, ratio  # the load guard's
         # Where each head last went. Among equally warm backends it stays
         # there: with a shared cache directory a head is on disk at each,
         # and it must not move back to a backend that returns.
         self.last: OrderedDict[str, Placed] = OrderedDict()
-        for member in self.members:
-            several = len(self.members) > 1
-            member.join(self._assigner(member), several, _Watch(self, member) if several else None)
+        # The models each template is warmed for: configured, then learned
+        # from the requests that name one (by template prefix, or head name).
+        self.models = tuple(models)
+        self.templateModels = {k: tuple(v) for k, v in (templateModels or {}).items()}
+        self.named: dict[str, set[str]] = {}
+        for member in members:
+            self._join(member)
+
+    def add(self, member: Placed) -> None:
+        """A backend found after start-up (a model of llama-server's router): placed and warmed from now on."""
+        self._join(member)
+        self.membersChanged()
+
+    def _join(self, member: Placed) -> None:
+        self.members.append(member)
+        member.join(self._assigner(member), lambda: len(self.members) > 1, _Watch(self, member))
 
     # -- placing requests
 
-    def healthy(self) -> list[Placed]:
-        return [m for m in self.members if m.healthy] or self.members
+    def serving(self, model: str | None) -> list[Placed]:
+        """The members a request for model may go to: those that serve it, else every other."""
+        named = [m for m in self.members if model and m.serves(model)]
+        return named or [m for m in self.members if m.model is None] or self.members
 
-    def choose(self, head: Head | None, affinity: str) -> Placed:
+    def choose(self, head: Head | None, affinity: str, model: str | None = None) -> Placed:
         """
-        The member for a request starting with head (None: no known head;
-        affinity, the request's own key, orders the members then).
+        The member for a request for model starting with head (None: no
+        known head; affinity, the request's own key, orders the members then).
         """
         if len(self.members) == 1:
             return self.members[0]
-        candidates = self.healthy()
+        pool = self.serving(model)
+        if len(pool) == 1:
+            return pool[0]
+        candidates = [m for m in pool if m.healthy] or pool
         ordered = rendezvous(head.key if head is not None else affinity, candidates)
         if len(ordered) > 1 and imbalanced([m.load() for m in ordered], self.threshold, self.ratio):
             chosen = min(ordered, key=lambda m: m.load())
@@ -145,8 +178,12 @@ class Router:
         # The request's own key only where it decides: body.text flattens the whole prompt.
         several = len(self.members) > 1 and body.head is None
         affinity = (body.conversation or body.text[:4096]) if several else ""
+        model = body.parsed.get("model")
+        model = model if isinstance(model, str) and model else None
+        if model is not None and body.head is not None:
+            self._named(body.head, model)
         for _ in self.members:
-            member = self.choose(body.head, affinity)
+            member = self.choose(body.head, affinity, model)
             self._mark(request, member)
             try:
                 await member.send(request, body, pinnable)
@@ -197,11 +234,40 @@ class Router:
 
     # -- placing warmups
 
+    def modelsOf(self, head: Head) -> set[str]:
+        """The models head is warmed for: those configured for its template, and those its requests named."""
+        prefix = head.template.prefix if head.template is not None else None
+        configured = self.templateModels.get(prefix, self.models) if prefix is not None else self.models
+        return {*configured, *self.named.get(prefix or head.name, ()), *self.named.get(head.name, ())}
+
+    def _named(self, head: Head, model: str) -> None:
+        """A request for model used head: from now on it is warmed for that model too."""
+        key = head.template.prefix if head.template is not None else head.name
+        models = self.named.setdefault(key, set())
+        if model in models or not any(m.model is not None and m.serves(model) for m in self.members):
+            return
+        models.add(model)
+        for member in self.members:
+            if member.model is not None and member.serves(model):
+                member.rewarm()
+
     def warmTargets(self, head: Head) -> list[Placed]:
-        """The members head is kept warm on: where it is warm already, then the next by its hash."""
+        """
+        The members head is kept warm on: among the backends of each model
+        it is warmed for (and those of no router's model), where it is warm
+        already, then the next by its hash.
+        """
+        wanted = self.modelsOf(head) if any(m.model is not None for m in self.members) else set()
+        groups: dict[str | None, list[Placed]] = {}
+        for m in self.members:
+            if not m.relays and (m.model is None or m.model in wanted):
+                groups.setdefault(m.model, []).append(m)
+        return [target for group in groups.values() for target in self._targetsIn(group, head)]
+
+    def _targetsIn(self, members: list[Placed], head: Head) -> list[Placed]:
         # Not only those ready now: at start-up the first to be probed would
         # otherwise take every head.
-        candidates = [m for m in self.members if m.healthy]
+        candidates = [m for m in members if m.healthy]
         if self.warmOn is None:
             return candidates
         ordered = rendezvous(head.key, candidates)
@@ -238,7 +304,9 @@ class _Watch:
         self.member = member
 
     def backendReady(self) -> None:
-        self.router.membersChanged()
+        if len(self.router.members) > 1:
+            self.router.membersChanged()
 
     def backendLost(self) -> None:
-        self.router.lost(self.member)
+        if len(self.router.members) > 1:
+            self.router.lost(self.member)

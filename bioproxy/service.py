@@ -18,12 +18,13 @@ from twisted.logger import Logger
 
 from . import __version__
 from .admin import adminRoot
-from .backend.member import build
+from .backend.member import Member, build
 from .backend.model import readFacts
-from .config import Config, withBacklog
+from .config import BackendSpec, Config, withBacklog
 from .connect import backendClients
 from .heads import HeadBook
 from .metrics import Metrics
+from .models import ModelWatch
 from .proxy import ProxyResource
 from .router import Router
 from .serve import ProxySite
@@ -144,6 +145,24 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.max_learned_bytes,
         config.max_conversations,
     )
+    http = HTTPClient(clients.agent)
+
+    def unit(spec: BackendSpec, name: str | None = None) -> Member:
+        return build(
+            spec,
+            config,
+            book,
+            metrics,
+            reactor,
+            http,
+            clients.forward,
+            clients.retry,
+            readModel=lambda path: threads.deferToThreadPool(
+                reactor, reactor.getThreadPool(), readFacts, path
+            ),
+            name=f" {spec.name}" if name is None else name,
+        )
+
     members = []
     for i, spec in enumerate(config.backendSpecs()):
         if spec.slot_save_path is None:
@@ -153,23 +172,15 @@ def makeService(config: Config, reactor: Any) -> MultiService:
                 "to delete them, or run bioproxy prune-cache",
                 url=spec.url,
             )
-        members.append(
-            build(
-                spec,
-                config,
-                book,
-                metrics,
-                reactor,
-                HTTPClient(clients.agent),
-                clients.forward,
-                clients.retry,
-                readModel=lambda path: threads.deferToThreadPool(
-                    reactor, reactor.getThreadPool(), readFacts, path
-                ),
-                name="" if i == 0 else f" {spec.url}",
-            )
-        )
-    router = Router(members, config.warm_on, config.balance_threshold, config.balance_ratio)
+        members.append(unit(spec, "" if i == 0 else f" {spec.url}"))
+    router = Router(
+        members,
+        config.warm_on,
+        config.balance_threshold,
+        config.balance_ratio,
+        config.models,
+        config.template_models,
+    )
     for member in members:
         watcher.listeners.append(member.warmer.templateChanged)
 
@@ -189,11 +200,31 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         config.access_log,
         timeout=config.client_timeout,
     )
-    snapshot = Snapshot(reactor, watcher, members, book, proxySite.recent)
+    viewed = list(members)  # and the models of a router, as they are found
+    snapshot = Snapshot(reactor, watcher, viewed, book, proxySite.recent)
     adminSite = JSONSite(
         adminRoot(metrics, snapshot, config.admin_token, config.admin_open_health),
         timeout=config.client_timeout,
     )
+
+    # The models of a router (several models), each a backend of its own,
+    # found after start-up; their services stop before the configured ones'.
+    modelUnits = MultiService()
+    modelUnits.setName("model units")
+
+    def joined(member: Member) -> None:
+        viewed.append(member)
+        watcher.listeners.append(member.warmer.templateChanged)
+        if state is not None:
+            state.join(member.name, member.cache)
+        for child in (
+            _CallOnStop(f"backend {member.name}", member.backend.stop),
+            member.warmer,
+            member.monitor,
+        ):
+            child.setServiceParent(modelUnits)
+
+    models = ModelWatch(members, unit, router, reactor, config.health_check_interval, joined)
 
     for child in (
         _CallOnStop("pool", clients.close),
@@ -201,6 +232,8 @@ def makeService(config: Config, reactor: Any) -> MultiService:
         *([state] if state is not None else []),
         *(m.warmer for m in members),
         *(m.monitor for m in members),
+        modelUnits,
+        models,
         watcher,
         _Drain(proxySite, config.shutdown_grace),
         _listen(reactor, config.admin_endpoint, adminSite, "admin"),

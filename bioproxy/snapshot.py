@@ -70,12 +70,22 @@ class Snapshot:
         self.clock = clock
         self.startedAt = clock.seconds()
         self.watcher = watcher
-        self.backends = list(backends)
+        # Read as it is at each view: a router's models join after start-up.
+        self.backends = backends
         self.book = book
         self.recent = recent  # the proxy site's last requests, newest last
-        self.warmers = [b.warmer for b in self.backends if b.warmer is not None]
-        self.caching = [(b, b.cache) for b in self.backends if b.cache is not None]
-        self.slotted = [(b, b.scheduler) for b in self.backends if b.scheduler is not None]
+
+    @property
+    def warmers(self) -> list[Warmer]:
+        return [b.warmer for b in self.backends if b.warmer is not None]
+
+    @property
+    def caching(self) -> list[tuple[Viewed, KVCache]]:
+        return [(b, b.cache) for b in self.backends if b.cache is not None]
+
+    @property
+    def slotted(self) -> list[tuple[Viewed, SlotScheduler]]:
+        return [(b, b.scheduler) for b in self.backends if b.scheduler is not None]
 
     def whole(self) -> dict[str, Any]:
         return self._whole(self.templates())

@@ -53,6 +53,9 @@ class StateFile(Service):
         self.clock = clock
         self.interval = interval
         self._written: tuple[int, frozenset[tuple[str, str]]] | None = None
+        self._read: dict[
+            str, list[Any]
+        ] = {}  # the files the file named, by backend: for those that join later
         self._loop: LoopingCall | None = None
 
     def read(self) -> None:
@@ -72,10 +75,16 @@ class StateFile(Service):
             return
         self.book.addEntries(heads)
         # Files this bioproxy saved before; a restore finds out whether they are still there.
+        self._read = files
         for url, cache in self.backends:
             cache.noteFilesSaved(f for f in files.get(url, []) if isinstance(f, str))
         self._written = self._version()
         log.info("read {n} learned head(s) from {path}", n=len(self.book.entries), path=str(self.path))
+
+    def join(self, name: str, cache: KVCache) -> None:
+        """A backend found after start-up (a model of llama-server's router): its files are kept too."""
+        self.backends.append((name, cache))
+        cache.noteFilesSaved(f for f in self._read.get(name, []) if isinstance(f, str))
 
     def _setAside(self, e: Exception) -> None:
         aside = self.path.with_name(self.path.name + ".unreadable")

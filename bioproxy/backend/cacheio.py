@@ -91,7 +91,7 @@ class CacheIO:
                     "{backend}: cannot delete the cache file {file}: {why}",
                     file=file,
                     why=str(e),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
 
     def forgetProcess(self) -> None:
@@ -222,13 +222,13 @@ class CacheIO:
                     "{backend}: the cache file of {prefix} is unusable ({why}); computing it again",
                     prefix=prefix,
                     why=str(e),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
             else:  # a first warmup: normal, not an error
                 log.info(
                     "{backend}: no cache file for {prefix} yet; computing it",
                     prefix=prefix,
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
             self.metrics.kvRestores.labels(prefix=label, status=status).inc()
             self.cache.noteNoFile(name)
@@ -240,7 +240,7 @@ class CacheIO:
                 "{backend}: restoring {prefix} failed: {why}",
                 prefix=prefix,
                 why=str(e),
-                backend=self.llama.base,
+                backend=self.llama.name,
             )
             self.metrics.kvRestores.labels(prefix=label, status="error").inc()
             return False
@@ -278,7 +278,7 @@ class CacheIO:
                     "{backend}: cannot save {prefix}'s file ({why}); it stays warm in llama-server, saved again later",
                     prefix=head.name,
                     why=str(e),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
             return False
         written = result.get("n_saved") if isinstance(result, dict) else None
@@ -289,7 +289,7 @@ class CacheIO:
                 n=written,
                 prefix=head.name,
                 tokens=tokens,
-                backend=self.llama.base,
+                backend=self.llama.name,
             )
             self.cache.noteSaveShort(head)
             return False
@@ -300,7 +300,7 @@ class CacheIO:
             prefix=head.name,
             slot=slot,
             name=name,
-            backend=self.llama.base,
+            backend=self.llama.name,
         )
         return True
 
@@ -397,7 +397,7 @@ class CacheIO:
                 "{backend}: cannot find where {prefix}'s message begins: {why}",
                 prefix=head.name,
                 why=str(e),
-                backend=self.llama.base,
+                backend=self.llama.name,
             )
             return None
         return tokens[:keep]

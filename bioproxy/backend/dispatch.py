@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -52,6 +53,9 @@ RECHECK_TIMEOUT = 5.0
 # How long a request waits for a new backend process's probe (a few short
 # completions), so as to restore its head instead of computing it.
 PROBE_TIMEOUT = 10.0
+# How long a request for a model its router has not loaded waits for the
+# load bioproxy asks for, before it goes on (and the router loads it anyway).
+LOAD_TIMEOUT = 120.0
 
 
 class Dispatcher:
@@ -75,8 +79,8 @@ class Dispatcher:
         self.monitor = monitor
         self.backend = backend
         # Whether a request whose backend cannot be reached may go to another
-        # (the router sets it when there are several); else it gets a 502.
-        self.replaceable = False
+        # (the router says, while there are several); else it gets a 502.
+        self.replaceable: Callable[[], bool] = lambda: False
 
     async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
         """
@@ -86,7 +90,19 @@ class Dispatcher:
         request still takes a lease, and the slot it is placed on is where
         llama-server's own choice will find what it starts with.
         """
-        if self.monitor.reachable is False:
+        if self.backend.passesThrough:  # nothing to model: relayed as it is
+            await self.forwarder.forward(request, body.forwarded if body.expanded else None)
+            return
+        if self.monitor.swappable:
+            # A model of llama-server's router: it may have been unloaded,
+            # or unloaded and loaded again, since the last poll; asked now.
+            await self.monitor.checkNow(RECHECK_TIMEOUT)
+        if self.monitor.unloaded:
+            # A model of llama-server's router that is not loaded: loading
+            # it (as the router would for this request) is a new process,
+            # whose probe and this request's restore then run first.
+            await self.monitor.loadModel(LOAD_TIMEOUT)
+        elif self.monitor.reachable is False:
             # It may be back as a new process that has lost every slot: ask
             # now, not at the next poll, so that this request restores its
             # head from its file instead of computing it.
@@ -179,10 +195,10 @@ class Dispatcher:
                 request.slot = slot  # for the access line
             await self.cacheIO.quiet()
             outcome = await self.forwarder.forward(
-                request, body.pinned(slot if pinned else None), reader.feed, self.replaceable
+                request, body.pinned(slot if pinned else None), reader.feed, self.replaceable()
             )
             contents = self._learn(outcome, reader, head, body, slot, how, pinned, text, rewarm)
-            if outcome.error == "connect" and outcome.status is None and self.replaceable:
+            if outcome.error == "connect" and outcome.status is None and self.replaceable():
                 # Nothing was answered: the router places the request on another backend.
                 raise BackendGone(self.forwarder.backend.decode())
             if reader.timings is not None:  # for the access line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
+from urllib.parse import quote
 
 import treq
 from treq.client import HTTPClient
@@ -43,6 +44,10 @@ class Refused(BackendError):
     """Another 4xx: llama-server will not do this (a prompt longer than a slot, say); retrying cannot help."""
 
 
+class NotLoaded(Refused):
+    """llama-server's router has not loaded the model (bioproxy never asks it to load one for its own calls)."""
+
+
 class Unreachable(Exception):
     """
     No answer: the connection failed or was cut (llama-server stopped, or
@@ -65,6 +70,8 @@ def backendError(status: int, message: str) -> BackendError:
         return NoPersistence(status, message)
     if status == 401:
         return Unauthorized(status, message)
+    if status == 400 and message == "model is not loaded":
+        return NotLoaded(status, message)
     if 400 <= status < 500:
         return Refused(status, message)
     return BackendError(status, message)
@@ -78,9 +85,17 @@ class LlamaClient:
         reactor: IReactorTime,
         timeout: float = 10.0,
         apiKey: str | None = None,
+        model: str | None = None,
     ) -> None:
+        """
+        model: one model of llama-server's router (its --models-dir mode):
+        every call names it, and none loads it (`autoload=false`).
+        """
         self.http = http
         self.base = baseURL.rstrip("/")
+        self.model = model
+        # What log lines and metrics call it: the URL, and the model behind a router.
+        self.name = f"{self.base}#{model}" if model else self.base
         self.reactor = reactor
         self.timeout = timeout
         self.headers: dict[bytes, list[bytes]] = {b"content-type": [b"application/json"]}
@@ -89,6 +104,10 @@ class LlamaClient:
 
     async def _json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         kwargs: dict[str, Any] = {"reactor": self.reactor, "headers": self.headers}
+        if self.model is not None:
+            path += ("&" if "?" in path else "?") + "model=" + quote(self.model, safe="") + "&autoload=false"
+            if method == "POST":
+                body = {**(body or {}), "model": self.model}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
         # One deadline for the answer's headers and its body (treq's own
@@ -137,7 +156,17 @@ class LlamaClient:
         return json.loads(content) if content else None
 
     async def health(self) -> Any:
-        return await self._json("GET", "/health")
+        """Up: the server answers (for a router's model, the model is loaded: NotLoaded if not)."""
+        return await self._json("GET", "/props" if self.model else "/health")
+
+    async def models(self) -> Any:
+        """The models a router serves, with their status (llama-server's /v1/models)."""
+        return await self._json("GET", "/v1/models")
+
+    async def loadModel(self) -> Any:
+        """Ask a router to load this client's model (as a user's request for it would)."""
+        assert self.model is not None
+        return await self._json("POST", "/models/load")
 
     async def props(self) -> Any:
         return await self._json("GET", "/props")

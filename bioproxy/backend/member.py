@@ -51,7 +51,25 @@ class Member:
 
     @property
     def name(self) -> str:
-        return self.spec.url
+        return self.spec.name
+
+    @property
+    def model(self) -> str | None:
+        """The model of llama-server's router it is (None: a llama-server of its own)."""
+        return self.spec.model
+
+    def serves(self, model: str) -> bool:
+        """
+        A request for model is this backend's: a router's model by its name
+        or an alias; a llama-server of its own by its model's alias or
+        file name, as its /props says.
+        """
+        if self.spec.model is not None:
+            return model == self.spec.model or model in self.spec.aliases
+        props = self.backend.props or {}
+        path = str(props.get("model_path") or "")
+        stem = path.rsplit("/", 1)[-1]
+        return bool(model) and model in (props.get("model_alias"), stem, stem.removesuffix(".gguf"))
 
     @property
     def healthy(self) -> bool:
@@ -73,17 +91,23 @@ class Member:
     def weight(self) -> float:
         return self.spec.weight
 
-    def join(self, assigned: Callable[[Head], bool], several: bool, listener: BackendListener | None) -> None:
+    def join(
+        self, assigned: Callable[[Head], bool], several: Callable[[], bool], listener: BackendListener
+    ) -> None:
         """
         Placed among others: it warms the heads assigned says are its own;
-        with several backends, a request that could not start here is
-        handed back (BackendGone) rather than answered 502; listener hears
-        when it comes or goes.
+        while several says there are several backends, a request that could
+        not start here is handed back (BackendGone) rather than answered
+        502; listener hears when it comes or goes.
         """
         self.warmer.assigned = assigned
         self.dispatcher.replaceable = several
-        if listener is not None:
-            self.backend.listeners.append(listener)
+        self.backend.listeners.append(listener)
+
+    @property
+    def relays(self) -> bool:
+        """It is llama-server's router itself: its models are backends of their own; it warms nothing."""
+        return self.backend.passesThrough
 
     async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
         """A request that runs on a slot (BackendGone: it had not started when the backend went away)."""
@@ -139,12 +163,12 @@ def build(
         config.write_stall_timeout,
         retryAgent=retryAgent,
     )
-    llama = LlamaClient(http, spec.url, clock, apiKey=spec.api_key)
+    llama = LlamaClient(http, spec.url, clock, apiKey=spec.api_key, model=spec.model)
     monitor = BackendMonitor(llama, clock, metrics, config.health_check_interval)
     monitor.setName("monitor" + name)
     # Until the backend's /props is read, one slot is the only safe guess.
     scheduler = SlotScheduler(
-        clock, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.url
+        clock, spec.slots or 1, metrics, config.max_queue, config.max_queue_wait, backend=spec.name
     )
     backend = Backend(llama, scheduler, spec.slots, config.backend_timeout, readModel=readModel)
     cache = KVCache(backend, metrics)

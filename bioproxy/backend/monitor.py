@@ -13,15 +13,20 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..metrics import Metrics
-from .llamacpp import BackendError, LlamaClient, Unauthorized, fingerprint
+from .llamacpp import BackendError, LlamaClient, NotLoaded, Refused, Unauthorized, fingerprint
 
 log = Logger()
+
+# Why a model of llama-server's router does not answer: it is not loaded.
+UNLOADED = "the router has not loaded this model (it is warmed again once it is)"
+# How often a request that asked the router to load its model looks whether it has.
+LOAD_POLL = 0.25
 
 
 def identity(props: dict[str, Any]) -> tuple[str, Any]:
@@ -102,6 +107,9 @@ class BackendMonitor(Service):
             await self.client.health()
         except defer.CancelledError:
             return
+        except NotLoaded:
+            self._record(False, UNLOADED)
+            return
         except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
             self._record(False, f"{type(e).__name__}: {e}")
             return
@@ -115,12 +123,12 @@ class BackendMonitor(Service):
         except Unauthorized as e:
             problem = f"llama-server refuses bioproxy's own calls ({e}): {e.fix}"
             if self.lastError != problem:
-                log.error("{backend}: {problem}", problem=problem, backend=self.client.base)
+                log.error("{backend}: {problem}", problem=problem, backend=self.client.name)
             self._record(True, problem)
             return
         except BackendError as e:
             # Not llama-server, or an old one: run without its facts.
-            log.warn("{backend}: backend has no usable /props: {why}", why=str(e), backend=self.client.base)
+            log.warn("{backend}: backend has no usable /props: {why}", why=str(e), backend=self.client.name)
             props = {}
         except Exception as e:  # noqa: BLE001 - it went away again
             self._record(False, f"{type(e).__name__}: {e}")
@@ -138,12 +146,47 @@ class BackendMonitor(Service):
             or (props.get("media_marker") is None and self.reachable is False)
         )
         if restarted:
-            self.metrics.backendRestarts.labels(backend=self.client.base).inc()
-            log.info("{backend}: backend restarted; its slots are unknown now", backend=self.client.base)
+            self.metrics.backendRestarts.labels(backend=self.client.name).inc()
+            log.info("{backend}: backend restarted; its slots are unknown now", backend=self.client.name)
         self.props = props
         self._record(True, None)
         for listener in self.listeners:
             listener.backendReady(props, restarted)
+
+    @property
+    def swappable(self) -> bool:
+        """A model of llama-server's router, which unloads and loads it on its own."""
+        return self.client.model is not None
+
+    @property
+    def unloaded(self) -> bool:
+        """A model of llama-server's router, not loaded now."""
+        return self.reachable is False and self.lastError == UNLOADED
+
+    async def loadModel(self, timeout: float) -> None:
+        """
+        Have the router load this backend's model, as the request waiting
+        for it would, and wait until it answers (up to timeout): the check
+        that finds it tells the listeners of a new process, whose probe and
+        restores then run before the request does.
+        """
+        try:
+            await self.client.loadModel()
+        except Refused:
+            pass  # loading or loaded already
+        except Exception as e:  # noqa: BLE001 - the request goes on; the router loads the model for it
+            log.info(
+                "{backend}: cannot ask the router to load the model: {why}",
+                why=str(e),
+                backend=self.client.name,
+            )
+            return
+        deadline = self.clock.seconds() + timeout
+        while self.running and self.clock.seconds() < deadline:
+            await self.checkNow(timeout)
+            if self.reachable:
+                return
+            await task.deferLater(self.clock, LOAD_POLL, lambda: None)
 
     def noteUnreachable(self, problem: str) -> None:
         """A request could not connect: treat it like a failed poll."""
@@ -153,16 +196,18 @@ class BackendMonitor(Service):
     def _record(self, reachable: bool, problem: str | None) -> None:
         if reachable != self.reachable:
             if reachable:
-                log.info("{backend}: backend is reachable", backend=self.client.base)
+                log.info("{backend}: backend is reachable", backend=self.client.name)
+            elif problem == UNLOADED:
+                log.info("{backend}: {problem}", problem=problem, backend=self.client.name)
             else:
                 log.warn(
-                    "{backend}: backend is unreachable: {problem}", problem=problem, backend=self.client.base
+                    "{backend}: backend is unreachable: {problem}", problem=problem, backend=self.client.name
                 )
         lost = self.reachable and not reachable
         self.reachable = reachable
         self.lastError = problem
         self.lastChecked = self.clock.seconds()
-        self.metrics.backendUp.labels(backend=self.client.base).set(1 if reachable else 0)
+        self.metrics.backendUp.labels(backend=self.client.name).set(1 if reachable else 0)
         if lost:  # after the state is set: listeners (the router) read it
             for listener in self.listeners:
                 listener.backendLost()

@@ -33,6 +33,8 @@ log = Logger()
 
 # A probe's completion reused the slot when cache_n reaches this share.
 PROBE_HIT_SHARE = 0.9
+# The longest wait between probes that keep failing (1, 2, 4 ... seconds until then).
+PROBE_BACKOFF_MAX = 60.0
 _PROBE_FILE = "bioproxy-probe-absent.bin"
 # Where the restore probe saves its slot: one small file per backend URL
 # (backends may share a directory, and be probed at once), written over by each probe.
@@ -68,6 +70,7 @@ class Phase(enum.Enum):
     READY = "ready"  # probed: warmups run, requests are placed by what it is
     LOST = "lost"  # it stopped answering
     FOREIGN = "not llama-server"  # it answers, with no /props: requests pass through, nothing is warmed
+    ROUTER = "router"  # llama-server's router (several models): each model is a backend of its own
     STOPPED = "stopped"  # bioproxy is stopping
 
 
@@ -112,12 +115,17 @@ class Backend:
         self._probing: list[defer.Deferred[None]] = []  # waiting for the probe to end (probed)
         self._retry: Any = None
         self._phase = Phase.UNKNOWN
+        # Probes failed in a row, and the last one's reason: retried with a
+        # backoff, and logged when the reason changes, never once a second.
+        self._probeFailures = 0
+        self._probeError: str | None = None
+        self._reuseProbeError: str | None = None
         self._machine = _processMachine(self)
 
     @property
     def name(self) -> str:
         """Its URL, as log lines and views name it."""
-        return self.llama.base
+        return self.llama.name
 
     @property
     def phase(self) -> Phase:
@@ -142,7 +150,7 @@ class Backend:
         file instead of computing it.
         """
         waiter: defer.Deferred[None] = defer.Deferred()
-        if self.ready or not self.props:
+        if self._phase is not Phase.PROBING:
             waiter.callback(None)
             return waiter
         self._probing.append(waiter)
@@ -166,7 +174,9 @@ class Backend:
         """The monitor found the backend, a new process or the same one back."""
         new = restarted or self.props is None
         self.props = props
-        if not props:
+        if props.get("role") == "router":
+            self._machine.router()
+        elif not props:
             (self._machine.newForeign if new else self._machine.foreign)()
         elif new:
             self._machine.newProcess()
@@ -208,9 +218,19 @@ class Backend:
         self._cancelProbe()
         log.warn(
             "{backend}: the backend has no /props, so it is not llama-server: no warmups or cache files",
-            backend=self.llama.base,
+            backend=self.llama.name,
         )
         self.fingerprint = None
+
+    def _isRouter(self) -> None:
+        self._cancelProbe()
+        self._resetFacts()
+        log.info(
+            "{backend}: llama-server's router (several models): each of its models is served as a "
+            "backend of its own; requests that name no model it lists pass through",
+            backend=self.llama.name,
+        )
+        self._wake()
 
     def _wentAway(self) -> None:
         self._cancelProbe()
@@ -227,9 +247,14 @@ class Backend:
                 "and kept only in its slots and RAM cache; start it with --slot-save-path DIR "
                 "to keep them across restarts",
                 why=why,
-                backend=self.llama.base,
+                backend=self.llama.name,
             )
         self.persistence = Persistence.NONE
+
+    @property
+    def passesThrough(self) -> bool:
+        """Nothing of it is modelled (not llama-server, or its router): requests are relayed as they are."""
+        return self._phase in (Phase.FOREIGN, Phase.ROUTER)
 
     @property
     def restoresHelp(self) -> bool:
@@ -264,6 +289,7 @@ class Backend:
     def view(self) -> dict[str, Any]:
         return {
             "phase": self.phase.value,
+            "router_model": self.llama.model,  # a model of llama-server's router (None: a llama-server of its own)
             "slots": self.slotCount,
             "slot_mode": self.mode.value,
             "pinned": self.pins,
@@ -295,14 +321,22 @@ class Backend:
                 return  # the process went away; a new one is probed when it is found
             delay = 0.0
             if not result.check(_Preempted):
-                delay = 1.0
-                log.warn(
-                    "{backend}: probing the backend failed: {why}; retrying",
-                    why=result.getErrorMessage(),
-                    backend=self.llama.base,
-                )
+                self._probeFailures += 1
+                delay = min(PROBE_BACKOFF_MAX, 2.0 ** (self._probeFailures - 1))
+                why = result.getErrorMessage()
+                if why != self._probeError:
+                    log.warn(
+                        "{backend}: probing the backend failed: {why}; until a probe succeeds, requests "
+                        "are passed through and nothing is warmed (tried again with a backoff, up to "
+                        "every {most:g} s; logged again only if the reason changes)",
+                        why=why,
+                        most=PROBE_BACKOFF_MAX,
+                        backend=self.llama.name,
+                    )
+                self._probeError = why
             self._machine.probeFailed(delay)
             return
+        self._probeFailures, self._probeError = 0, None
         self._machine.probed()
 
     def _probeLater(self, delay: float) -> None:
@@ -321,7 +355,7 @@ class Backend:
             files=self.persistence.value,
             ram=self.ramCache,
             reuse=self.reuse.value,
-            backend=self.llama.base,
+            backend=self.llama.name,
         )
         why = self.reuseWhy()
         if why is not None:
@@ -365,7 +399,7 @@ class Backend:
                 "{backend}: cannot read the model's metadata from {path} ({why})",
                 path=path,
                 why=str(e),
-                backend=self.llama.base,
+                backend=self.llama.name,
             )
             return None
 
@@ -377,11 +411,13 @@ class Backend:
             try:
                 self.reuse = await self._probeReuse()
             except BackendError as e:  # a save it refuses (a directory it cannot write, say)
-                log.warn(
-                    "{backend}: the restore probe failed ({why}): restores are tried as before",
-                    why=str(e),
-                    backend=self.llama.base,
-                )
+                if str(e) != self._reuseProbeError:  # once, not at each probe that fails after it
+                    log.warn(
+                        "{backend}: the restore probe failed ({why}): restores are tried as before",
+                        why=str(e),
+                        backend=self.llama.name,
+                    )
+                self._reuseProbeError = str(e)
                 self.reuse = self.model.expected() if self.model is not None else Reuse.UNKNOWN
         elif self.model is not None:
             self.reuse = self.model.expected()
@@ -406,7 +442,7 @@ class Backend:
         sliding-window model run with --swa-full passes both, but reuses a
         file that holds only the window: only extensions are safe there.
         """
-        name = _REUSE_FILE.format(hashlib.sha256(self.llama.base.encode()).hexdigest()[:8])
+        name = _REUSE_FILE.format(hashlib.sha256(self.llama.name.encode()).hexdigest()[:8])
         nonce = secrets.token_hex(4)
         p = await self.llama.tokenize(
             f"{PROBE_MARK} {nonce} restore: " + " ".join(f"r{i}" for i in range(60))
@@ -461,6 +497,9 @@ class _Process(Protocol):
     def foreign(self) -> None:
         "It answers, with no /props: not llama-server."
 
+    def router(self) -> None:
+        "It is llama-server's router: its /props says role router."
+
     def newForeign(self) -> None:
         "First seen, or restarted, and with no /props."
 
@@ -502,17 +541,21 @@ def _buildProcessMachine() -> Callable[[Backend], _Process]:
     builder = TypeMachineBuilder(_Process, Backend)
     unknown, probing, ready = builder.state("unknown"), builder.state("probing"), builder.state("ready")
     lost, foreign, stopped = builder.state("lost"), builder.state("foreign"), builder.state("stopped")
+    router = builder.state("router")
     for state in (unknown, probing, ready, lost, foreign):
+        state.upon(_Process.router).to(router)(_entering(Phase.ROUTER, Backend._isRouter))
+    router.upon(_Process.router).loop().returns(None)
+    for state in (unknown, probing, ready, lost, foreign, router):
         state.upon(_Process.stop).to(stopped)(_entering(Phase.STOPPED, Backend._cancelProbe))
         state.upon(_Process.newProcess).to(probing)(_entering(Phase.PROBING, Backend._probeAfresh))
         state.upon(_Process.foreign).to(foreign)(_entering(Phase.FOREIGN, Backend._isForeign))
         state.upon(_Process.newForeign).to(foreign)(_entering(Phase.FOREIGN, Backend._isForeignAfresh))
-    for state in (unknown, probing, ready, foreign):
+    for state in (unknown, probing, ready, foreign, router):
         state.upon(_Process.lost).to(lost)(_entering(Phase.LOST, Backend._wentAway))
     lost.upon(_Process.lost).loop().returns(None)
-    for state in (unknown, lost, foreign):
+    for state in (unknown, lost, foreign, router):
         state.upon(_Process.unprobed).to(probing)(_entering(Phase.PROBING, Backend._startProbe))
-    for state in (unknown, foreign):
+    for state in (unknown, foreign, router):
         state.upon(_Process.sameProcess).to(probing)(_entering(Phase.PROBING, Backend._startProbe))
     lost.upon(_Process.sameProcess).to(ready)(_entering(Phase.READY, Backend._becomeReady))
     for state in (probing, ready):  # a probe runs or waits to run again; or there is nothing to learn
@@ -526,6 +569,7 @@ def _buildProcessMachine() -> Callable[[Backend], _Process]:
         _Process.unprobed,
         _Process.sameProcess,
         _Process.foreign,
+        _Process.router,
         _Process.probed,
         _Process.lost,
         _Process.stop,

@@ -170,7 +170,7 @@ class Warmer(Service):
 
     def backendReady(self) -> None:
         """The backend was found or came back, and has been probed: warm everything."""
-        log.info("{backend}: warming {n} head(s)", n=len(self.book.wanted()), backend=self.llama.base)
+        log.info("{backend}: warming {n} head(s)", n=len(self.book.wanted()), backend=self.llama.name)
         self.tried.clear()
         self.warmAll()
 
@@ -353,7 +353,7 @@ class Warmer(Service):
                     "{backend}: warmup of {prefix} stopped: {why}",
                     prefix=prefix,
                     why=result.getErrorMessage(),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
             elif result.check(Unreachable):
                 # llama-server stopped under it (killed while saving, say): what
@@ -362,7 +362,7 @@ class Warmer(Service):
                     "{backend}: {prefix}: llama-server went away ({why})",
                     prefix=prefix,
                     why=result.getErrorMessage(),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
                 self._retryLater(prefix)
             else:
@@ -370,7 +370,7 @@ class Warmer(Service):
                     "{backend}: warmup of {prefix} failed unexpectedly",
                     result,
                     prefix=prefix,
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
         self._kick()
 
@@ -398,7 +398,7 @@ class Warmer(Service):
                 log.info(
                     "{backend}: warmup of {prefix} gave its slot to a user request",
                     prefix=prefix,
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
                 self.wanted.add(prefix)
             elif isinstance(e, Unauthorized):
@@ -409,7 +409,7 @@ class Warmer(Service):
                     prefix=prefix,
                     why=str(e),
                     fix=e.fix,
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
             elif isinstance(e, Refused):
                 # The backend refuses this head (too long for a slot, say):
@@ -420,7 +420,7 @@ class Warmer(Service):
                     "{backend}: warmup of {prefix} refused by the backend: {why}",
                     prefix=prefix,
                     why=str(e),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
             elif not isinstance(e, defer.CancelledError):
                 self.metrics.warmupFailures.labels(prefix=head.label, kind="error").inc()
@@ -428,7 +428,7 @@ class Warmer(Service):
                     "{backend}: warmup of {prefix} failed: {why}; retrying",
                     prefix=prefix,
                     why=str(e),
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
                 self._retryLater(prefix)
             return
@@ -452,7 +452,7 @@ class Warmer(Service):
             how=how,
             s=self.clock.seconds() - started,
             tokens=state.tokens,
-            backend=self.llama.base,
+            backend=self.llama.name,
         )
 
     async def _warm(self, lease: Lease, head: Head, state: WarmState) -> Warmed | None:
@@ -556,7 +556,7 @@ class Warmer(Service):
                 log.info(
                     "{backend}: {name}: llama-server no longer held it; computed it again",
                     name=head.name,
-                    backend=self.llama.base,
+                    backend=self.llama.name,
                 )
         if slot is not None and await self.cacheIO.save(slot, head, None):
             return "saved"
@@ -568,7 +568,7 @@ class Warmer(Service):
             "{backend}: conversation {name} not saved: {why}",
             name=head.name,
             why=why,
-            backend=self.llama.base,
+            backend=self.llama.name,
         )
 
     async def _complete(

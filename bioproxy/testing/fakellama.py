@@ -34,7 +34,11 @@ with a slot into the RAM cache and back; a slot file carries none.
 A generated token is kept in the slot only once the next one is computed,
 so a completion of one token leaves exactly its prompt, as in llama-server.
 
-Run it alone: ``python -m bioproxy.testing.fakellama --port 8081``.
+FakeRouter is llama-server's router mode (one FakeLlama per model, loaded
+on demand, `--models-max` of them at once).
+
+Run it alone: ``python -m bioproxy.testing.fakellama --port 8081``
+(``--models a,b --models-max 1``: in router mode).
 """
 
 from __future__ import annotations
@@ -809,6 +813,127 @@ class FakeLlamaResource(Resource):
         return NOT_DONE_YET
 
 
+class FakeRouter(Resource):
+    """
+    llama-server's router mode (`--models-dir` and no model; build 11434's
+    server-models.cpp): one FakeLlama per model, started on demand, at
+    most modelsMax at once, the least recently used (by POST) unloaded
+    first. Each request names its model (the body's `model`, a GET's
+    `?model=`); `?autoload=false` refuses one that is not loaded instead
+    of loading it. Loading a model is a new process: every slot empty, a
+    new media marker (FakeLlama.restart); its files stay.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        models: dict[str, FakeLlama],
+        modelsMax: int = 4,
+        autoload: bool = True,
+        aliases: dict[str, list[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.servers = models
+        self.resources = {name: FakeLlamaResource(server) for name, server in models.items()}
+        self.modelsMax = modelsMax
+        self.autoload = autoload
+        self.aliases = aliases or {}
+        self.loaded: list[str] = []  # least recently used first
+        self.loads: list[str] = []  # each load, in order (for tests)
+        for name, server in models.items():
+            server.model = name
+
+    def load(self, name: str) -> None:
+        if name in self.loaded:
+            return
+        while self.modelsMax > 0 and len(self.loaded) >= self.modelsMax:
+            self.unload(self.loaded[0])
+        self.servers[name].restart()
+        self.loaded.append(name)
+        self.loads.append(name)
+
+    def unload(self, name: str) -> None:
+        if name in self.loaded:
+            self.loaded.remove(name)
+            self.servers[name].restart()  # what it held is gone with its process
+
+    def _resolve(self, name: str) -> str | None:
+        if name in self.servers:
+            return name
+        return next((n for n, names in self.aliases.items() if name in names), None)
+
+    def render(self, request: Request) -> bytes | int:
+        request.path = unquote_to_bytes(request.path)
+        method, path = request.method, request.path
+        if method == b"GET" and path in (b"/health", b"/v1/health"):
+            return _json(request, {"status": "ok"})
+        if method == b"GET" and path in (b"/v1/models", b"/models"):
+            return _json(request, {"object": "list", "data": [self._model(n) for n in self.servers]})
+        query = (request.args.get(b"model") or [b""])[0].decode()
+        if method == b"GET" and path == b"/props" and not query:
+            return _json(
+                request,
+                {
+                    "role": "router",
+                    "max_instances": self.modelsMax,
+                    "models_autoload": self.autoload,
+                    "model_alias": "llama-server",
+                    "model_path": "none",
+                    "default_generation_settings": {"params": {}, "n_ctx": 0},
+                    "build_info": "fake-0",
+                },
+            )
+        if method == b"POST" and path in (b"/models/load", b"/models/unload"):
+            name = self._resolve(str(_readJSON(request).get("model", "")))
+            if name is None:
+                return _error(request, 400, "model is not found")
+            (self.load if path == b"/models/load" else self.unload)(name)
+            return _json(request, {"success": True})
+        name = query if method == b"GET" else str(_readJSON(request).get("model") or "")
+        if not name:
+            return _error(request, 400, "model name is missing from the request")
+        resolved = self._resolve(name)
+        if resolved is None:
+            return _error(request, 400, f"model '{name}' not found")
+        given = (request.args.get(b"autoload") or [b""])[0].decode()
+        autoload = self.autoload if not given else given in ("true", "1")
+        if resolved not in self.loaded:
+            if not autoload:
+                return _error(request, 400, "model is not loaded")
+            self.load(resolved)
+        if method == b"POST":  # the last use, for the LRU order
+            self.loaded.remove(resolved)
+            self.loaded.append(resolved)
+        content: Any = request.content
+        content.seek(0)
+        return self.resources[resolved].render(request)
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "aliases": self.aliases.get(name, []),
+            "object": "model",
+            "owned_by": "llamacpp",
+            "status": {"value": "loaded" if name in self.loaded else "unloaded"},
+        }
+
+
+def _json(request: Request, value: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value).encode()
+
+
+def _readJSON(request: Request) -> dict[str, Any]:
+    content: Any = request.content
+    content.seek(0)
+    try:
+        body = json.loads(content.read() or b"{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A fake llama-server for tests and demos.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -825,6 +950,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--memory", choices=["dense", "hybrid", "swa"], default="dense", help="the model's kind"
     )
+    parser.add_argument(
+        "--models", default=None, help="router mode: these models (comma-separated), loaded on demand"
+    )
+    parser.add_argument("--models-max", type=int, default=4, help="router mode: models loaded at once")
     args = parser.parse_args(argv)
 
     import sys
@@ -833,19 +962,27 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.python import log
 
     log.startLogging(sys.stdout)
-    server = FakeLlama(
-        reactor,
-        slots=args.slots,
-        msPerPromptToken=args.ms_per_prompt_token,
-        msPerGeneratedToken=args.ms_per_generated_token,
-        saveDir=args.slot_save_path,
-        cacheRam=not args.no_cache_ram,
-        unified=not args.explicit_slots,
-        apiKey=args.api_key,
-        memory=args.memory,
-    )
+
+    def server(model: str = MODEL) -> FakeLlama:
+        return FakeLlama(
+            reactor,
+            slots=args.slots,
+            msPerPromptToken=args.ms_per_prompt_token,
+            msPerGeneratedToken=args.ms_per_generated_token,
+            model=model,
+            saveDir=args.slot_save_path,
+            cacheRam=not args.no_cache_ram,
+            unified=not args.explicit_slots,
+            apiKey=args.api_key,
+            memory=args.memory,
+        )
+
+    resource: Resource = FakeLlamaResource(server())
+    if args.models:
+        names = [n for n in args.models.split(",") if n]
+        resource = FakeRouter({n: server(n) for n in names}, modelsMax=args.models_max)
     running: Any = reactor
-    running.listenTCP(args.port, Site(FakeLlamaResource(server)), interface=args.host)
+    running.listenTCP(args.port, Site(resource), interface=args.host)
     running.run()
 
 

@@ -26,20 +26,21 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from bioproxy.backend.member import build
+from bioproxy.backend.member import Member, build
 from bioproxy.config import BackendSpec, Config
 from bioproxy.heads import HeadBook
 from bioproxy.metrics import Metrics
 from bioproxy.proxy import ProxyResource
 from bioproxy.serve import ProxySite
 from bioproxy.templates import Sources, Template, TemplateLibrary, load
-from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
+from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource, FakeRouter
 from bioproxy.wire import LeanAgent
 
 T = TypeVar("T")
 
 
 MEMORY_CONFIG = Config(backend_timeout=30.0, health_check_interval=60.0)
+ROUTER_CONFIG = Config(backend_timeout=30.0, health_check_interval=1.0)
 
 
 class Memory:
@@ -150,6 +151,89 @@ class Memory:
 
     def metric(self, name: str, **labels: str) -> float:
         return metricSum(self.metrics.registry, name, **labels)
+
+
+class RouterMemory(Memory):
+    """
+    llama-server's router mode (fakellama.FakeRouter, one FakeLlama per
+    model, modelsMax loaded at once) and bioproxy over it as makeService
+    wires it: the configured backend, a unit per model as models.ModelWatch
+    finds them, the router above; monitors and the watch running on the clock.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        models: tuple[str, ...] = ("alpha", "beta"),
+        modelsMax: int = 1,
+        config: Config = ROUTER_CONFIG,
+        **fake: Any,
+    ) -> None:
+        from bioproxy.models import ModelWatch
+        from bioproxy.router import Router
+
+        self.clock = Clock()
+        self.dir = directory
+        saveDir = directory / "slots"
+        saveDir.mkdir(parents=True, exist_ok=True)
+        self.fakes = {name: FakeLlama(self.clock, saveDir=saveDir, **fake) for name in models}
+        self.router = FakeRouter(self.fakes, modelsMax)
+        self.stub = StubTreq(self.router)
+        self.metrics = Metrics()
+        self.library = TemplateLibrary()
+        self.book = HeadBook(self.library, self.clock.seconds)
+        self.endpoints = MemoryEndpoints(Site(self.router, reactor=self.clock), self.clock)
+        files = RequestTraversalAgent(self.router)
+        self.agent = _Both(LeanAgent(self.clock, self.endpoints, files, 2), self.endpoints)
+        retry = LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
+
+        def unit(spec: BackendSpec) -> Member:
+            return build(spec, config, self.book, self.metrics, self.clock, self.stub, self.agent.lean, retry)
+
+        self.member = unit(BackendSpec("http://llama", slot_save_path=str(saveDir)))
+        self.placement = Router(
+            [self.member], config.warm_on, models=config.models, templateModels=config.template_models
+        )
+        self.units: dict[str, Member] = {}
+
+        def joined(member: Member) -> None:
+            assert member.model is not None
+            self.units[member.model] = member
+            member.warmer.startService()
+            member.monitor.startService()
+
+        self.watch = ModelWatch(
+            [self.member], unit, self.placement, self.clock, config.health_check_interval, joined
+        )
+        self.site = ProxySite(
+            ProxyResource(self.placement, self.library, self.placement, self.book),
+            self.metrics,
+            self.clock,
+            1 << 20,
+        )
+        self.member.monitor.startService()
+        self.watch.startService()
+        self.settle()
+
+    def chat(self, model: str, text: str) -> dict[str, Any]:
+        """A chat request for model through bioproxy; the child's record of it (cache_n, prompt_n, prompt)."""
+        before = len(self.fakes[model].log)
+        status, answer = self.post(
+            "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1},
+        )
+        assert status == 200, answer
+        needle = (text.split(" ", 1)[1] if text.startswith("@") else text).encode()  # a template's message
+        mine = [r for r in self.fakes[model].log[before:] if needle in r["prompt"]]
+        assert len(mine) == 1, mine
+        return mine[0]
+
+    def stop(self) -> None:
+        for member in [self.member, *self.units.values()]:
+            member.monitor.stopService()
+            member.warmer.stopService()
+            member.backend.stop()
+        self.watch.stopService()
 
 
 def _unchunk(data: bytes) -> bytes:

@@ -24,7 +24,7 @@ from ..helpers import asyncTest
 class ScriptedLlama:
     """A LlamaClient stand-in whose health answers come from a list."""
 
-    base = "http://llama:8080"
+    base = name = "http://llama:8080"
 
     def __init__(self, answers: list[bool]) -> None:
         self.answers = answers

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 PACKAGE = Path(__file__).resolve().parents[2] / "bioproxy"
 
 LAYERS = {
-    "over": {"router", "proxy", "snapshot", "state", "admin", "site"},
+    "over": {"router", "models", "proxy", "snapshot", "state", "admin", "site"},
     "program": {"service", "reload", "tap", "cli", "__main__", "testing.memory"},
 }
 ORDER = ["foundation", "backend", "over", "program"]

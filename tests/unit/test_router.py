@@ -98,7 +98,9 @@ class Stand:
     dispatcher: _Dispatcher = field(default_factory=_Dispatcher)
     forwarder: _Forwarder = field(default_factory=_Forwarder)
     monitor: _Monitor = field(default_factory=_Monitor)
-    replaceable: bool = False
+    model: str | None = None  # a model of llama-server's router
+    relays: bool = False
+    replaceable: Any = lambda: False
     handedBack: int = 0
 
     def __post_init__(self) -> None:
@@ -106,10 +108,12 @@ class Stand:
 
     # The face a Member shows the router (router.Placed), over the stand-in parts.
 
-    def join(self, assigned: Any, several: bool, listener: Any) -> None:
+    def join(self, assigned: Any, several: Any, listener: Any) -> None:
         self.warmer.assigned, self.replaceable = assigned, several
-        if listener is not None:
-            self.backend.listeners.append(listener)
+        self.backend.listeners.append(listener)
+
+    def serves(self, model: str) -> bool:
+        return model == self.model
 
     async def send(self, request: Any, body: Any, pinnable: bool = True) -> None:
         await self.dispatcher.send(request, body, pinnable)
@@ -306,6 +310,7 @@ class FailoverTests(SynchronousTestCase):
             head = h
             conversation = None
             text = "x"
+            parsed: dict[str, Any] = {}
 
         request = _Request()
         first.healthy = False  # gone while the request waited: its dispatcher says so

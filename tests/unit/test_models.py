@@ -1,0 +1,131 @@
+"""
+Several models behind llama-server's router (bioproxy/models.py), in
+memory: fakellama's FakeRouter with one model loaded at a time, bioproxy
+wired over it as makeService wires it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from bioproxy.backend.process import Phase
+from bioproxy.testing.fakellama import FakeLlamaResource, _error
+from bioproxy.testing.memory import ROUTER_CONFIG, Memory, RouterMemory
+
+from ..helpers import logEvents
+
+TEMPLATE = "You are a careful reviewer of code. Look for bugs, then style. " * 30 + "<{message}>"
+
+
+class RouterModeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        config = dataclasses.replace(ROUTER_CONFIG, models=("alpha", "beta"))
+        self.m = RouterMemory(Path(self.mktemp()), config=config)
+        self.addCleanup(self.m.stop)
+        self.m.template("@t", TEMPLATE)
+
+    def test_eachModelIsABackendOfItsOwn(self) -> None:
+        """The configured backend is the router, relayed to; each model it lists is a unit, not loaded yet."""
+        m = self.m
+        m.advanceUntil(lambda: len(m.units) == 2)
+        self.assertIs(m.member.backend.phase, Phase.ROUTER)
+        self.assertEqual(sorted(m.units), ["alpha", "beta"])
+        for unit in m.units.values():
+            self.assertEqual(unit.name, f"http://llama#{unit.model}")
+            self.assertTrue(unit.monitor.unloaded)
+        self.assertEqual(m.router.loads, [], "bioproxy loaded a model by itself")
+
+    def test_aRequestReachesItsModel(self) -> None:
+        m = self.m
+        m.advanceUntil(lambda: len(m.units) == 2)
+        for model in ("alpha", "beta", "alpha"):
+            record = m.chat(model, "hello there")
+            self.assertIn(b"hello there", record["prompt"], model)
+        self.assertEqual(m.router.loads, ["alpha", "beta", "alpha"])
+
+    def test_warmAfterEverySwap(self) -> None:
+        """
+        With one model loaded at a time, every templated request after the
+        first swap finds its template warm: the unit restores it when its
+        model is loaded again (a new process), before the request runs.
+        """
+        m = self.m
+        m.advanceUntil(lambda: len(m.units) == 2)
+        size = len(TEMPLATE)
+        results = []
+        computed: dict[str, int] = {}  # by the children after the first swap, probes aside
+        for i, model in enumerate(("alpha", "beta", "alpha", "beta", "alpha")):
+            before = {name: len(fake.log) for name, fake in m.fakes.items()}
+            record = m.chat(model, f"@t check function number {i}, please")
+            results.append((model, record["cache_n"], record["prompt_n"]))
+            warmer = m.units[model].warmer
+            m.advanceUntil(lambda w=warmer: not w.jobs and not w.wanted)  # type: ignore[misc]
+            if i >= 2:
+                for name, fake in m.fakes.items():
+                    work = [
+                        r["prompt_n"]
+                        for r in fake.log[before[name] :]
+                        if b"bioproxy probe" not in r["prompt"]
+                    ]
+                    computed[name] = computed.get(name, 0) + sum(work)
+        for model, cached, tail in results[2:]:
+            self.assertGreater(cached, size * 0.9, (model, results))
+            self.assertLess(tail, 100, (model, results))
+        # Restored, never computed again: the requests' own tails, and a token per warmup check.
+        self.assertLess(sum(computed.values()), 3 * 100, computed)
+        self.assertGreater(sum(computed.values()), 3 * 50, computed)
+
+    def test_noLineTwice(self) -> None:
+        """Ten minutes of a router with nothing asked of it: each line about it once, not once a poll."""
+        seen = logEvents(self)
+        m = RouterMemory(Path(self.mktemp()))
+        self.addCleanup(m.stop)
+        m.clock.pump([1.0] * 600)
+        lines = Counter(formatEvent(e) for e in seen)
+        self.assertIn(
+            "http://llama#beta: the router has not loaded this model (it is warmed again once it is)", lines
+        )
+        self.assertEqual([line for line, n in lines.items() if n > 1], [])
+        self.assertEqual(m.router.loads, [])
+
+
+class ProbeBackoffTests(SynchronousTestCase):
+    def test_aProbeThatFailsTheSameWayIsLoggedOnce(self) -> None:
+        """
+        A backend that answers /props but refuses the probe's completions
+        (as llama-server's router refused them, before bioproxy knew one):
+        probed again with a backoff, and the reason logged once.
+        """
+        seen = logEvents(self)
+        m = Memory(Path(self.mktemp()))
+        attempts: list[float] = []
+        resource = FakeLlamaResource(m.fake)
+
+        def refuse(request: Any) -> bytes:
+            attempts.append(m.clock.seconds())
+            return _error(request, 400, "model name is missing from the request")
+
+        for path in (b"/completion", b"/completions", b"/v1/completions"):
+            resource.routes[(b"POST", path)] = refuse
+        m.stub = StubTreq(resource)
+        m.member.llama.http = m.stub
+        m.found()
+        m.clock.pump([1.0] * 600)
+        failed = [e for e in seen if "probing the backend failed" in formatEvent(e)]
+        self.assertEqual(len(failed), 1, [formatEvent(e) for e in failed])
+        self.assertIn("model name is missing", formatEvent(failed[0]))
+        # 1, 2, 4 ... 60 s apart: a few in ten minutes, not six hundred.
+        tries = sorted(set(attempts))
+        self.assertEqual(tries[:7], [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0])
+        self.assertEqual({b - a for a, b in zip(tries[6:], tries[7:], strict=False)}, {60.0})
+        lines = Counter(formatEvent(e) for e in seen)
+        self.assertEqual([line for line, n in lines.items() if n > 1], [])
+        self.assertIs(m.backend.phase, Phase.PROBING)
+        m.backend.stop()
