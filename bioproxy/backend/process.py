@@ -359,7 +359,9 @@ class Backend:
         )
         why = self.reuseWhy()
         if why is not None:
-            (log.warn if self.reuse is Reuse.NOTHING else log.info)("{why}", why=why)
+            (log.warn if self.reuse is Reuse.NOTHING else log.info)(
+                "{backend}: {why}", why=why, backend=self.llama.name
+            )
         for listener in self.listeners:
             listener.backendReady()
 

@@ -81,11 +81,13 @@ class LlamaServer:
         apiKey: str | None = None,
         size: str = "tiny",
         arch: str = "llama",
+        models: dict[str, str] | None = None,
     ) -> None:
         """
         slots None is llama-server's default (auto slots, unified KV); flags
         are added as given; size "slow" is the model whose prefill takes
-        seconds; arch one of tinymodel.ARCHITECTURES (tiny only).
+        seconds; arch one of tinymodel.ARCHITECTURES (tiny only). models:
+        router mode (`--models-dir`), a tiny model of each name and arch.
         """
         self.reactor = reactor
         self.dir = directory
@@ -101,7 +103,13 @@ class LlamaServer:
         self.model = (
             directory / f"{arch if arch != 'llama' else 'tiny'}.gguf" if size == "tiny" else sharedModel(size)
         )
-        if not self.model.exists():
+        self.modelsDir: Path | None = None
+        if models:
+            self.modelsDir = directory / "models"
+            self.modelsDir.mkdir(exist_ok=True)
+            for name, kind in models.items():
+                tinymodel.write(self.modelsDir / f"{name}.gguf", size="tiny", arch=kind)
+        elif not self.model.exists():
             tinymodel.write(self.model, size=size, arch=arch)
         self.logPath = directory / "llama-server.log"
         self.process: _Process | None = None
@@ -110,7 +118,8 @@ class LlamaServer:
     async def start(self) -> None:
         args = [
             binary(),
-            *("-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port)),
+            *(("--models-dir", str(self.modelsDir)) if self.modelsDir else ("-m", str(self.model))),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
             *("-c", str(self.context), "-t", "2"),
             *(("-np", str(self.slots)) if self.slots else ()),
             *(("--slot-save-path", str(self.saveDir)) if self.persistent else ()),
@@ -161,13 +170,15 @@ class LlamaServer:
         )
         return await response.json()
 
-    async def tokens(self, text: str) -> int:
-        return len((await self.json("POST", "/tokenize", {"content": text, "add_special": True}))["tokens"])
+    async def tokens(self, text: str, model: str | None = None) -> int:
+        named = {"model": model} if model else {}
+        body = {"content": text, "add_special": True, **named}
+        return len((await self.json("POST", "/tokenize", body))["tokens"])
 
-    async def messageAndTail(self, content: str, message: str) -> int:
-        """Prompt tokens from the message on: all that a fully warm slot computes."""
-        prompt = (
-            await self.json("POST", "/apply-template", {"messages": [{"role": "user", "content": content}]})
-        )["prompt"]
+    async def messageAndTail(self, content: str, message: str, model: str | None = None) -> int:
+        """Prompt tokens from the message on: all that a fully warm slot computes (model: of a router's)."""
+        named = {"model": model} if model else {}
+        body = {"messages": [{"role": "user", "content": content}], **named}
+        prompt = (await self.json("POST", "/apply-template", body))["prompt"]
         head = prompt[: prompt.index(message)]
-        return await self.tokens(prompt) - await self.tokens(head)
+        return await self.tokens(prompt, model) - await self.tokens(head, model)

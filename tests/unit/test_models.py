@@ -50,6 +50,19 @@ class RouterModeTests(SynchronousTestCase):
             self.assertIn(b"hello there", record["prompt"], model)
         self.assertEqual(m.router.loads, ["alpha", "beta", "alpha"])
 
+    def test_aModelNobodyServesGetsTheRoutersAnswer(self) -> None:
+        """Not a guess: llama-server's router answers a model it does not have, or none named."""
+        m = self.m
+        m.advanceUntil(lambda: len(m.units) == 2)
+        chat = {"messages": [{"role": "user", "content": "@t hello"}], "max_tokens": 1}
+        status, answer = m.post("/v1/chat/completions", {**chat, "model": "gamma"})
+        self.assertEqual((status, answer["error"]["message"]), (400, "model 'gamma' not found"))
+        status, answer = m.post("/v1/chat/completions", chat)
+        self.assertEqual(
+            (status, answer["error"]["message"]), (400, "model name is missing from the request")
+        )
+        self.assertEqual(m.router.loads, [])
+
     def test_warmAfterEverySwap(self) -> None:
         """
         With one model loaded at a time, every templated request after the

@@ -299,6 +299,61 @@ class WarmTargetTests(SynchronousTestCase):
         self.assertEqual([m.warmer.warmed for m in members], [1, 1])
 
 
+class ModelTests(SynchronousTestCase):
+    """Several models (llama-server's router, each model a member of its own): placement by the request's model."""
+
+    def members(self) -> list[Stand]:
+        return [Stand(f"http://r:1#{model}", model=model) for model in ("alpha", "beta")]
+
+    @given(keys)
+    def test_aRequestGoesToItsModel(self, key: str) -> None:
+        """Whatever its head's hash or warmth says, a request for alpha goes to alpha."""
+        alpha, beta = members = self.members()
+        beta.warm[key] = 2
+        r = router(members)
+        self.assertIs(r.choose(head(key), "", "alpha"), alpha)
+        self.assertIs(r.choose(head(key), "", "beta"), beta)
+
+    def test_aModelNobodyServesGetsTheBackendsOwnAnswer(self) -> None:
+        """The router's own member (no model) gets it, and answers it as llama-server's router does."""
+        relay = Stand("http://r:1", relays=True)
+        members = [relay, *self.members()]
+        r = router(members)
+        self.assertIs(r.choose(head("@t"), "", "gamma"), relay)
+        self.assertIs(r.choose(head("@t"), "", None), relay)
+
+    def test_warmedForItsModelsOnly(self) -> None:
+        """A head is warmed for the models configured for it, and then for those its requests name."""
+        alpha, beta = members = self.members()
+        r = Router(members, 1, models=("alpha",))  # type: ignore[arg-type]
+        h = head("@t")
+        self.assertEqual(r.warmTargets(h), [alpha])
+        body = _Body(h, {"model": "beta"})
+        d = defer.ensureDeferred(r.send(_Request(), body))  # type: ignore[arg-type]
+        self.successResultOf(d)
+        self.assertEqual(r.warmTargets(h), [alpha, beta])
+        self.assertEqual((alpha.warmer.warmed, beta.warmer.warmed), (0, 1), "beta was told to warm it")
+        # A model nobody serves is not learned.
+        d = defer.ensureDeferred(r.send(_Request(), _Body(h, {"model": "gamma"})))  # type: ignore[arg-type]
+        self.assertEqual(r.modelsOf(h), {"alpha", "beta"})
+
+    def test_anUnloadedModelWarmsNothing(self) -> None:
+        """A model its router has not loaded is no warm target: bioproxy never loads one to warm it."""
+        alpha, beta = members = self.members()
+        r = Router(members, 1, models=("alpha", "beta"))  # type: ignore[arg-type]
+        beta.healthy = False
+        self.assertEqual(r.warmTargets(head("@t")), [alpha])
+
+
+class _Body:
+    conversation = None
+    text = "x"
+
+    def __init__(self, h: Head, parsed: dict[str, Any]) -> None:
+        self.head = h
+        self.parsed = parsed
+
+
 class FailoverTests(SynchronousTestCase):
     def test_aWaitingRequestIsPlacedAgain(self) -> None:
         members = stands(2)
