@@ -81,11 +81,20 @@ class Snapshot:
 
     @property
     def caching(self) -> list[tuple[Viewed, KVCache]]:
-        return [(b, b.cache) for b in self.backends if b.cache is not None]
+        return [(b, b.cache) for b in self._modelled() if b.cache is not None]
 
     @property
     def slotted(self) -> list[tuple[Viewed, SlotScheduler]]:
-        return [(b, b.scheduler) for b in self.backends if b.scheduler is not None]
+        return [(b, b.scheduler) for b in self._modelled() if b.scheduler is not None]
+
+    def _modelled(self) -> Sequence[Viewed]:
+        """
+        The backends whose slots and heads are bioproxy's to show: not
+        llama-server's router itself, whose models are listed instead
+        (unless it is all there is).
+        """
+        modelled = [b for b in self.backends if b.cache is None or not b.cache.backend.passesThrough]
+        return modelled or self.backends
 
     def whole(self) -> dict[str, Any]:
         return self._whole(self.templates())

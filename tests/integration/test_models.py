@@ -71,6 +71,27 @@ class RouterModeTests(TestCase):
             0,
             "no swap back was restored from its file",
         )
+        # Each model in the operator's views, the router itself only in /health.
+        base = router.url
+        listing = await (await stack.http.get(stack.admin + "/templates")).json()
+        self.assertEqual(
+            sorted((b["url"], b["router_model"], b["phase"]) for b in listing["backends"]),
+            [
+                (f"{base}#alpha", "alpha", "ready"),
+                (f"{base}#beta", "beta", "lost"),
+            ],  # unloaded by the last swap
+        )
+        where = {b["url"]: b["warm_state"] for b in listing["templates"][0]["backends"]}
+        self.assertEqual(sorted(where), [f"{base}#alpha", f"{base}#beta"])
+        self.assertTrue(where[f"{base}#alpha"].startswith("warm"), where)  # loaded last
+        slots = await (await stack.http.get(stack.admin + "/slots")).json()
+        self.assertEqual(sorted(b["url"] for b in slots["backends"]), [f"{base}#alpha", f"{base}#beta"])
+        health = await (await stack.http.get(stack.admin + "/health")).json()
+        self.assertEqual(
+            sorted(b["url"] for b in health["backends"]), [base, f"{base}#alpha", f"{base}#beta"]
+        )
+        metrics = (await (await stack.http.get(stack.admin + "/metrics")).content()).decode()
+        self.assertIn(f'backend="{base}#beta"', metrics)
         # Each line about the backends once per change: never the same line twice in a row.
         lines = [formatEvent(e) for e in seen if "http://127.0.0.1" in formatEvent(e)]
         repeated = [a for a, b in zip(lines, lines[1:], strict=False) if a == b]

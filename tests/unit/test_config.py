@@ -203,6 +203,23 @@ class BackendsTests(TestCase):
         for bad in (0, "two", True, 1.5):
             self.assertRaises(ConfigError, validate, {"warm_on": bad})
 
+    def test_models(self) -> None:
+        """The models templates are warmed for behind llama-server's router, and per template."""
+        config = validate({"models": ["alpha", "beta"], "template_models": {"@code": ["beta"]}})
+        self.assertEqual(
+            (config.models, dict(config.template_models)), (("alpha", "beta"), {"@code": ("beta",)})
+        )
+        self.assertEqual((validate({}).models, dict(validate({}).template_models)), ((), {}))
+        for key, bad, words in (
+            ("models", "alpha", "list of model names"),
+            ("models", [""], "list of model names"),
+            ("template_models", ["alpha"], "mapping of template prefix"),
+            ("template_models", {"@code": "alpha"}, "template_models.@code"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                validate({key: bad})
+            self.assertIn(words, str(caught.exception), (key, bad))
+
     def test_repeatedFlag(self) -> None:
         from bioproxy.tap import Options
 
