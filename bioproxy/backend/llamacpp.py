@@ -105,7 +105,9 @@ class LlamaClient:
     async def _json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         kwargs: dict[str, Any] = {"reactor": self.reactor, "headers": self.headers}
         if self.model is not None:
-            path += ("&" if "?" in path else "?") + "model=" + quote(self.model, safe="") + "&autoload=false"
+            # Never load it (autoload=false), unless the path says so (loadModel).
+            load = "" if "autoload=" in path else "&autoload=false"
+            path += ("&" if "?" in path else "?") + "model=" + quote(self.model, safe="") + load
             if method == "POST":
                 body = {**(body or {}), "model": self.model}
         if body is not None:
@@ -163,10 +165,14 @@ class LlamaClient:
         """The models a router serves, with their status (llama-server's /v1/models)."""
         return await self._json("GET", "/v1/models")
 
-    async def loadModel(self) -> Any:
-        """Ask a router to load this client's model (as a user's request for it would)."""
+    async def loadModel(self, timeout: float) -> Any:
+        """
+        Have a router load this client's model, as a user's request for it
+        would, and answer once it is loaded: its /props, asked with the
+        router's autoload, which waits for the load.
+        """
         assert self.model is not None
-        return await self._json("POST", "/models/load")
+        return await self._json("GET", "/props?autoload=true", timeout=timeout)
 
     async def props(self) -> Any:
         return await self._json("GET", "/props")

@@ -13,20 +13,18 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..metrics import Metrics
-from .llamacpp import BackendError, LlamaClient, NotLoaded, Refused, Unauthorized, fingerprint
+from .llamacpp import BackendError, LlamaClient, NotLoaded, Unauthorized, fingerprint
 
 log = Logger()
 
 # Why a model of llama-server's router does not answer: it is not loaded.
 UNLOADED = "the router has not loaded this model (it is warmed again once it is)"
-# How often a request that asked the router to load its model looks whether it has.
-LOAD_POLL = 0.25
 
 
 def identity(props: dict[str, Any]) -> tuple[str, Any]:
@@ -166,27 +164,20 @@ class BackendMonitor(Service):
     async def loadModel(self, timeout: float) -> None:
         """
         Have the router load this backend's model, as the request waiting
-        for it would, and wait until it answers (up to timeout): the check
-        that finds it tells the listeners of a new process, whose probe and
-        restores then run before the request does.
+        for it would, and wait until it is loaded (up to timeout): the check
+        that then finds it tells the listeners of a new process, whose
+        probe and restores run before the request does.
         """
         try:
-            await self.client.loadModel()
-        except Refused:
-            pass  # loading or loaded already
+            await self.client.loadModel(timeout)
+        except defer.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - the request goes on; the router loads the model for it
             log.info(
-                "{backend}: cannot ask the router to load the model: {why}",
-                why=str(e),
-                backend=self.client.name,
+                "{backend}: the router did not load the model: {why}", why=str(e), backend=self.client.name
             )
             return
-        deadline = self.clock.seconds() + timeout
-        while self.running and self.clock.seconds() < deadline:
-            await self.checkNow(timeout)
-            if self.reachable:
-                return
-            await task.deferLater(self.clock, LOAD_POLL, lambda: None)
+        await self.checkNow(timeout)
 
     def noteUnreachable(self, problem: str) -> None:
         """A request could not connect: treat it like a failed poll."""

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -120,6 +120,8 @@ class Backend:
         self._probeFailures = 0
         self._probeError: str | None = None
         self._reuseProbeError: str | None = None
+        # A router's model: the facts of each kind of process probed (_probeProcess).
+        self._probedBefore: dict[tuple[str, int], tuple[Any, ...]] = {}
         self._machine = _processMachine(self)
 
     @property
@@ -372,7 +374,37 @@ class Backend:
         whether slot 0 kept P while slot 1 worked. Where it did, Q and then
         P on slot 0 say whether P came back from the RAM cache. A restore of
         a file that is not there says whether slot files work at all.
+
+        A model of llama-server's router is loaded again and again with the
+        same flags: a process of the same model file, context, build and
+        slots as one probed before is what that one was, and is not probed
+        again (a swap's first request waits for no probe).
         """
+        identity = self._identity()
+        known = self._probedBefore.get(identity) if identity is not None else None
+        if known is not None:
+            await task.deferLater(self.scheduler.clock, 0, lambda: None)  # not inside the machine's output
+            self.mode, self.ramCache, self.persistence, self.reuse, self.model, self.fingerprint = known
+            self.scheduler.reset(self.slotCount, retains=self.mode is SlotMode.RETAINED)
+            return
+        await self._probeAfreshProcess()
+        if identity is not None:
+            self._probedBefore[identity] = (
+                self.mode,
+                self.ramCache,
+                self.persistence,
+                self.reuse,
+                self.model,
+                self.fingerprint,
+            )
+
+    def _identity(self) -> tuple[str, int] | None:
+        """What a router's model process is like, as its /props says (None: not a router's model)."""
+        if self.llama.model is None or not self.props:
+            return None
+        return fingerprint(self.props), self.slotCount
+
+    async def _probeAfreshProcess(self) -> None:
         leases: list[Lease] = []
         try:
             for slot in range(min(2, self.slotCount)):
