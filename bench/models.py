@@ -97,7 +97,8 @@ def settled(proxy: Bioproxy, model: str) -> bool:
     slots = call(proxy.admin + "/slots")
     mine = [b for t in view["templates"] for b in t.get("backends", []) if b["url"].endswith("#" + model)]
     busy = sum(b.get("waiting", {}).get("warmup", 0) for b in slots.get("backends", []))
-    return bool(mine) and all(b["warm_state"].startswith("warm") for b in mine) and not busy
+    warm = ("warm in a slot", "warm in llama-server's RAM cache")
+    return bool(mine) and all(b["warm_state"] in warm for b in mine) and not busy
 
 
 def main() -> None:
