@@ -22,7 +22,7 @@ from ..heads import MARK, Head
 from ..metrics import Metrics
 from . import Backend, Persistence, Reuse, SlotMode
 from .kvcache import HIT_SHARE, KVCache, Prepared
-from .llamacpp import BackendError, NoPersistence
+from .llamacpp import BackendError, NoPersistence, NotLoaded
 from .scheduler import commonLength
 
 log = Logger()
@@ -214,6 +214,8 @@ class CacheIO:
         except NoPersistence as e:
             self.backend.noPersistence(str(e))
             return False
+        except NotLoaded:
+            return False  # a router's model, unloaded meanwhile: its file is not in question
         except BackendError as e:
             # llama-server says 400 for a file that is missing or unusable.
             status = "missing" if e.status == 400 else "error"

@@ -185,6 +185,7 @@ def build(
         metrics,
         config.backend_timeout,
         conversationIdle=config.conversation_idle,
+        unloaded=monitor.noteUnloaded,
     )
     warmer.setName("warmup" + name)
     monitor.listeners.append(backend)

@@ -179,6 +179,11 @@ class BackendMonitor(Service):
             return
         await self.checkNow(timeout)
 
+    def noteUnloaded(self) -> None:
+        """A call of bioproxy's own found the router's model unloaded: as a poll that finds it so."""
+        if self.reachable:
+            self._record(False, UNLOADED)
+
     def noteUnreachable(self, problem: str) -> None:
         """A request could not connect: treat it like a failed poll."""
         if self.reachable:

@@ -37,7 +37,7 @@ from ..templates import Template
 from . import Backend, Reuse
 from .cacheio import CacheIO
 from .kvcache import KVCache, WarmState
-from .llamacpp import Refused, Unauthorized, Unreachable
+from .llamacpp import NotLoaded, Refused, Unauthorized, Unreachable
 from .scheduler import UNKNOWN, WARMUP, Lease, SlotScheduler, yielding
 
 log = Logger()
@@ -94,7 +94,9 @@ class Warmer(Service):
         timeout: float,
         retryDelay: float = 5.0,
         conversationIdle: float = 5.0,
+        unloaded: Callable[[], None] = lambda: None,
     ) -> None:
+        """unloaded: told when a warmup finds its model unloaded by llama-server's router (the monitor's noteUnloaded)."""
         self.book = book
         self.scheduler = scheduler
         self.cache = cache
@@ -107,6 +109,7 @@ class Warmer(Service):
         self.retryDelay = retryDelay
         # Seconds without a turn after which a conversation's file is saved.
         self.conversationIdle = conversationIdle
+        self.unloaded = unloaded
         self._idle: dict[str, IDelayedCall] = {}
         # The head each conversation opens with, to warm once it is saved (warmAfter).
         self._after: dict[str, str] = {}
@@ -411,6 +414,17 @@ class Warmer(Service):
                     fix=e.fix,
                     backend=self.llama.name,
                 )
+            elif isinstance(e, NotLoaded):
+                # A router's model, unloaded meanwhile: warmed once it is loaded again.
+                self.metrics.warmupFailures.labels(prefix=head.label, kind="unloaded").inc()
+                log.info(
+                    "{backend}: warmup of {prefix} stopped: the router unloaded the model; "
+                    "it is warmed once the model is loaded again",
+                    prefix=prefix,
+                    backend=self.llama.name,
+                )
+                self.wanted.add(prefix)
+                self.unloaded()  # out of placement, and no warmup, until it is loaded again
             elif isinstance(e, Refused):
                 # The backend refuses this head (too long for a slot, say):
                 # retrying cannot help until the head or the backend changes.

@@ -16,7 +16,9 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.backend.process import Phase
-from bioproxy.testing.fakellama import FakeLlamaResource, _error
+from bioproxy.backend.warmup import Phase as WarmPhase
+from bioproxy.heads import templateHead
+from bioproxy.testing.fakellama import FakeLlamaResource, _error, chatPrompt
 from bioproxy.testing.memory import ROUTER_CONFIG, Memory, RouterMemory
 
 from ..helpers import logEvents
@@ -29,7 +31,7 @@ class RouterModeTests(SynchronousTestCase):
         config = dataclasses.replace(ROUTER_CONFIG, models=("alpha", "beta"))
         self.m = RouterMemory(Path(self.mktemp()), config=config)
         self.addCleanup(self.m.stop)
-        self.m.template("@t", TEMPLATE)
+        self.t = self.m.template("@t", TEMPLATE)
 
     def test_eachModelIsABackendOfItsOwn(self) -> None:
         """The configured backend is the router, relayed to; each model it lists is a unit, not loaded yet."""
@@ -94,6 +96,59 @@ class RouterModeTests(SynchronousTestCase):
         # Restored, never computed again: the requests' own tails, and a token per warmup check.
         self.assertLess(sum(computed.values()), 3 * 100, computed)
         self.assertGreater(sum(computed.values()), 3 * 50, computed)
+
+    def test_unloadedMidWarmupIsNoRefusal(self) -> None:
+        """
+        The router unloads a model while bioproxy works on it (before its
+        monitor knows): the head is not refused, its file not taken for
+        missing; it is warmed again once the model is back.
+        """
+        m = self.m
+        m.advanceUntil(lambda: len(m.units) == 2)
+        m.chat("alpha", "hello")
+        alpha, head = m.units["alpha"], templateHead(self.t)
+        m.advanceUntil(lambda: not alpha.warmer.jobs and not alpha.warmer.wanted)
+        self.assertTrue(alpha.cache.saved(head))
+        m.router.unload("alpha")
+        self.assertFalse(m.run(alpha.cacheIO.restore(0, head)))
+        self.assertTrue(alpha.cache.mayRestore(head), "the file was taken for missing")
+        alpha.warmer.queueWarmup("@t", force=True)  # its file written again: it asks llama-server
+        m.settle()
+        self.assertEqual(alpha.cache.state(head).error, None)
+        self.assertNotEqual(alpha.warmer.phase(head), WarmPhase.REFUSED)
+        self.assertIn("@t", alpha.warmer.wanted)
+        self.assertEqual(m.router.loads, ["alpha"])
+
+    def test_aConversationAfterASwap(self) -> None:
+        """A kept conversation's next turn, after the other model was used, computes only that turn."""
+        m = self.m
+        m.advanceUntil(lambda: len(m.units) == 2)
+        alpha = m.units["alpha"]
+        messages: list[dict[str, Any]] = []
+        for turn in range(3):
+            messages.append(
+                {"role": "user", "content": f"@t check function {turn}" if not turn else f"and {turn}?"}
+            )
+            status, answer = m.post(
+                "/v1/chat/completions", {"model": "alpha", "messages": messages, "max_tokens": 4}
+            )
+            self.assertEqual(status, 200, answer)
+            messages.append(answer["choices"][0]["message"])
+        m.clock.advance(alpha.warmer.conversationIdle)  # it goes idle: its file is saved
+        m.advanceUntil(lambda: not alpha.warmer.jobs and not alpha.warmer.wanted)
+        self.assertTrue(any(e.bytes for e in m.book.conversations()), "no conversation saved")
+        m.chat("beta", "hello")  # a swap
+        messages.append({"role": "user", "content": "and after the swap?"})
+        before = len(m.fakes["alpha"].log)
+        status, answer = m.post(
+            "/v1/chat/completions", {"model": "alpha", "messages": messages, "max_tokens": 4}
+        )
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(m.router.loads, ["alpha", "beta", "alpha"])
+        record = next(r for r in m.fakes["alpha"].log[before:] if b"after the swap" in r["prompt"])
+        added = len(chatPrompt(messages).encode()) - len(chatPrompt(messages[:-2]).encode())
+        self.assertLessEqual(record["prompt_n"], added + 1, record["prompt_n"])
+        self.assertGreater(record["cache_n"], len(TEMPLATE), record["cache_n"])
 
     def test_noLineTwice(self) -> None:
         """Ten minutes of a router with nothing asked of it: each line about it once, not once a poll."""
