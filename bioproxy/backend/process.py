@@ -152,8 +152,8 @@ class Backend:
         file instead of computing it.
         """
         waiter: defer.Deferred[None] = defer.Deferred()
-        if self._phase is not Phase.PROBING:
-            waiter.callback(None)
+        if self._phase is not Phase.PROBING or self._probeFailures:
+            waiter.callback(None)  # nothing to wait for, or a probe that keeps failing
             return waiter
         self._probing.append(waiter)
         clock: Any = self.scheduler.clock
@@ -255,8 +255,13 @@ class Backend:
 
     @property
     def passesThrough(self) -> bool:
-        """Nothing of it is modelled (not llama-server, or its router): requests are relayed as they are."""
-        return self._phase in (Phase.FOREIGN, Phase.ROUTER)
+        """
+        Nothing of it is modelled (not llama-server, its router, or a
+        process whose probe keeps failing): requests are relayed as they are.
+        """
+        return self._phase in (Phase.FOREIGN, Phase.ROUTER) or (
+            self._phase is Phase.PROBING and self._probeFailures > 0
+        )
 
     @property
     def restoresHelp(self) -> bool:

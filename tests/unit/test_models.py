@@ -196,4 +196,7 @@ class ProbeBackoffTests(SynchronousTestCase):
         lines = Counter(formatEvent(e) for e in seen)
         self.assertEqual([line for line, n in lines.items() if n > 1], [])
         self.assertIs(m.backend.phase, Phase.PROBING)
+        # As the line says: requests are relayed meanwhile, not held for a probe.
+        status, answer = m.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200, answer)
         m.backend.stop()

@@ -499,3 +499,27 @@ class RealMembersTests(SynchronousTestCase):
             self.assertIs(r.choose(h, ""), warm.member, busy)
             self.assertEqual(r.warmTargets(h), [warm.member])
             busy.discard(h.name)
+
+    def test_llamaServersOfDifferentModels(self) -> None:
+        """
+        Several llama-servers, one model each: a request goes to the one
+        whose model it names (its file name or alias, as /props says); a
+        name none of them has goes where placement says, as before.
+        """
+        from pathlib import Path
+
+        from bioproxy.heads import templateHead
+        from bioproxy.router import Router
+        from bioproxy.testing.memory import Memory
+
+        qwen = Memory(Path(self.mktemp()), url="http://q:8081", model="qwen3.5-9b")
+        gemma = Memory(Path(self.mktemp()), url="http://g:8081", model="gemma-3-12b")
+        h = templateHead(qwen.template("@code", "Review:\n<{message}>"))
+        for m in (qwen, gemma):
+            m.found()
+        r = Router([qwen.member, gemma.member], warmOn=1)
+        hashed = r.choose(h, "")
+        for _ in range(3):
+            self.assertIs(r.choose(h, "", "qwen3.5-9b"), qwen.member)
+            self.assertIs(r.choose(h, "", "gemma-3-12b.gguf"), gemma.member)
+        self.assertIs(r.choose(h, "", "gpt-4o"), hashed)
