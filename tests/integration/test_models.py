@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
+from ..e2e.test_cli import bioproxy
 from ..helpers import asyncTest, logEvents, until
 from .llama import LlamaServer
 from .test_llama import RealStack, texts
@@ -92,6 +93,10 @@ class RouterModeTests(TestCase):
         )
         metrics = (await (await stack.http.get(stack.admin + "/metrics")).content()).decode()
         self.assertIn(f'backend="{base}#beta"', metrics)
+        out, err, code = await bioproxy("status", "--admin", stack.admin, cwd=directory)
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, rf"@t0\s+warm in \S+.*{base}#alpha")
+        self.assertIn(f"{base}#beta", out)
         # Each line about a backend's state once per change: never the same
         # line twice in a row (a warmup's outcome is an event of its own).
         lines = [
