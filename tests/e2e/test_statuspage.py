@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import reactor, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
-from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource
+from bioproxy.testing.fakellama import FakeLlama, FakeLlamaResource, FakeRouter
 
 from ..helpers import asyncTest, listen, membersSettled, until
 from ..stack import Bioproxy, templateText
@@ -162,6 +162,37 @@ class StatusPageTests(TestCase):
             self.assertRegex(out, rf"{prefix}\s+(warm in a slot|on disk)\s+{home[prefix]}\s+1\s")
         for url in urls:
             self.assertEqual(sum(1 for line in out.splitlines() if line.startswith(url)), 2, out)
+
+    @asyncTest
+    async def test_routerModeShowsEachModel(self) -> None:
+        """
+        Issue 28: behind llama-server's router (fakellama's FakeRouter, one
+        model loaded at a time), the page shows each model where the
+        backends are: the router up, the model that is loaded up and
+        warm, the other not loaded and why.
+        """
+        browser().quit()
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        models = {name: FakeLlama(R, slots=2, saveDir=directory) for name in ("alpha", "beta")}
+        url = listen(R, FakeRouter(models, modelsMax=1), self)
+        stack = Bioproxy(self, directory, url, {"@t0": templateText(0)}, admin_token=TOKEN, models=["alpha"])
+        stack.headers = {"Authorization": f"Bearer {TOKEN}"}
+        watch = stack.service.getServiceNamed("models")
+        await until(R, lambda: len(watch.units) == 2, timeout=30, what="a unit per model")
+        await stack.chat("@t0 what does this do?", model="alpha")
+        alpha = watch.units[f"{url}#alpha"]
+        await until(R, lambda: membersSettled([alpha]), timeout=30, what="alpha's warmups")
+        stack.headers = {}
+        page = await threads.deferToThread(rendered, f"{stack.admin}/?token={TOKEN}", None)
+        self.assertEqual(page["error"], "")
+        self.assertIn(f"{url}: up", page["backend"])
+        self.assertIn(f"{url}#alpha: up", page["backend"])
+        self.assertIn(f"{url}#beta: down (the router has not loaded this model", page["backend"])
+        self.assertIn(f"at {url}#alpha:", page["model"])
+        rows = {row[0]: row for row in page["templates"]}
+        self.assertEqual(rows["@t0"][1], f"warm in a slot at {url}#alpha", rows)
+        self.assertEqual({row[0].rsplit(" ", 1)[0] for row in page["slots"]}, {f"{url}#alpha", f"{url}#beta"})
 
     @asyncTest
     async def test_refusedWithoutTheToken(self) -> None:
