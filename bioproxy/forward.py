@@ -142,6 +142,7 @@ class Forwarder:
         peer = request.getClientAddress()
         address = getattr(peer, "host", None) or "unix"
         appendForwarded(headers, address, b"https" if request.isSecure() else b"http")
+        headers.setRawHeaders(b"x-request-id", [request.requestId])
         return headers
 
 
@@ -229,12 +230,13 @@ class _Exchange:
             reason.raiseException()
         self.forwarder.metrics.backendErrors.labels(backend=self.forwarder.label, kind=kind).inc()
         log.warn(
-            "{backend}: backend {kind} error for {method} {path}: {why}",
+            "{backend}: backend {kind} error for {method} {path}: {why} (request {request_id})",
             kind=kind,
             method=self.request.method.decode(),
             path=self.request.path.decode(),
             why=_describe(reason),
             backend=self.forwarder.label,
+            request_id=self.request.requestId.decode("ascii"),
         )
         self.outcome.error = kind
         self.outcome.reached = not reason.check(error.ConnectError, error.DNSLookupError)
@@ -278,15 +280,17 @@ class _Exchange:
             self.forwarder.metrics.backendErrors.labels(backend=self.forwarder.label, kind=kind).inc()
             if idle:
                 log.warn(
-                    "{backend}: backend sent nothing for {s:g} s mid-response; cutting it off",
+                    "{backend}: backend sent nothing for {s:g} s mid-response; cutting it off (request {request_id})",
                     s=self.forwarder.idleTimeout,
                     backend=self.forwarder.label,
+                    request_id=self.request.requestId.decode("ascii"),
                 )
             else:
                 log.warn(
-                    "{backend}: backend connection failed mid-response: {why}",
+                    "{backend}: backend connection failed mid-response: {why} (request {request_id})",
                     why=_describe(reason),
                     backend=self.forwarder.label,
+                    request_id=self.request.requestId.decode("ascii"),
                 )
             self.outcome.error = kind
             self._abortClient()

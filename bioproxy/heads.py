@@ -435,6 +435,39 @@ class HeadBook:
         self._bound()
         return entry.shell.head(self.library)
 
+    def pending(self, head: Head) -> tuple[int, int] | None:
+        """A learned head not kept yet: its uses so far and those it needs (learn_after); else None."""
+        entry = self.entries.get(head.name) if head.learned else None
+        if entry is None or self._kept(entry):
+            return None
+        return entry.uses, self.learnAfter
+
+    def divergence(self, view: ChatView | None) -> tuple[int, str] | None:
+        """
+        Where view parts from the kept conversation it shares most messages
+        with: the index and role of its first message that differs (an
+        edited or compacted history), or None when it shares none, or
+        continues one (conversationsOf finds those).
+        """
+        if view is None:
+            return None
+        best: tuple[int, str] | None = None
+        for entry in self.conversations():
+            kept = entry.shell.view
+            if kept is None or kept.head != view.head:
+                continue
+            common = 0
+            for mine, theirs in zip(view.messages, kept.messages, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            if 0 < common < min(len(kept.messages), len(view.messages)) and (
+                best is None or common > best[0]
+            ):
+                role = view.messages[common].get("role") if isinstance(view.messages[common], dict) else None
+                best = (common, str(role or "unknown"))
+        return best
+
     def measured(self, shell: Shell, tokens: int) -> None:
         """
         A request that began with shell, too short to keep as estimated,

@@ -185,8 +185,8 @@ class Metrics:
         )
         self.cacheMisses = Counter(
             "bioproxy_cache_misses",
-            "Templated requests whose cache_n fell short of the template's warm size.",
-            ["prefix"],
+            "Users' requests whose head (a template's, a learned one, a conversation) was not reused, by why (bioproxy.why).",
+            ["prefix", "reason"],
             registry=r,
         )
         self.backendRestarts = Counter(

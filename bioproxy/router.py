@@ -149,17 +149,23 @@ class Router:
         The member for a request for model starting with head (None: no
         known head; affinity, the request's own key, orders the members then).
         """
+        return self._place(head, affinity, model)[0]
+
+    def _place(self, head: Head | None, affinity: str, model: str | None) -> tuple[Placed, bool]:
+        """choose(), and whether the load guard took the request away from where head was warmest."""
         if len(self.members) == 1:
-            return self.members[0]
+            return self.members[0], False
         pool = self.serving(model)
         if len(pool) == 1:
-            return pool[0]
+            return pool[0], False
         candidates = [m for m in pool if m.healthy] or pool
         ordered = rendezvous(head.key if head is not None else affinity, candidates)
+        guarded = False
         if len(ordered) > 1 and imbalanced([m.load() for m in ordered], self.threshold, self.ratio):
             chosen = min(ordered, key=lambda m: m.load())
+            guarded = head is not None and chosen.warmth(head) < max(m.warmth(head) for m in ordered)
         elif head is None:
-            return ordered[0]
+            return ordered[0], False
         else:  # max keeps the first of equals: the hash's choice
             chosen = max(ordered, key=lambda m: (m.warmth(head), m is self.last.get(head.name)))
         if head is not None:
@@ -167,7 +173,7 @@ class Router:
             self.last.move_to_end(head.name)
             if len(self.last) > REMEMBERED:
                 self.last.popitem(last=False)
-        return chosen
+        return chosen, guarded
 
     async def send(self, request: ProxyRequest, body: Body, pinnable: bool = True) -> None:
         """
@@ -183,7 +189,7 @@ class Router:
         if model is not None and body.head is not None:
             self._named(body.head, model)
         for _ in self.members:
-            member = self.choose(body.head, affinity, model)
+            member, request.placedByGuard = self._place(body.head, affinity, model)
             self._mark(request, member)
             try:
                 await member.send(request, body, pinnable)

@@ -22,6 +22,8 @@ producers, and the idle timeout of a kept-alive connection.
 
 from __future__ import annotations
 
+import re
+import secrets
 import tempfile
 from collections import deque
 from collections.abc import Sequence
@@ -41,6 +43,7 @@ from .deadline import Deadline
 from .errors import errorResponse, failRequest, writeError
 from .headers import RawHeaders
 from .metrics import Metrics, methodLabel, pathLabel
+from .why import Reason
 from .wire import sendNow
 
 log = Logger()
@@ -54,6 +57,7 @@ BODY_IN_MEMORY = 1 << 20  # a larger body is kept in a temporary file
 READ_AHEAD = 1 << 16  # bytes of pipelined requests read while one is answered
 LINGER = 2.0  # seconds a refused body is still read (and dropped) before closing
 _NO_BODY = frozenset((204, 304))
+_REQUEST_ID = re.compile(rb"[!-~]{1,128}")  # a client's X-Request-Id, kept as it is
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -85,6 +89,10 @@ class ProxyRequest:
     firstByte: float | None = None  # seconds to the response's first body byte
     tooLarge = False  # its body passes the limit: answered 413, and the connection closed
     backend: str | None = None  # which backend answered, when there are several (the router sets it)
+    reason: Reason | None = (
+        None  # why its prompt was or was not reused from the cache (the dispatcher sets it)
+    )
+    placedByGuard = False  # the router's load guard chose its backend, not where its head was warm
 
     def __init__(
         self, channel: ProxyChannel, method: bytes, uri: bytes, clientproto: bytes, headers: RawHeaders
@@ -100,6 +108,12 @@ class ProxyRequest:
         self.content: IO[bytes] = BytesIO()
         self.startedAt = self.site.clock.seconds()
         self._finished: list[defer.Deferred[None]] = []
+        # The client's X-Request-Id, kept when it is one line of visible
+        # ASCII (128 at most), else one made here: sent to llama-server,
+        # returned to the client, and in each log line about the request.
+        given = headers.getRawHeaders(b"x-request-id")
+        ident = given[-1] if given else b""
+        self.requestId = ident if _REQUEST_ID.fullmatch(ident) else secrets.token_hex(8).encode()
 
     # -- what the request says
 
@@ -154,6 +168,7 @@ class ProxyRequest:
                 self.persistent = False  # the body ends when the connection does
         if not self.persistent:
             headers.setRawHeaders(b"connection", [b"close"])
+        headers.setRawHeaders(b"x-request-id", [self.requestId])
         head = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
         for name, values in headers.getAllRawHeaders():
             for value in values:
@@ -584,7 +599,10 @@ class ProxySite(Factory):
         them) and, with access_log, one log line whose fields are the event's
         too (for --log-format json).
         """
+        reason = request.reason
         record = {
+            "request_id": request.requestId.decode("ascii"),
+            "at": request.startedAt,
             "method": method,
             "path": request.path.decode("latin-1"),
             "status": status,
@@ -595,6 +613,8 @@ class ProxySite(Factory):
             "ttfb_ms": None if request.firstByte is None else round(request.firstByte * 1000, 1),
             "ms": round(seconds * 1000, 1),
             "backend": request.backend,
+            "reason": reason.why.label if reason is not None else None,
+            "reason_text": str(reason) if reason is not None else None,
         }
         self.recent.append(record)
         if not self.accessLog:
@@ -610,9 +630,12 @@ class ProxySite(Factory):
             line += f" ttfb {record['ttfb_ms']} ms"
         if request.backend is not None:
             line += f" on {request.backend}"
+        line += f" in {record['ms']} ms"
+        if reason is not None:
+            line += f"; {reason}"
         # Made here, one field for the logger to format: a format of nine
         # fields cost more than the rest of the line's work.
-        log.info("{access}", access=f"{line} in {record['ms']} ms", **record)
+        log.info("{access}", access=f"{line}; request {record['request_id']}", **record)
 
     async def drain(self, grace: float) -> None:
         """

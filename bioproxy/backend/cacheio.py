@@ -226,6 +226,7 @@ class CacheIO:
                     why=str(e),
                     backend=self.llama.name,
                 )
+                self.cache.noteRestoreRefused(head, str(e))
             else:  # a first warmup: normal, not an error
                 log.info(
                     "{backend}: no cache file for {prefix} yet; computing it",

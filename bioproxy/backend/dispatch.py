@@ -27,6 +27,7 @@ from ..forward import Forwarder, Outcome
 from ..heads import Head, HeadBook, Kind
 from ..serve import ProxyRequest
 from ..timings import TimingsReader
+from ..why import Reason, Why
 from . import Backend
 from .cacheio import CacheIO
 from .kvcache import KVCache, Prepared
@@ -53,6 +54,9 @@ RECHECK_TIMEOUT = 5.0
 # How long a request waits for a new backend process's probe (a few short
 # completions), so as to restore its head instead of computing it.
 PROBE_TIMEOUT = 10.0
+# A request with no head of bioproxy's that reused at least this share of
+# its prompt found it in llama-server's own cache.
+HALF = 0.5
 # How long a request for a model its router has not loaded waits for the
 # load bioproxy asks for, before it goes on (and the router loads it anyway).
 LOAD_TIMEOUT = 120.0
@@ -193,11 +197,18 @@ class Dispatcher:
             pinned = pins and pinnable
             if pinned:
                 request.slot = slot  # for the access line
+            # Why it would be cold, from the facts as they stand before it runs.
+            cold = self._coldReason(head, how, body, request) if how in ("cold", "failed") else None
             await self.cacheIO.quiet()
             outcome = await self.forwarder.forward(
                 request, body.pinned(slot if pinned else None), reader.feed, self.replaceable()
             )
             contents = self._learn(outcome, reader, head, body, slot, how, pinned, text, rewarm)
+            if outcome.complete and reader.timings is not None and (outcome.status or 500) < 400:
+                request.reason = self._reason(head, how, cold, reader.timings, body, request)
+                if head is not None:
+                    cached = int(reader.timings.get("cache_n", 0))
+                    self.cache.noteRequest(head, request.reason, slot, cached, request.requestId.decode())
             if outcome.error == "connect" and outcome.status is None and self.replaceable():
                 # Nothing was answered: the router places the request on another backend.
                 raise BackendGone(self.forwarder.backend.decode())
@@ -241,6 +252,70 @@ class Dispatcher:
         if await self.cacheIO.restoreIntoEmptySlot(slot, head):
             return "restored"
         return "failed"
+
+    def _reason(
+        self,
+        head: Head | None,
+        how: Prepared,
+        cold: Reason | None,
+        timings: dict[str, Any],
+        body: Body,
+        request: ProxyRequest,
+    ) -> Reason:
+        """Why the request's prompt was or was not reused, now that its timings say what it reused."""
+        cached, computed = int(timings.get("cache_n", 0)), int(timings.get("prompt_n", 0))
+        mostly = cached >= max(1, cached + computed) * HALF
+        if head is None:
+            return Reason(Why.FOUND) if mostly else cold or self._headless(body, request)
+        # Against the head's size, once known; before (its first use), against the prompt's.
+        reused = self.cache.reused(head, timings) if self.cache.sized(head) else "hit" if mostly else "lost"
+        if reused == "checkpoint":
+            return Reason(Why.CHECKPOINT)
+        if reused == "hit":
+            warm = {"warm": Why.IN_SLOT, "ram": Why.IN_RAM, "restored": Why.RESTORED}
+            return Reason(warm.get(how, Why.IN_SLOT if self.backend.pins else Why.FOUND))
+        if how == "restored":
+            return Reason(Why.RESTORE_REFUSED, "restored, but llama-server reused none of it")
+        if cold is not None:
+            return cold
+        return Reason(Why.EVICTED, "llama-server no longer held it")
+
+    def _coldReason(self, head: Head | None, how: Prepared, body: Body, request: ProxyRequest) -> Reason:
+        """Why a request whose head was neither held nor restored finds it cold."""
+        if request.placedByGuard:
+            return Reason(Why.LOAD_GUARD, "the backends were out of balance; it was warm elsewhere")
+        if head is None:
+            return self._headless(body, request)
+        state = self.cache.state(head)
+        if how == "failed" and state.refused is not None:
+            return Reason(Why.RESTORE_REFUSED, f"llama-server: {state.refused}")
+        noFiles = self.backend.noFilesWhy()
+        pending = self.book.pending(head)
+        if pending is not None:
+            return Reason(Why.NOT_LEARNED, f"seen {pending[0]} of {pending[1]} times")
+        if state.restarted:
+            return Reason(Why.RESTARTED, noFiles)
+        if not state.warm and state.lastWarmup is None and not state.hits + state.misses:
+            if state.edited:
+                return Reason(Why.EDITED)
+            warming = head.name in self.warmer.jobs or head.name in self.warmer.wanted
+            return Reason(Why.FIRST_USE, "its warmup had not finished" if warming else None)
+        if noFiles is not None:
+            return Reason(Why.NO_FILES, noFiles)
+        return Reason(Why.EVICTED)
+
+    def _headless(self, body: Body, request: ProxyRequest) -> Reason:
+        """Why a request that starts with no head bioproxy keeps has nothing of bioproxy's to reuse."""
+        if body.unmeasured is not None:
+            return Reason(Why.SHORT, "its start is too short to keep until its tokens are counted")
+        first = body.view.messages[0] if body.view is not None and body.view.messages else {}
+        if isinstance(first, dict) and first.get("role") in ("system", "developer"):
+            return Reason(Why.SHORT, "a system prompt too short to be worth keeping")
+        parted = self.book.divergence(body.view)
+        if parted is not None:
+            index, role = parted
+            return Reason(Why.DIVERGED, f"at message {index} ({role})")
+        return Reason(Why.NO_HEAD)
 
     def _saveServed(self, head: Head, slot: int | None, timings: dict[str, Any] | None) -> None:
         """

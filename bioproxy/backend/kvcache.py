@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from ..heads import Head
 from ..metrics import Metrics
+from ..why import Reason, Why
 from . import Backend, Reuse, SlotMode
 from .scheduler import Contents, commonLength, holding
 
@@ -115,6 +116,14 @@ class WarmState:
     saveError: str | None = None  # why llama-server could not write its file, the last time it tried
     saveFailures: int = 0  # in a row: the warmer's retries back off
     fileBytes: int = 0  # of its file, as llama-server reported the save
+    # A version of a head seen before (its template was edited), and a head
+    # that was warm on a process that has gone (llama-server restarted) and
+    # is not warm again yet: why a request found it cold (bioproxy.why).
+    edited: bool = False
+    restarted: bool = False
+    refused: str | None = (
+        None  # why llama-server would not load its file, the last time one known there was asked for
+    )
     # A conversation's last answered request: its slot (where pinned), its
     # prompt and generated tokens, to find the slot that holds it (slotHolding).
     served: tuple[int | None, int | None, int | None] | None = None
@@ -163,7 +172,8 @@ class KVCache:
     def state(self, head: Head) -> WarmState:
         state = self.states.get(head.name)
         if state is None or state.key != head.key:
-            state = self.states[head.name] = WarmState(head.key)
+            # Another version of a head seen before: its template was edited.
+            state = self.states[head.name] = WarmState(head.key, edited=state is not None)
         return state
 
     def warmText(self, head: Head) -> str:
@@ -197,6 +207,7 @@ class KVCache:
     def forgetProcess(self) -> None:
         """A new backend process holds nothing in its slots or RAM; the files stay."""
         for state in self.states.values():
+            state.restarted = state.restarted or state.warm or state.inRam
             state.warm = state.inRam = state.atBoundary = False
             state.boundary = None  # it may run another model, with another tokenizer
 
@@ -277,7 +288,7 @@ class KVCache:
         RAM cache when the next task starts.
         """
         state = self.state(head)
-        state.warm = True
+        state.warm, state.restarted = True, False
         if how != "resident":
             state.atBoundary = state.boundary is not None
         state.lastWarmup, state.lastHow = at, how
@@ -299,6 +310,10 @@ class KVCache:
     def noteRestored(self, name: str) -> None:
         """A restore of file name gave tokens back: the file is there."""
         self.files.add(name)
+
+    def noteRestoreRefused(self, head: Head, why: str) -> None:
+        """llama-server would not load head's file, which bioproxy knew to be there (unusable, or gone)."""
+        self.state(head).refused = why
 
     def noteNoFile(self, name: str) -> None:
         """llama-server has no usable file of that name."""
@@ -352,6 +367,20 @@ class KVCache:
         backed = commonLength(text, self.warmText(head)) if self.saved(head) else 0
         return holding(head.key, text, backed)
 
+    def sized(self, head: Head) -> bool:
+        """How many tokens head is is known (its boundary, or a warmup's count)."""
+        state = self.state(head)
+        return state.reusable is not None or bool(state.tokens)
+
+    def reused(self, head: Head, timings: dict[str, Any]) -> Reused:
+        """What a request that starts with head reused of it, by its timings' cache_n."""
+        state = self.state(head)
+        expected = state.reusable if state.reusable is not None else state.tokens
+        cached = timings.get("cache_n", 0)
+        if expected and cached < HIT_SHARE * expected:
+            return "checkpoint" if cached >= LOST_SHARE * expected else "lost"
+        return "hit"
+
     def learn(
         self,
         head: Head,
@@ -370,12 +399,8 @@ class KVCache:
         fromRam: the request relied on llama-server's RAM cache.
         """
         state = self.state(head)
-        state.warm = True  # the slot has just computed it
-        expected = state.reusable if state.reusable is not None else state.tokens
-        cached = timings.get("cache_n", 0)
-        reused: Reused = "hit"
-        if expected and cached < HIT_SHARE * expected:
-            reused = "checkpoint" if cached >= LOST_SHARE * expected else "lost"
+        state.warm, state.restarted, state.refused = True, False, None  # the slot has just computed it
+        reused = self.reused(head, timings)
         if self.backend.mode is SlotMode.CLEARED:
             # Hit or miss, the slot has computed head, and the next task
             # moves it into the RAM cache: the next request finds it there,
@@ -385,21 +410,9 @@ class KVCache:
             state.ramMisses = 0 if reused != "lost" else state.ramMisses + int(fromRam)
             state.inRam = state.ramMisses < RAM_MISS_LIMIT
         if reused == "hit":
-            state.hits += 1
             if restored:
                 state.restoreMisses = 0
             return reused
-        state.misses += 1
-        self.metrics.cacheMisses.labels(prefix=head.label).inc()
-        log.warn(
-            "{backend}: cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens{why}",
-            prefix=head.name,
-            slot=slot,
-            got=cached,
-            want=expected,
-            why=" (up to a context checkpoint: not warmed again)" if reused == "checkpoint" else "",
-            backend=self.backend.name,
-        )
         if reused == "checkpoint":
             return reused
         if fromRam and self.backend.mode is not SlotMode.CLEARED:
@@ -415,6 +428,33 @@ class KVCache:
                     backend=self.backend.name,
                 )
         return reused
+
+    def noteRequest(self, head: Head, reason: Reason, slot: int | None, cached: int, requestId: str) -> None:
+        """
+        A user's request that started with head was answered, warm or not,
+        and why (the dispatcher's Reason): its hits and misses, the miss
+        counter by reason, and a line for each miss. (Warmups and their
+        checks are not counted: they are not users' requests.)
+        """
+        state = self.state(head)
+        if reason.why.warm:
+            state.hits += 1
+            return
+        state.misses += 1
+        self.metrics.cacheMisses.labels(prefix=head.label, reason=reason.why.label).inc()
+        # A warning where bioproxy expected it warm; the rest (a first use, an edit) are how things go.
+        (log.warn if reason.why in (Why.EVICTED, Why.RESTORE_REFUSED) else log.info)(
+            "{backend}: cache miss for {prefix} on slot {slot}: reused {got} of {want} tokens: {why} "
+            "(request {request_id})",
+            prefix=head.name,
+            slot=slot,
+            got=cached,
+            want=state.reusable if state.reusable is not None else state.tokens,
+            why=str(reason),
+            reason=reason.why.label,
+            request_id=requestId,
+            backend=self.backend.name,
+        )
 
     def count(self, prefix: str, timings: dict[str, Any]) -> None:
         cached = max(0, timings.get("cache_n", 0))

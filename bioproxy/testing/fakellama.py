@@ -523,6 +523,9 @@ class _Generation:
                 "prompt": self.prompt,
                 "started": started,
                 "finished": server.clock.seconds(),
+                # The headers a proxy in front is expected to pass on.
+                "request_id": self.request.getHeader(b"x-request-id"),
+                "conversation_id": self.request.getHeader(b"x-conversation-id"),
             }
         )
         if self.stream and self.api == "anthropic":

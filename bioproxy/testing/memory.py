@@ -84,21 +84,25 @@ class Memory:
         status, answer = self.postRaw(path, body)
         return status, json.loads(answer)
 
-    def postRaw(self, path: str, body: dict[str, Any], method: bytes = b"POST") -> tuple[int, bytes]:
-        """One request through the proxy site; its status and body (unchunked)."""
+    def postRaw(
+        self, path: str, body: dict[str, Any], method: bytes = b"POST", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """One request through the proxy site; its status and body (unchunked); its head in lastHead."""
         raw = json.dumps(body).encode()
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
         transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
         transport.protocol = channel
         channel.makeConnection(transport)
         channel.dataReceived(
-            b"%s %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (method, path.encode(), len(raw), raw)
+            b"%s %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (method, path.encode(), extra, len(raw), raw)
         )
         for _ in range(50):
             self.settle()
             self.agent.flush()
         head, _, answer = transport.value().partition(b"\r\n\r\n")
+        self.lastHead = head
         if b"chunked" in head.lower():
             answer = _unchunk(answer)
         return int(head.split(b" ", 2)[1]), answer

@@ -201,7 +201,8 @@ class VerificationTests(TestCase):
             stack.llama.faults.down = False
             await until(R, lambda n=n: stack.metric("bioproxy_backend_restarts_total") == n)
             await stack.allWarm(1 + n)
-        self.assertEqual(stack.metric("bioproxy_cache_misses_total", prefix="@t0"), 2)
+        # The misses were the warmups' own checks: not users' requests, so not counted (issue 29).
+        self.assertEqual(stack.metric("bioproxy_cache_misses_total", prefix="@t0"), 0)
         state = (await stack.templates())["@t0"]
         self.assertEqual(state["warmup_mode"], "prefill")
         # At start-up a file may exist already, so a restore is tried. Then

@@ -179,7 +179,10 @@ class FramingTests(SynchronousTestCase):
         request.setResponseCode(204)
         request.write(b"ignored")
         request.finish()
-        self.assertEqual(c.transport.value(), b"HTTP/1.1 204 No Content\r\n\r\n")
+        # No body, no length, no chunking: the status and the request's id alone.
+        self.assertEqual(
+            c.transport.value(), b"HTTP/1.1 204 No Content\r\nx-request-id: %s\r\n\r\n" % request.requestId
+        )
 
     def test_emptyResponseIsSized(self) -> None:
         renderer = Echo(now=False)
