@@ -192,3 +192,39 @@ def logEvents(testCase: Any) -> list[dict[str, Any]]:
     globalLogPublisher.addObserver(seen.append)
     testCase.addCleanup(globalLogPublisher.removeObserver, seen.append)
     return seen
+
+
+def sdkStreams(proxy: str, content: str) -> dict[str, Any]:
+    """
+    In a thread (the SDKs block): the anthropic SDK's messages.stream() and
+    the openai SDK's responses.stream() through bioproxy at proxy, each to
+    its end with the helpers' own accumulation; what each gathered.
+    """
+    import anthropic
+    import openai
+
+    got: dict[str, Any] = {}
+    claude = anthropic.Anthropic(base_url=proxy, api_key="unused", max_retries=0)
+    try:
+        with claude.messages.stream(
+            model="tiny", max_tokens=4, messages=[{"role": "user", "content": content}]
+        ) as stream:
+            got["anthropic_text"] = "".join(stream.text_stream)
+            final = stream.get_final_message()
+            got["anthropic_final"] = (final.role, final.content[0].text, final.usage.output_tokens)
+    finally:
+        claude.close()
+    # The Responses stream as the SDK parses it into typed events. (Its
+    # responses.stream() helper needs output_index and content_index in
+    # each event, which llama-server 11434's stream leaves out: it fails
+    # against llama-server alone too.)
+    gpt = openai.OpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0)
+    try:
+        events = list(gpt.responses.create(model="tiny", input=content, max_output_tokens=4, stream=True))
+        got["responses_kinds"] = [event.type for event in events]
+        got["responses_text"] = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        response = events[-1].response
+        got["responses_final"] = (response.status, response.output_text, response.usage.output_tokens)
+    finally:
+        gpt.close()
+    return got

@@ -435,6 +435,9 @@ class _Generation:
         self.pendingCall: IDelayedCall | None = None
         self.slot: Slot | None = None
         self.sent: list[str] = []
+        # Its ids, as llama-server makes them: the answer's, and a Responses answer's message item.
+        self.ident = ("resp_" if api == "responses" else "chatcmpl-") + secrets.token_hex(16)
+        self.item = "msg_" + secrets.token_hex(16)
         request.notifyFinish().addErrback(self._gone)
 
     def _gone(self, _: Failure) -> None:
@@ -484,11 +487,31 @@ class _Generation:
         if self.stream:
             self.request.setHeader(b"content-type", b"text/event-stream")
             self.request.setHeader(b"cache-control", b"no-cache")
-            if self.api == "anthropic" and not server.faults.noMessageStart:
-                usage = {"input_tokens": promptN, "cache_read_input_tokens": cacheN, "output_tokens": 0}
-                self._event({"type": "message_start", "message": {"role": "assistant", "usage": usage}})
+            if self.api == "anthropic":
+                # llama-server 11434's sequence (curl -N against it): message_start,
+                # content_block_start, the deltas, content_block_stop, message_delta, message_stop.
+                if not server.faults.noMessageStart:
+                    usage = {"cache_read_input_tokens": cacheN, "input_tokens": promptN, "output_tokens": 0}
+                    message = {**self._message([]), "stop_reason": None, "usage": usage}
+                    self._event({"type": "message_start", "message": message})
+                block = {"type": "text", "text": ""}
+                self._event({"type": "content_block_start", "index": 0, "content_block": block})
             elif self.api == "responses":
-                self._event({"type": "response.created", "response": {"status": "in_progress"}})
+                # response.created, .in_progress, .output_item.added, .content_part.added,
+                # the deltas, .output_text.done, .content_part.done, .output_item.done, .completed.
+                begun = {"id": self.ident, "object": "response", "status": "in_progress"}
+                self._event({"type": "response.created", "response": begun})
+                self._event({"type": "response.in_progress", "response": begun})
+                item = {
+                    "content": [],
+                    "id": self.item,
+                    "role": "assistant",
+                    "status": "in_progress",
+                    "type": "message",
+                }
+                self._event({"type": "response.output_item.added", "item": item})
+                part = {"type": "output_text", "text": ""}
+                self._event({"type": "response.content_part.added", "item_id": self.item, "part": part})
         for i in range(self.maxTokens):
             if i:
                 await self._sleep(server.msPerGeneratedToken / 1000)
@@ -529,10 +552,18 @@ class _Generation:
             }
         )
         if self.stream and self.api == "anthropic":
-            self._event({"type": "message_delta", "usage": {"output_tokens": len(self.sent)}})
+            self._event({"type": "content_block_stop", "index": 0})
+            delta = {"stop_reason": "end_turn", "stop_sequence": None}  # as 11434 says, even at max_tokens
+            self._event({"type": "message_delta", "delta": delta, "usage": {"output_tokens": len(self.sent)}})
             self._event({"type": "message_stop"})
         elif self.stream and self.api == "responses":
-            self._event({"type": "response.completed", "response": self._whole(timings)})
+            whole = self._whole(timings)
+            text = "".join(self.sent)
+            self._event({"type": "response.output_text.done", "item_id": self.item, "text": text})
+            part = whole["output"][0]["content"][0]
+            self._event({"type": "response.content_part.done", "item_id": self.item, "part": part})
+            self._event({"type": "response.output_item.done", "item": whole["output"][0]})
+            self._event({"type": "response.completed", "response": whole, "timings": timings})
         elif self.stream:
             final = self._chunk("", "length")
             final["timings"] = timings
@@ -551,7 +582,7 @@ class _Generation:
         if self.api == "anthropic":
             return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
         if self.api == "responses":
-            return {"type": "response.output_text.delta", "delta": piece}
+            return {"type": "response.output_text.delta", "item_id": self.item, "delta": piece}
         if self.api == "chat":
             delta = {"content": piece} if piece else {}
             return {  # llama-server's chat answers do not say which slot ran them
@@ -570,33 +601,37 @@ class _Generation:
         }
         if self.api == "anthropic":
             return {
-                "type": "message",
-                "role": "assistant",
-                "model": self.server.model,
-                "content": [{"type": "text", "text": text}],
+                **self._message([{"type": "text", "text": text}]),
                 "stop_reason": "max_tokens",
                 "usage": {
-                    "input_tokens": timings["prompt_n"],
                     "cache_read_input_tokens": timings["cache_n"],
+                    "input_tokens": timings["prompt_n"],
                     "output_tokens": len(self.sent),
                 },
             }
         if self.api == "responses":
+            now = int(self.server.clock.seconds())
             return {
+                "id": self.ident,
                 "object": "response",
+                "created_at": now,
+                "completed_at": now,
                 "status": "completed",
                 "model": self.server.model,
                 "output": [
                     {
                         "type": "message",
+                        "status": "completed",
+                        "id": self.item,
+                        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
                         "role": "assistant",
-                        "content": [{"type": "output_text", "text": text}],
                     }
                 ],
                 "usage": {
                     "input_tokens": len(self.prompt),
-                    "input_tokens_details": {"cached_tokens": timings["cache_n"]},
                     "output_tokens": len(self.sent),
+                    "total_tokens": len(self.prompt) + len(self.sent),
+                    "input_tokens_details": {"cached_tokens": timings["cache_n"]},
                 },
             }
         if self.api == "chat":
@@ -615,6 +650,17 @@ class _Generation:
             "stop": True,
             "timings": timings,
             "tokens_evaluated": len(self.prompt),
+        }
+
+    def _message(self, content: list[dict[str, Any]]) -> dict[str, Any]:
+        """An Anthropic message's fields, as llama-server writes them."""
+        return {
+            "id": self.ident,
+            "type": "message",
+            "role": "assistant",
+            "content": content,
+            "model": self.server.model,
+            "stop_sequence": None,
         }
 
     def _slotId(self) -> int:

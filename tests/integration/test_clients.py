@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor, threads
 
-from ..helpers import asyncTest, sleep, until
+from ..helpers import asyncTest, sdkStreams, sleep, until
 from .test_llama import RealStack, RealTestCase, texts
 
 R: Any = reactor
@@ -130,6 +130,18 @@ class ClientTests(RealTestCase):
         self.assertGreater(first.input_tokens, 300, first)
         self.assertLess(second.input_tokens, 60, second)
         self.assertGreater(second.cache_read_input_tokens, 300, second)
+
+    @asyncTest
+    async def test_sdkStreams(self) -> None:
+        """The anthropic SDK's messages.stream() and the openai SDK's Responses stream, as against the fake."""
+        stack = await self.stack()
+        got = await threads.deferToThread(sdkStreams, stack.proxy, "@t0 what does this do?")
+        self.assertEqual(got["anthropic_final"][0], "assistant")
+        self.assertEqual(got["anthropic_final"][1], got["anthropic_text"])
+        self.assertEqual(got["responses_final"][0], "completed")
+        self.assertEqual(got["responses_final"][1], got["responses_text"])
+        kinds = got["responses_kinds"]
+        self.assertEqual((kinds[0], kinds[-1]), ("response.created", "response.completed"))
 
     @asyncTest
     async def test_responses(self) -> None:
