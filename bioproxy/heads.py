@@ -123,6 +123,27 @@ class Head:
             return None
         return promptText(ChatView(self.view.head, self.view.messages[: -len(_NEXT_ANSWER)]))
 
+    def summary(self) -> str:
+        """
+        What the head is made of, for the operator: the roles and sizes of
+        its messages (for a variant, those before its template's), never
+        their text.
+        """
+        if self.view is None:
+            return "a completion prompt"
+        parts = []
+        tools = self.view.head.get("tools")
+        if isinstance(tools, list) and tools:
+            parts.append(f"{len(tools)} tool{'s' if len(tools) > 1 else ''}")
+        for message in self.view.messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            if MARK in text:
+                break  # where the user's message goes: the template's message, or the next turn
+            role = message.get("role", "?") if isinstance(message, dict) else "?"
+            parts.append(f"{role} {_size(len(text.encode()))}")
+        return ", ".join(parts) or "nothing"
+
     def warmText(self) -> str:
         """What a slot that computed the warmup starts with, as placement compares prompts."""
         if self.prompt is not None:
@@ -638,3 +659,8 @@ class HeadBook:
             }
             for name, e in self.entries.items()
         }
+
+
+def _size(n: int) -> str:
+    """A size as an operator reads it."""
+    return f"{n} B" if n < 1000 else f"{n / 1000:.1f} KB"

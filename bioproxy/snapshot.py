@@ -258,6 +258,7 @@ class Snapshot:
         entry["backends"] = views
         if head.kind is not Kind.TEMPLATE:
             entry.update(uses.get(head.name, {}))
+            entry["summary"] = head.summary()  # roles and sizes: what the status page names it by
         return entry
 
     def slots(self) -> dict[str, Any]:

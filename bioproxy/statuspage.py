@@ -15,13 +15,15 @@ STATUS_PAGE = b"""<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>bioproxy</title>
 <style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
+  body { font: 13px/1.4 system-ui, sans-serif; margin: 1rem; color: #222; background: #fafafa; max-width: 1248px; }
   h1 { font-size: 1.3rem; margin: 0 0 .3rem; } h2 { font-size: 1.05rem; margin: 1.4rem 0 .4rem; }
-  table { border-collapse: collapse; background: #fff; min-width: 40rem; }
-  th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e4e4; white-space: nowrap; }
+  table { border-collapse: collapse; background: #fff; min-width: 40rem; max-width: 100%; }
+  th, td { text-align: left; padding: .2rem .45rem; border-bottom: 1px solid #e4e4e4; white-space: nowrap; }
+  td.wrap { white-space: normal; overflow-wrap: anywhere; max-width: 18rem; }
   th { background: #f0f0f0; font-weight: 600; }
   td.num { text-align: right; font-variant-numeric: tabular-nums; }
-  td.why { white-space: normal; max-width: 24rem; color: #555; }
+  td.why { white-space: normal; overflow-wrap: anywhere; max-width: 20rem; color: #555; }
+  #summary, #model { overflow-wrap: anywhere; }
   tr.sub td:first-child { padding-left: 1.6rem; color: #555; }
   .state { padding: .05rem .45rem; border-radius: .6rem; background: #eee; }
   .ok { background: #d8f3dc; } .wait { background: #fff3bf; } .bad { background: #ffd6d6; }
@@ -41,8 +43,8 @@ STATUS_PAGE = b"""<!doctype html>
 <table id="slots"><thead><tr><th>slot</th><th>holds</th><th>state</th><th>busy</th><th>idle s</th></tr></thead>
 <tbody></tbody></table>
 <h2>Last requests</h2>
-<table id="requests"><thead><tr><th>request</th><th>status</th><th>prefix</th><th>slot</th><th>cached</th>
-<th>computed</th><th>first byte ms</th><th>ms</th></tr></thead><tbody></tbody></table>
+<table id="requests"><thead><tr><th>time</th><th>request</th><th>status</th><th>template</th><th>why</th>
+<th>cached</th><th>computed</th><th>first byte ms</th><th>ms</th><th>id</th></tr></thead><tbody></tbody></table>
 <script>
 "use strict";
 const token = new URLSearchParams(location.search).get("token");
@@ -61,8 +63,12 @@ function badge(row, state, where) {
   span.textContent = state || "";
   span.className = "state " + (good.includes(state) ? "ok" : waiting.includes(state) ? "wait" : "bad");
   const place = row.insertCell();
+  place.className = "wrap";
   place.appendChild(span);
   if (where) place.appendChild(document.createTextNode(" at " + where));
+}
+function clock(seconds) {
+  return seconds ? new Date(seconds * 1000).toLocaleTimeString([], { hour12: false }) : "";
 }
 function fill(id, items, render) {
   const body = document.querySelector("#" + id + " tbody");
@@ -77,7 +83,7 @@ function head(row, t, name, sub, several) {
   cell(row, t.hit_ratio === null || t.hit_ratio === undefined ? "" : (100 * t.hit_ratio).toFixed(0) + "%", "num");
   cell(row, t.tokens_saved, "num");
   cell(row, t.warmup_mode);
-  cell(row, [t.last_warmup_how, t.last_warmup_at].filter(Boolean).join(" at "));
+  cell(row, [t.last_warmup_how, clock(t.last_warmup)].filter(Boolean).join(" at "));
   cell(row, t.warmup_error || t.last_error || (t.warmup_mode === "prefill" ? t.warmup_mode_reason : ""), "why");
 }
 function render(s) {
@@ -98,9 +104,9 @@ function render(s) {
   const rows = [];
   for (const t of s.templates.templates) {
     rows.push([t, t.prefix, false]);
-    for (const v of t.variants || []) rows.push([v, v.kind + " " + v.name, true]);
+    for (const v of t.variants || []) rows.push([v, t.prefix + " after " + v.summary, true]);
   }
-  for (const l of s.templates.learned) rows.push([l, "learned " + l.name, false]);
+  for (const l of s.templates.learned) rows.push([l, "learned: " + l.summary, false]);
   fill("templates", rows, (row, r) => head(row, r[0], r[1], r[2], several));
   const slots = each.flatMap(b => b.slots.map(slot => [each.length > 1 ? b.url + " " + slot.id : slot.id, slot]));
   fill("slots", slots, (row, [id, slot]) => {
@@ -108,8 +114,9 @@ function render(s) {
     cell(row, slot.busy ? "by a " + slot.holder : ""); cell(row, slot.idle_seconds === null ? "" : slot.idle_seconds.toFixed(0), "num");
   });
   fill("requests", s.requests.slice().reverse(), (row, r) => {
-    cell(row, r.method + " " + r.path); cell(row, r.status, "num"); cell(row, r.prefix); cell(row, r.slot, "num");
-    cell(row, r.cached, "num"); cell(row, r.computed, "num"); cell(row, r.ttfb_ms, "num"); cell(row, r.ms, "num");
+    cell(row, clock(r.at)); cell(row, r.method + " " + r.path); cell(row, r.status, "num"); cell(row, r.prefix);
+    cell(row, r.reason_text, "why"); cell(row, r.cached, "num"); cell(row, r.computed, "num");
+    cell(row, r.ttfb_ms, "num"); cell(row, r.ms, "num"); cell(row, r.request_id);
   });
 }
 async function poll() {

@@ -47,7 +47,8 @@ const rows = id => Array.from(document.querySelectorAll("#" + id + " tbody tr"))
   tr => Array.from(tr.querySelectorAll("td")).map(td => td.innerText.trim()));
 const text = id => document.getElementById(id).innerText.trim();
 return {templates: rows("templates"), slots: rows("slots"), requests: rows("requests"),
-        backend: text("backend"), ready: text("ready"), model: text("model"), error: text("error")};
+        backend: text("backend"), ready: text("ready"), model: text("model"), error: text("error"),
+        width: document.documentElement.scrollWidth};
 """
 
 
@@ -95,6 +96,11 @@ class StatusPageTests(TestCase):
         stack.headers = {}
         await stack.allWarm()
         await stack.chat("@code what does this do?")
+        system = {"role": "system", "content": "You review Python. " * 40}
+        for _ in range(2):  # a variant: the template behind a system prompt, learned on its first use
+            await stack.chat(
+                "@code and this?", messages=[system, {"role": "user", "content": "@code and this?"}]
+            )
         page = await threads.deferToThread(
             rendered, f"{stack.admin}/?token={TOKEN}", os.environ.get("BIOPROXY_SCREENSHOT")
         )
@@ -103,15 +109,19 @@ class StatusPageTests(TestCase):
         self.assertEqual(page["ready"], "ready")
         self.assertIn("a restored cache file reuses any shared prefix", page["model"])
         templates = {row[0]: row for row in page["templates"]}
-        self.assertEqual(set(templates), {"@code", "@debug"})
+        # The variant by its template and what precedes it: roles and sizes, never text.
+        self.assertEqual(set(templates), {"@code", "@debug", "@code after system 760 B"})
         for row in templates.values():
             self.assertIn(row[1], ("warm in a slot", "on disk", "warm in llama-server's RAM cache"), row)
         self.assertEqual(templates["@code"][3], "1")  # one hit
         self.assertGreater(int(templates["@code"][6]), 0, "tokens saved")
         self.assertEqual([row[0] for row in page["slots"]], ["0", "1"])
-        [chat] = [row for row in page["requests"] if row[0] == "POST /v1/chat/completions"]
-        self.assertEqual((chat[1], chat[2]), ("200", "@code"))
-        self.assertGreater(int(chat[4]), 0, "cached tokens shown")
+        chat = [row for row in page["requests"] if row[1] == "POST /v1/chat/completions"][-1]  # the first
+        self.assertRegex(chat[0], r"^\d\d:\d\d:\d\d$")
+        self.assertEqual((chat[2], chat[3], chat[4]), ("200", "@code", "warm in a slot"))
+        self.assertGreater(int(chat[5]), 0, "cached tokens shown")
+        self.assertRegex(chat[9], r"^[0-9a-f]{16}$")
+        self.assertLessEqual(page["width"], 1280, "the page fits a 1,280 px window")
 
     @asyncTest
     async def test_twoBackendsEightTemplates(self) -> None:
