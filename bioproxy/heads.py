@@ -463,6 +463,21 @@ class HeadBook:
             return None
         return entry.uses, self.learnAfter
 
+    def skipped(self) -> list[dict[str, Any]]:
+        """The starts seen in requests that are not kept warm, and why: too few uses yet (learn_after)."""
+        return [
+            {
+                "name": name,
+                "kind": e.shell.kind.value,
+                "template": e.shell.prefix,
+                "uses": e.uses,
+                "reason": "not_learned",
+                "reason_text": f"not learned yet (seen {e.uses} of {self.learnAfter} times)",
+            }
+            for name, e in self.entries.items()
+            if e.shell.kind is not Kind.CONVERSATION and not self._kept(e)
+        ]
+
     def divergence(self, view: ChatView | None) -> tuple[int, str] | None:
         """
         Where view parts from the kept conversation it shares most messages

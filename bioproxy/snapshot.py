@@ -192,6 +192,8 @@ class Snapshot:
         return {
             "templates": entries,
             "learned": learned,
+            # Starts seen in requests and not kept warm yet, and why.
+            "skipped": self.book.skipped() if self.book is not None else [],
             "conversations": self._conversations(),
             "backends": backends,
             # As before there were several (the status page and scripts of then read it).

@@ -76,6 +76,8 @@ class _Monitor:
 
 
 class _Request:
+    placedByGuard = False
+
     def __init__(self) -> None:
         self.headers: dict[bytes, bytes] = {}
         self.errors: list[int] = []
@@ -245,6 +247,21 @@ class ChooseTests(SynchronousTestCase):
         self.assertIs(router(members).choose(head("code"), ""), members[1])
         members[1].busy = BALANCE_ABS  # within 1.5 times: affinity again
         self.assertIs(router(members).choose(head("code"), ""), members[0])
+
+    def test_theLoadGuardSaysSo(self) -> None:
+        """A request the load guard sent away from its warm head is marked, for its reason (bioproxy.why)."""
+        members = stands(2)
+        members[0].warm = {"code": 2}
+        members[0].busy, members[1].busy = BALANCE_ABS + 10, 9
+        r = router(members)
+        request = _Request()
+        d = defer.ensureDeferred(r.send(request, _Body(head("code"), {})))  # type: ignore[arg-type]
+        self.successResultOf(d)
+        self.assertEqual((members[1].dispatcher.sent, request.placedByGuard), ([request], True))
+        members[1].warm = {"code": 2}  # warm there too: the guard cost it nothing
+        request = _Request()
+        self.successResultOf(defer.ensureDeferred(r.send(request, _Body(head("code"), {}))))  # type: ignore[arg-type]
+        self.assertFalse(request.placedByGuard)
 
     @given(st.lists(st.integers(0, 500), min_size=2, max_size=6))
     def test_imbalanceRule(self, loads: list[int]) -> None:

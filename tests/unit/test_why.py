@@ -134,6 +134,10 @@ class ReasonTests(SynchronousTestCase):
             (record["reason"], record["reason_text"]),
             (Why.NOT_LEARNED.label, "not learned yet (seen 1 of 2 times)"),
         )
+        [skipped] = m.book.skipped()  # as /templates lists it
+        self.assertEqual(
+            (skipped["uses"], skipped["reason_text"]), (1, "not learned yet (seen 1 of 2 times)")
+        )
         ask(m, "second", system=SYSTEM)
         warm(m)
         self.assertEqual(ask(m, "third", system=SYSTEM)["reason"], Why.IN_SLOT.label)
