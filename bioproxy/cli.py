@@ -13,7 +13,9 @@ The `bioproxy` command, beside `twistd -n bioproxy` (which keeps working).
                                     of template versions and builds a running bioproxy no longer uses
 
 `run` hands its flags to twistd's bioproxy plugin, so both take the same
-flags and report errors alike: one line on stderr and exit status 2.
+flags and report errors alike: one line on stderr and exit status 2, as
+every usage or start-up error of every subcommand. Each takes --help and
+--version.
 """
 
 from __future__ import annotations
@@ -32,16 +34,22 @@ from . import __version__
 USAGE = __doc__.split("\n\n")[1]
 
 
+COMMANDS = ("run", "check-config", "status", "prune-cache")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args and not args[0].startswith("-") else "run"
     rest = args[1:] if args and args[0] == command else args
-    if args[:1] in (["--version"], ["-V"]):
+    if "--version" in rest or "-V" in rest or args[:1] in (["--version"], ["-V"]):
         print(f"bioproxy {__version__}")
         return
     if args[:1] in (["--help"], ["-h"], ["help"]):
         print(USAGE)
-        print("`bioproxy run --help` lists the flags.")
+        print("`bioproxy COMMAND --help` says more of each.")
+        return
+    if command in COMMANDS and ("--help" in rest or "-h" in rest):
+        print(commandHelp(command))
         return
     if command == "run":
         run(rest)
@@ -57,10 +65,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
+def commandHelp(command: str) -> str:
+    """A subcommand's own usage: its line of USAGE, and for run the flags it takes."""
+    lines = USAGE.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[1:2] in ([command], [f"[{command}]"]))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].split()[:1] == ["bioproxy"]), len(lines))
+    text = "\n".join(line.strip() if i == start else line for i, line in enumerate(lines[start:end], start))
+    if command != "run":
+        return "usage: " + text
+    from .tap import Options
+
+    flags = [
+        line
+        for line in str(Options()).splitlines()[1:]
+        if "Twisted version" not in line and not line.startswith("Options:")
+    ]
+    return "usage: " + text + "\n\nflags:\n" + "\n".join(flags).rstrip()
+
+
 def run(flags: list[str]) -> None:
     """twistd in the foreground, with no pid file: what a service manager and a terminal both want."""
+    from twisted.python import usage
     from twisted.scripts.twistd import run as twistd
 
+    from .config import ConfigError
+    from .tap import Options
+
+    try:  # a bad flag is one line and status 2 here, not twistd's usage text and status 1
+        Options().parseOptions(flags)
+    except (usage.UsageError, ConfigError) as e:
+        _fail(str(e))
     sys.argv = ["bioproxy", "--nodaemon", "--pidfile=", "bioproxy", *flags]
     twistd()
 
@@ -172,13 +206,15 @@ def pruneCache(args: list[str]) -> int:
     directory = _option(args, "--dir")
     if directory is None:
         _fail("prune-cache needs --dir, llama-server's --slot-save-path")
+    if not Path(directory).is_dir():
+        _fail(f"--dir {directory}: no such directory (llama-server's --slot-save-path)")
     admin = (_option(args, "--admin") or "http://localhost:8089").rstrip("/")
     try:
         view = _get(admin + "/templates", _option(args, "--token"))
     except (OSError, ValueError) as e:
         sys.stderr.write(f"bioproxy: cannot read {admin}: {e}\n")
         return 2
-    if not (view.get("backend") or {}).get("fingerprint"):
+    if not any(b.get("fingerprint") for b in view.get("backends") or [view.get("backend") or {}]):
         sys.stderr.write(
             "bioproxy: the backend is not probed yet, so the files in use are not known; try again\n"
         )
@@ -192,7 +228,11 @@ def pruneCache(args: list[str]) -> int:
     used = {h.get("cache_file") for h in heads}
     dryRun = "--dry-run" in args
     removed = 0
-    for path in sorted(Path(directory).iterdir()):
+    try:
+        paths = sorted(Path(directory).iterdir())
+    except OSError as e:
+        _fail(f"--dir {directory}: {e.strerror or e}")
+    for path in paths:
         if path.is_file() and _CACHE_FILE.match(path.name) and path.name not in used:
             print(("would remove " if dryRun else "removed ") + str(path))
             if not dryRun:

@@ -27,6 +27,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from zope.interface import implementer
 
 FORMATS = ("text", "json")
 
@@ -117,6 +118,39 @@ def observer(format: str, toStdout: bool = True, out: IO[str] | None = None) -> 
     if toStdout:
         return FileLogObserver(out or sys.stdout, textLine)
     return None
+
+
+@implementer(ILogObserver)
+class HeldUntilStarted:
+    """
+    Passes events on to observer once bioproxy has started (release); until
+    then keeps them, so that when start-up fails (a port in use) its error
+    is the only line printed, not twistd's chatter before it (drop).
+    """
+
+    LIMIT = 10000  # events kept at most before the start (a start that logs more is not waited for)
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+        self.held: list[dict[str, Any]] | None = []
+        self.dropped = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.dropped:
+            return
+        if self.held is None or len(self.held) >= self.LIMIT:
+            self.release()
+            self.observer(event)
+            return
+        self.held.append(event)
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for event in held:
+            self.observer(event)
+
+    def drop(self) -> None:
+        self.dropped, self.held = True, None
 
 
 def twistdLogsToStdout(twistdOptions: Any) -> bool:

@@ -13,7 +13,7 @@ from twisted.python import usage
 
 from . import config as configModule
 from .config import Config, ConfigError
-from .logs import FORMATS, observer, twistdLogsToStdout
+from .logs import FORMATS, HeldUntilStarted, observer, twistdLogsToStdout
 
 # flag name -> config key
 _FLAG_KEYS = {
@@ -60,7 +60,7 @@ class Options(usage.Options):
             "unix:/run/bioproxy.sock, systemd:domain=INET:index=0.",
         ],
         ["admin-listen", None, None, "Admin endpoint string."],
-        ["log-format", None, "text", "Log format: text (twistd's) or json (one object a line)."],
+        ["log-format", None, "text", "Log format: text (time, source, message) or json (one object a line)."],
     ]
 
     config: Config
@@ -112,11 +112,16 @@ def _fail(error: Exception) -> NoReturn:
 
 
 class _Root(MultiService):
-    """Hands twistd the chosen log observer, which it asks its application for."""
+    """
+    Hands twistd the chosen log observer, which it asks its application
+    for, and holds what is logged until the start succeeds: a start-up
+    error is then the only line.
+    """
 
     def __init__(self, logObserver: ILogObserver | None) -> None:
         super().__init__()
-        self.logObserver = logObserver
+        self.held = HeldUntilStarted(logObserver) if logObserver is not None else None
+        self.logObserver: ILogObserver | None = self.held
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -130,13 +135,20 @@ class _Root(MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            _fail(e)
+            self._failed(e)
 
     def startService(self) -> None:
         try:
             super().startService()
         except CannotListenError as e:
-            _fail(e)
+            self._failed(e)
+        if self.held is not None:
+            self.held.release()
+
+    def _failed(self, error: Exception) -> NoReturn:
+        if self.held is not None:
+            self.held.drop()
+        _fail(error)
 
 
 def makeService(options: Options) -> IService:

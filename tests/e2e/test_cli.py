@@ -91,6 +91,36 @@ class CommandTests(TestCase):
         self.assertNotIn("Traceback", out + err)
         self.assertIn(f"{port}", err)
         self.assertIn("in use", err)
+        # Issue 29: the error is the only line, not after twistd's start-up chatter.
+        self.assertEqual((out, len(err.splitlines())), ("", 1), out + err)
+
+    @asyncTest
+    async def test_eachCommandHasItsHelpAndVersion(self) -> None:
+        for command in ("run", "check-config", "status", "prune-cache"):
+            out, err, code = await bioproxy(command, "--help", cwd=self.dir)
+            self.assertEqual(code, 0, err)
+            self.assertTrue(out.startswith("usage: bioproxy "), out)
+            self.assertIn(command if command != "run" else "[run]", out.splitlines()[0])
+            self.assertNotIn("twistd", out)
+            out, err, code = await bioproxy(command, "--version", cwd=self.dir)
+            self.assertEqual((out.strip(), code), (f"bioproxy {__version__}", 0), err)
+        out, _, _ = await bioproxy("run", "--help", cwd=self.dir)
+        self.assertIn("--config", out)
+
+    @asyncTest
+    async def test_usageErrorsAreOneLineAndStatusTwo(self) -> None:
+        """A bad flag, an unknown command, a missing directory, an unreachable admin API."""
+        for args, words in (
+            (("run", "--bogus"), "--bogus"),
+            (("frobnicate",), "unknown command"),
+            (("prune-cache", "--dir", str(self.dir / "missing")), "no such directory"),
+            (("status", "--admin", "http://127.0.0.1:9"), "cannot read"),
+            (("prune-cache", "--dir", str(self.dir), "--admin", "http://127.0.0.1:9"), "cannot read"),
+        ):
+            out, err, code = await bioproxy(*args, cwd=self.dir)
+            self.assertEqual((code, out, len(err.splitlines())), (2, "", 1), (args, out, err))
+            self.assertIn(words, err, args)
+            self.assertNotIn("Traceback", err, args)
 
     @asyncTest
     async def test_runsInTheForegroundWithoutPidFile(self) -> None:
