@@ -22,6 +22,7 @@ producers, and the idle timeout of a kept-alive connection.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import tempfile
@@ -58,6 +59,10 @@ READ_AHEAD = 1 << 16  # bytes of pipelined requests read while one is answered
 LINGER = 2.0  # seconds a refused body is still read (and dropped) before closing
 _NO_BODY = frozenset((204, 304))
 _REQUEST_ID = re.compile(rb"[!-~]{1,128}")  # a client's X-Request-Id, kept as it is
+# The ids made here: random per process, then counted (16 hex digits, no
+# system call per request as a random one would cost).
+_ID_PREFIX = secrets.token_hex(4).encode()
+_ids = itertools.count()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -113,7 +118,7 @@ class ProxyRequest:
         # returned to the client, and in each log line about the request.
         given = headers.getRawHeaders(b"x-request-id")
         ident = given[-1] if given else b""
-        self.requestId = ident if _REQUEST_ID.fullmatch(ident) else secrets.token_hex(8).encode()
+        self.requestId = ident if _REQUEST_ID.fullmatch(ident) else b"%s%08x" % (_ID_PREFIX, next(_ids))
 
     # -- what the request says
 
