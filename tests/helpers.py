@@ -206,8 +206,14 @@ def sdkStreams(proxy: str, content: str) -> dict[str, Any]:
     got: dict[str, Any] = {}
     claude = anthropic.Anthropic(base_url=proxy, api_key="unused", max_retries=0)
     try:
+        # Greedy: llama-server 11434 leaves message_start out when the first
+        # token's text is held back (a partial stop string), which a sampled
+        # reply of the tiny model's hits now and then.
         with claude.messages.stream(
-            model="tiny", max_tokens=4, messages=[{"role": "user", "content": content}]
+            model="tiny",
+            max_tokens=4,
+            messages=[{"role": "user", "content": content}],
+            extra_body={"temperature": 0},
         ) as stream:
             got["anthropic_text"] = "".join(stream.text_stream)
             final = stream.get_final_message()
@@ -220,7 +226,9 @@ def sdkStreams(proxy: str, content: str) -> dict[str, Any]:
     # against llama-server alone too.)
     gpt = openai.OpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0)
     try:
-        events = list(gpt.responses.create(model="tiny", input=content, max_output_tokens=4, stream=True))
+        events = list(
+            gpt.responses.create(model="tiny", input=content, max_output_tokens=4, temperature=0, stream=True)
+        )
         got["responses_kinds"] = [event.type for event in events]
         got["responses_text"] = "".join(e.delta for e in events if e.type == "response.output_text.delta")
         response = events[-1].response
