@@ -57,6 +57,3 @@ class Reason:
 
     def __str__(self) -> str:
         return self.why.value + (f" ({self.detail})" if self.detail else "")
-
-    def view(self) -> dict[str, str | bool | None]:
-        return {"reason": self.why.label, "reason_text": str(self), "warm": self.why.warm}

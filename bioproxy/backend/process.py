@@ -14,6 +14,7 @@ which leaves every choice to llama-server and is never worse than it alone.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import secrets
@@ -121,7 +122,7 @@ class Backend:
         self._probeError: str | None = None
         self._reuseProbeError: str | None = None
         # A router's model: the facts of each kind of process probed (_probeProcess).
-        self._probedBefore: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self._probedBefore: dict[tuple[str, int], _Probed] = {}
         self._machine = _processMachine(self)
 
     @property
@@ -389,18 +390,14 @@ class Backend:
         known = self._probedBefore.get(identity) if identity is not None else None
         if known is not None:
             await task.deferLater(self.scheduler.clock, 0, lambda: None)  # not inside the machine's output
-            self.mode, self.ramCache, self.persistence, self.reuse, self.model, self.fingerprint = known
+            self.mode, self.ramCache, self.persistence = known.mode, known.ramCache, known.persistence
+            self.reuse, self.model, self.fingerprint = known.reuse, known.model, known.fingerprint
             self.scheduler.reset(self.slotCount, retains=self.mode is SlotMode.RETAINED)
             return
         await self._probeAfreshProcess()
         if identity is not None:
-            self._probedBefore[identity] = (
-                self.mode,
-                self.ramCache,
-                self.persistence,
-                self.reuse,
-                self.model,
-                self.fingerprint,
+            self._probedBefore[identity] = _Probed(
+                self.mode, self.ramCache, self.persistence, self.reuse, self.model, self.fingerprint
             )
 
     def _identity(self) -> tuple[str, int] | None:
@@ -515,6 +512,18 @@ class Backend:
         except BackendError:
             pass  # the file is absent, as it should be: slot files work
         self.persistence = Persistence.FILES
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probed:
+    """What a probe found of a process (Backend._probedBefore)."""
+
+    mode: SlotMode
+    ramCache: bool | None
+    persistence: Persistence
+    reuse: Reuse
+    model: ModelFacts | None
+    fingerprint: str | None
 
 
 class _Preempted(Exception):

@@ -82,6 +82,11 @@ class RouterModeTests(SynchronousTestCase):
             results.append((model, record["cache_n"], record["prompt_n"]))
             warmer = m.units[model].warmer
             m.advanceUntil(lambda w=warmer: not w.jobs and not w.wanted)  # type: ignore[misc]
+            if i == 1:
+                probesAfterFirstLoad = {
+                    n: sum(b"bioproxy probe" in r["prompt"] for r in f.log) for n, f in m.fakes.items()
+                }
+                self.assertTrue(all(probesAfterFirstLoad.values()), probesAfterFirstLoad)
             if i >= 2:
                 for name, fake in m.fakes.items():
                     work = [
@@ -93,6 +98,9 @@ class RouterModeTests(SynchronousTestCase):
         for model, cached, tail in results[2:]:
             self.assertGreater(cached, size * 0.9, (model, results))
             self.assertLess(tail, 100, (model, results))
+        # Each model probed once: a process loaded again with the same file and flags is not probed again.
+        probes = {n: sum(b"bioproxy probe" in r["prompt"] for r in f.log) for n, f in m.fakes.items()}
+        self.assertEqual(probes, {n: probesAfterFirstLoad[n] for n in m.fakes}, probes)
         # Restored, never computed again: the requests' own tails, and a token per warmup check.
         self.assertLess(sum(computed.values()), 3 * 100, computed)
         self.assertGreater(sum(computed.values()), 3 * 50, computed)

@@ -219,5 +219,5 @@ class RequestIdTests(SynchronousTestCase):
 class ReasonTextTests(SynchronousTestCase):
     def test_text(self) -> None:
         self.assertEqual(str(Reason(Why.RESTARTED, "no files")), "llama-server restarted (no files)")
-        self.assertEqual(Reason(Why.IN_RAM).view()["warm"], True)
+        self.assertEqual([w for w in Why if w.warm], [Why.IN_SLOT, Why.IN_RAM, Why.RESTORED, Why.FOUND])
         self.assertEqual({w.label for w in Why}, {w.name.lower() for w in Why})
