@@ -34,15 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from warm import Bioproxy, call, freePort, waitFor  # noqa: E402
+from warm import Bioproxy, Llama, call, freePort, waitFor  # noqa: E402
 
 from bioproxy.testing import tinymodel  # noqa: E402
 
 ARCHS = {"tiny": {"alpha": "llama", "beta": "qwen35"}, "slow": {"alpha": "llama", "beta": "llama"}}
 
 
-class Router:
-    """llama-server in router mode over a directory of models."""
+class Router(Llama):
+    """llama-server in router mode over a directory of models (started and stopped as warm.Llama is)."""
 
     def __init__(self, binary: str, models: Path, work: Path, name: str) -> None:
         self.port = freePort()
@@ -55,15 +55,6 @@ class Router:
         self.args += ["--slot-save-path", str(saveDir)]
         self.log = work / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        waitFor(lambda: call(self.url + "/health").get("status") == "ok", "llama-server")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(30)
 
 
 def ask(base: str, model: str, content: str) -> tuple[float, int, int]:

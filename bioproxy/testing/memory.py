@@ -10,7 +10,7 @@ reactor. StubTreq's is synchronous.)
 from __future__ import annotations
 
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -49,21 +50,9 @@ class Memory:
     def __init__(
         self, directory: Path, persistent: bool = True, url: str = "http://llama", **fake: Any
     ) -> None:
-        self.clock = Clock()
-        self.dir = directory
-        saveDir = directory / "slots"
-        saveDir.mkdir(parents=True, exist_ok=True)
+        saveDir = self._begin(directory)
         self.fake = FakeLlama(self.clock, saveDir=saveDir if persistent else None, **fake)
-        self.stub = StubTreq(FakeLlamaResource(self.fake))
-        self.metrics = Metrics()
-        self.library = TemplateLibrary()
-        self.book = HeadBook(self.library, self.clock.seconds)
-        # Forwarding goes through bioproxy's own client (wire.py), over
-        # in-memory connections to the fake; bodies in files, through treq's.
-        self.endpoints = MemoryEndpoints(Site(FakeLlamaResource(self.fake), reactor=self.clock), self.clock)
-        files = RequestTraversalAgent(FakeLlamaResource(self.fake))
-        self.agent = _Both(LeanAgent(self.clock, self.endpoints, files, 2), self.endpoints)
-        retry = LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
+        retry = self._reach(lambda: FakeLlamaResource(self.fake))
         spec = BackendSpec(url, slot_save_path=str(saveDir) if persistent else None)
         # As makeService builds each backend (backend.member.build), with the timeouts of old tests.
         self.member = build(
@@ -78,6 +67,30 @@ class Memory:
         self.site = ProxySite(
             ProxyResource(forwarder, self.library, dispatcher, self.book), self.metrics, self.clock, 1 << 20
         )
+
+    def _begin(self, directory: Path) -> Path:
+        """The clock, metrics, templates and head book every harness has; the slot directory."""
+        self.clock = Clock()
+        self.dir = directory
+        saveDir = directory / "slots"
+        saveDir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.library = TemplateLibrary()
+        self.book = HeadBook(self.library, self.clock.seconds)
+        return saveDir
+
+    def _reach(self, resource: Callable[[], Resource]) -> LeanAgent:
+        """
+        The ways to the fake: bioproxy's own calls on treq's StubTreq;
+        forwarding through bioproxy's own client (wire.py), over in-memory
+        connections; bodies in files, through treq's. Returns the agent
+        that retries on a fresh connection.
+        """
+        self.stub = StubTreq(resource())
+        self.endpoints = MemoryEndpoints(Site(resource(), reactor=self.clock), self.clock)
+        files = RequestTraversalAgent(resource())
+        self.agent = _Both(LeanAgent(self.clock, self.endpoints, files, 2), self.endpoints)
+        return LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """One request through the proxy site; its status and JSON answer."""
@@ -176,20 +189,10 @@ class RouterMemory(Memory):
         from bioproxy.models import ModelWatch
         from bioproxy.router import Router
 
-        self.clock = Clock()
-        self.dir = directory
-        saveDir = directory / "slots"
-        saveDir.mkdir(parents=True, exist_ok=True)
+        saveDir = self._begin(directory)
         self.fakes = {name: FakeLlama(self.clock, saveDir=saveDir, **fake) for name in models}
         self.router = FakeRouter(self.fakes, modelsMax)
-        self.stub = StubTreq(self.router)
-        self.metrics = Metrics()
-        self.library = TemplateLibrary()
-        self.book = HeadBook(self.library, self.clock.seconds)
-        self.endpoints = MemoryEndpoints(Site(self.router, reactor=self.clock), self.clock)
-        files = RequestTraversalAgent(self.router)
-        self.agent = _Both(LeanAgent(self.clock, self.endpoints, files, 2), self.endpoints)
-        retry = LeanAgent(self.clock, self.endpoints, files, 2, fresh=True)
+        retry = self._reach(lambda: self.router)
 
         def unit(spec: BackendSpec) -> Member:
             return build(spec, config, self.book, self.metrics, self.clock, self.stub, self.agent.lean, retry)

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from bioproxy.heads import templateHead
+from bioproxy.templates import Template
 from bioproxy.testing.memory import Memory
 from bioproxy.why import Reason, Why
 
@@ -26,6 +27,16 @@ SYSTEM = "You answer questions about the project's build, briefly and exactly. "
 
 def warm(m: Memory) -> None:
     m.advanceUntil(lambda: m.warmer.ready and not m.warmer.jobs and not m.warmer.wanted)
+
+
+def restartedWithNoWarmups(test: SynchronousTestCase, persistent: bool = True) -> tuple[Memory, Template]:
+    """One template warm, then bioproxy's warmer stopped: the requests after a restart meet it cold."""
+    m = Memory(Path(test.mktemp()), persistent=persistent, unified=False)
+    template = m.template("@t", TEMPLATE)
+    m.found()
+    warm(m)
+    m.warmer.stopService()
+    return m, template
 
 
 def ask(
@@ -67,33 +78,21 @@ class ReasonTests(SynchronousTestCase):
         self.assertEqual(ask(m, "@t after the edit")["reason"], Why.EDITED.label)
 
     def test_afterARestartWithNoFiles(self) -> None:
-        m = Memory(Path(self.mktemp()), persistent=False, unified=False)
-        m.template("@t", TEMPLATE)
-        m.found()
-        warm(m)
-        m.warmer.stopService()
+        m, _ = restartedWithNoWarmups(self, persistent=False)
         m.restarted()
         record = ask(m, "@t after the restart")
         self.assertEqual(record["reason"], Why.RESTARTED.label)
         self.assertIn("--slot-save-path", record["reason_text"])
 
     def test_restoredAfterARestart(self) -> None:
-        m = Memory(Path(self.mktemp()), unified=False)
-        m.template("@t", TEMPLATE)
-        m.found()
-        warm(m)
-        m.warmer.stopService()
+        m, _ = restartedWithNoWarmups(self)
         m.restarted()
         record = ask(m, "@t after the restart")
         self.assertEqual((record["reason"], record["computed"] < 100), (Why.RESTORED.label, True))
 
     def test_restoreRefused(self) -> None:
         """Its file gone from llama-server's disk: the restore fails, and the request says so."""
-        m = Memory(Path(self.mktemp()), unified=False)
-        template = m.template("@t", TEMPLATE)
-        m.found()
-        warm(m)
-        m.warmer.stopService()
+        m, template = restartedWithNoWarmups(self)
         name = m.cache.filename(templateHead(template))
         assert name is not None
         (m.dir / "slots" / name).unlink()
