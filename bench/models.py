@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from warm import Bioproxy, Llama, call, freePort, waitFor  # noqa: E402
 
 from bioproxy.testing import tinymodel  # noqa: E402
+from bioproxy.testing.llamalog import promptTokens  # noqa: E402
 
 ARCHS = {"tiny": {"alpha": "llama", "beta": "qwen35"}, "slow": {"alpha": "llama", "beta": "llama"}}
 
@@ -152,6 +153,16 @@ def main() -> None:
         print(f"\nTTFT, bioproxy / alone: {ratio:.2f}")
         print("per request (alone computed, bioproxy computed):")
         print(" ".join(f"{a[2]}/{b[2]}" for a, b in zip(rows["alone"], rows["bioproxy"], strict=True)))
+        # Every prompt token each router's children computed, from the router's log (which carries
+        # theirs): bioproxy's warmups, probes and restores' checks included.
+        totals = {
+            name: promptTokens(server.log.read_bytes())
+            for name, server in (("alone", alone), ("bioproxy", ours))
+        }
+        print(
+            f"\nall prompt tokens computed over the run: alone {totals['alone']}, bioproxy {totals['bioproxy']}"
+            f" ({totals['bioproxy'] / max(1, totals['alone']):.2f} times alone)"
+        )
     finally:
         proxy.stop()
         ours.stop()
