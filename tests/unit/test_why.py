@@ -123,6 +123,17 @@ class ReasonTests(SynchronousTestCase):
         self.assertEqual(record["reason"], Why.NO_FILES.label)
         self.assertIn("--slot-save-path", record["reason_text"])
 
+    def test_placedByTheLoadGuard(self) -> None:
+        """A request the router's load guard sent where its head was cold says so (test_router: when it is marked)."""
+        from bioproxy.serve import ProxyRequest
+
+        m = Memory(Path(self.mktemp()), unified=False)
+        m.found()
+        m.warmer.stopService()
+        m.template("@t", TEMPLATE)
+        self.patch(ProxyRequest, "placedByGuard", True)
+        self.assertEqual(ask(m, "@t sent away")["reason"], Why.LOAD_GUARD.label)
+
     def test_learnedHeads(self) -> None:
         """A system prompt: not learned yet, then warm; a short one, below the threshold."""
         m = Memory(Path(self.mktemp()), unified=False)
