@@ -141,9 +141,37 @@ class _Firehose:
 
 
 def listen(reactor: Any, resource: Resource, testCase: Any) -> str:
-    """Serve resource on an ephemeral loopback port; return its base URL."""
-    port: IListeningPort = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
-    testCase.addCleanup(port.stopListening)
+    """
+    Serve resource on an ephemeral loopback port; return its base URL. At
+    the test's end its connections are closed and waited for: a client that
+    went away in the last moments leaves the server's side open a turn
+    longer, which trial would report as a dirty reactor.
+    """
+    site = Site(resource)
+    served: list[Any] = []
+    build = site.buildProtocol
+
+    def buildProtocol(address: Any) -> Any:
+        protocol = build(address)
+        served.append(protocol)
+        return protocol
+
+    site.buildProtocol = buildProtocol  # type: ignore[method-assign]
+    port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    async def closed() -> None:
+        await port.stopListening()
+        for protocol in served:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and transport.connected:
+                transport.abortConnection()
+        deadline = reactor.seconds() + 5
+        while any(getattr(getattr(p, "transport", None), "connected", False) for p in served):
+            if reactor.seconds() > deadline:
+                break
+            await sleep(reactor, 0.01)
+
+    testCase.addCleanup(lambda: defer.ensureDeferred(closed()))
     return f"http://127.0.0.1:{port.getHost().port}"
 
 
